@@ -1,0 +1,94 @@
+"""Shared tiny, real artifacts: a procedural-world dataset, a SentencePiece model, a video
+tokenizer, the unified processor and token documents — built once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def world_data(tmp_path_factory) -> Path:
+    from unified_wm.data.world import generate_world
+
+    out = tmp_path_factory.mktemp("world") / "data"
+    generate_world(ROOT / "recipes/data/world_tiny.yaml", out, n_episodes=12, seed=0, split="train", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def val_data(tmp_path_factory) -> Path:
+    from unified_wm.data.world import generate_world
+
+    out = tmp_path_factory.mktemp("world_val") / "data"
+    generate_world(ROOT / "recipes/data/world_tiny.yaml", out, n_episodes=3, seed=0, split="val", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def processor_dir(tmp_path_factory, world_data) -> Path:
+    from unified_wm.data.episodes import iter_episodes, load_episodes
+    from unified_wm.tokenization.actions import action_vocabulary
+    from unified_wm.tokenization.processor import UnifiedProcessor
+    from unified_wm.tokenization.text import train_text_tokenizer
+    from unified_wm.tokenization.video import FSQConfig, QuantizerConfig, VideoTokenizer, VideoTokenizerConfig
+
+    d = tmp_path_factory.mktemp("proc")
+    texts = [c["text"] for ep in iter_episodes(load_episodes(world_data)) for c in ep["captions"]]
+    train_text_tokenizer(texts, d / "text.model", vocab_size=96)
+    import torch
+
+    torch.manual_seed(0)
+    vcfg = VideoTokenizerConfig(image_size=64, downsample=8, patch_size=2, channels=[8, 16, 16],
+                                quantizer=QuantizerConfig(kind="fsq", fsq=FSQConfig(levels=[4, 4, 4])))
+    VideoTokenizer(vcfg).save_pretrained(d / "video")
+    proc = UnifiedProcessor(d / "text.model", action_vocabulary(["pan5", "atari18"]), d / "video", max_chunk_len=64)
+    proc.save_pretrained(d / "processor")
+    return d / "processor"
+
+
+@pytest.fixture(scope="session")
+def processor(processor_dir):
+    from unified_wm.tokenization.processor import UnifiedProcessor
+
+    return UnifiedProcessor.from_pretrained(processor_dir)
+
+
+@pytest.fixture(scope="session")
+def tokens_dir(tmp_path_factory, world_data, processor_dir) -> Path:
+    from unified_wm.data.tokenize import tokenize_dataset
+
+    out = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokenize_dataset(world_data, processor_dir, out, clip_frames=8, progress=False)
+    return out
+
+
+def tiny_model_config(processor, **kw):
+    from unified_wm.model.modeling_uwm import UnifiedWMConfig
+
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=2048)
+    base.update(kw)
+    return UnifiedWMConfig(**base, **processor.model_layout())
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tokens_dir, processor_dir) -> Path:
+    import yaml
+
+    recipe = {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"tokens": str(tokens_dir), "processor": str(processor_dir)},
+        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 2048},
+        "tasks": {"interleaved": {"weight": 0.8}, "caption": {"weight": 0.1}, "inverse": {"weight": 0.1}},
+        "train": {"seq_len": 640, "micro_batch_size": 1, "max_steps": 6, "lr": 3e-3, "warmup_steps": 2,
+                  "log_every": 2, "save_every": 3, "keep_checkpoints": 2, "torch_threads": 1},
+    }
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(recipe))
+    return p

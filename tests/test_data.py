@@ -1,0 +1,286 @@
+"""The data engine: the procedural world (episodes, captions, state, probes) and Atari."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unified_wm.data import world as W
+from unified_wm.data.episodes import get_episode, load_episodes, save_episodes
+from unified_wm.utils import ConfigError
+
+PAN = W.ACTION_SPACES["pan5"]
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "data"
+
+
+def cfg_small(**kw) -> W.WorldConfig:
+    base = dict(episode_length=16, n_episodes=6, occluder_density=0.8, max_objects=3, probe_frames=32)
+    base.update(kw)
+    return W.from_dict(W.WorldConfig, base)
+
+
+def state(ep) -> dict:
+    return json.loads(ep["state"])
+
+
+def test_action_space_is_pan5():
+    assert PAN == ["stay", "left", "right", "up", "down"]
+
+
+def test_generation_is_deterministic_by_seed():
+    cfg = cfg_small()
+    a, b, c = W.generate_episode(cfg, 11), W.generate_episode(cfg, 11), W.generate_episode(cfg, 12)
+    assert np.array_equal(a["frames"], b["frames"])
+    assert a["actions"] == b["actions"] and a["captions"] == b["captions"] and a["state"] == b["state"]
+    assert not np.array_equal(a["frames"], c["frames"])
+
+
+def test_frames_actions_rewards_shapes():
+    cfg = cfg_small()
+    for seed in range(5):
+        ep = W.generate_episode(cfg, seed)
+        T = cfg.episode_length
+        assert ep["frames"].dtype == np.uint8 and ep["frames"].shape == (T, 64, 64, 3)
+        assert len(ep["actions"]) == T - 1 and set(ep["actions"]) <= set(PAN)
+        assert ep["rewards"] == [0.0] * (T - 1)
+        assert ep["action_space"] == "pan5" and ep["source"] == "world" and ep["seed"] == seed
+        st = state(ep)
+        assert len(st["frames"]) == T and st["world_size"] == [192, 128] and st["view"] == [64, 64]
+        # frames are not flat: a textured background
+        assert ep["frames"][0].std() > 10
+
+
+def test_camera_moves_according_to_actions():
+    cfg = cfg_small(episode_length=32)
+    moved_right = 0
+    for seed in range(10):
+        ep = W.generate_episode(cfg, seed)
+        cams = [f["camera"] for f in state(ep)["frames"]]
+        for t, a in enumerate(ep["actions"]):
+            dx, dy = W.ACTION_DELTAS[a]
+            want = [
+                min(max(cams[t][0] + dx * cfg.pan_step, 0), cfg.world_width - cfg.view_width),
+                min(max(cams[t][1] + dy * cfg.pan_step, 0), cfg.world_height - cfg.view_height),
+            ]
+            assert cams[t + 1] == want, (seed, t, a)
+            if a == "right" and cams[t][0] < cfg.world_width - cfg.view_width:
+                assert cams[t + 1][0] > cams[t][0]
+                moved_right += 1
+            # the pixels move with the camera: a pan shifts the background
+            if cams[t + 1] != cams[t]:
+                assert not np.array_equal(ep["frames"][t], ep["frames"][t + 1])
+    assert moved_right > 0
+
+
+def _side_ok(side: str, bbox, cam, vw=64, vh=64) -> bool:
+    x0, y0, x1, y1 = bbox
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return {
+        "left": cx < cam[0] + vw / 2,
+        "right": cx > cam[0] + vw / 2,
+        "top": cy < cam[1] + vh / 2,
+        "bottom": cy > cam[1] + vh / 2,
+    }[side]
+
+
+def test_captions_are_consistent_with_state():
+    cfg = cfg_small(episode_length=32, occluder_density=1.5)
+    counts = {"enters": 0, "leaves": 0, "pans": 0, "hidden": 0}
+    for seed in range(30):
+        ep = W.generate_episode(cfg, seed)
+        st = state(ep)
+        fr = st["frames"]
+        caps = {c["t"]: c["text"] for c in ep["captions"]}
+        assert 0 in caps
+        names = {o["id"]: f"{o['color']} {o['kind']}" for o in fr[0]["objects"]}
+        for n in names.values():
+            assert n in caps[0], (caps[0], n)
+        assert "the camera looks at the" in caps[0]
+        for t in range(1, len(fr)):
+            events = caps.get(t, "").split("; ") if t in caps else []
+            for i, name in names.items():
+                a, b = fr[t - 1]["objects"][i], fr[t]["objects"][i]
+                entered = [e for e in events if e.startswith(f"the {name} enters from the ")]
+                left = [e for e in events if e.startswith(f"the {name} leaves to the ")]
+                # an enter/leave caption exactly when in_view flips
+                assert bool(entered) == (b["in_view"] and not a["in_view"]), (seed, t, name, events)
+                assert bool(left) == (a["in_view"] and not b["in_view"]), (seed, t, name, events)
+                if entered:
+                    side = entered[0].rsplit(" ", 1)[1]
+                    assert _side_ok(side, a["bbox"], fr[t - 1]["camera"]), (seed, t, entered, a, fr[t - 1]["camera"])
+                    counts["enters"] += 1
+                if left:
+                    side = left[0].rsplit(" ", 1)[1]
+                    assert _side_ok(side, b["bbox"], fr[t]["camera"]), (seed, t, left)
+                    counts["leaves"] += 1
+                for e in events:
+                    if e.startswith(f"the {name} is hidden behind a "):
+                        assert b["occluded"] and b["in_view"] and not b["visible"] and not a["occluded"]
+                        counts["hidden"] += 1
+            for e in events:
+                m = re.fullmatch(r"the camera pans (left|right|up|down)", e)
+                if m:
+                    dx, dy = W.ACTION_DELTAS[m.group(1)]
+                    d = np.sign(np.subtract(fr[t]["camera"], fr[t - 1]["camera"])).tolist()
+                    assert d == [dx, dy], (seed, t, e, d)
+                    counts["pans"] += 1
+                if e == "the camera stops":
+                    assert fr[t]["camera"] == fr[t - 1]["camera"]
+    assert counts["enters"] > 0 and counts["leaves"] > 0 and counts["pans"] > 0 and counts["hidden"] > 0, counts
+
+
+def test_rendered_objects_match_state():
+    cfg = cfg_small(occluder_density=0.0)
+    checked = 0
+    for seed in range(10):
+        ep = W.generate_episode(cfg, seed)
+        for t, f in enumerate(state(ep)["frames"]):
+            cam = f["camera"]
+            for o in f["objects"]:
+                x0, y0, x1, y1 = o["bbox"]
+                region = ep["frames"][t][max(0, y0 - cam[1]) : max(0, y1 - cam[1]), max(0, x0 - cam[0]) : max(0, x1 - cam[0])]
+                colour = np.array(W.PALETTE[o["color"]], np.uint8)
+                present = bool(region.size) and bool((region.reshape(-1, 3) == colour).all(1).any())
+                others = [p for p in f["objects"] if p["id"] != o["id"]]
+                overlapped = any(not (p["bbox"][2] <= x0 or p["bbox"][0] >= x1 or p["bbox"][3] <= y0 or p["bbox"][1] >= y1) for p in others)
+                if o["visible"] and not overlapped and (x1 - x0) <= region.shape[1] + 0 and (y1 - y0) <= region.shape[0]:
+                    assert present, (seed, t, o)  # fully in view: its colour is drawn
+                    checked += 1
+                if not o["in_view"]:
+                    assert not present or overlapped or region.size == 0
+    assert checked > 20
+
+
+def test_objects_leave_and_reenter_view():
+    cfg = cfg_small(episode_length=32)
+    found = 0
+    for seed in range(20):
+        fr = state(W.generate_episode(cfg, seed))["frames"]
+        for i in range(len(fr[0]["objects"])):
+            seq = [f["objects"][i]["in_view"] for f in fr]
+            s = "".join("1" if v else "0" for v in seq)
+            if re.search("10+1", s):
+                found += 1
+    assert found >= 3
+
+
+def test_probe_offscreen_episodes():
+    cfg = cfg_small()
+    for seed in W.episode_seeds("probe_offscreen", 0, 6):
+        ep = W.generate_episode(cfg, seed, "probe_offscreen")
+        st = state(ep)
+        p = st["probe"]
+        assert p["kind"] == "offscreen" and p["N"] in cfg.probe_offscreen_N
+        assert p["return_t"] - p["away_start"] == p["N"] and p["return_t"] < cfg.probe_frames
+        seq = [f["objects"][p["object_id"]] for f in st["frames"]]
+        assert all(o["in_view"] for o in seq[: p["away_start"]])
+        assert not any(o["in_view"] for o in seq[p["away_start"] : p["return_t"]])
+        assert seq[p["return_t"]]["visible"]
+        # the camera is what looked away: it moved, and it came back where it started
+        cams = [f["camera"] for f in st["frames"]]
+        assert cams[p["away_start"]] != cams[0] and cams[-1] == cams[0]
+        assert ep["split"] == "probe_offscreen" and ep["seed"] >= W.SPLIT_SEED_OFFSETS["probe_offscreen"]
+
+
+def test_probe_revisit_episodes():
+    cfg = cfg_small()
+    for seed in W.episode_seeds("probe_revisit", 0, 4):
+        ep = W.generate_episode(cfg, seed, "probe_revisit")
+        st = state(ep)
+        p = st["probe"]
+        assert p["kind"] == "revisit" and p["first_visit_t"] < p["leave_t"] < p["return_t"]
+        cams = [f["camera"] for f in st["frames"]]
+        assert cams[p["return_t"]] == cams[p["first_visit_t"]] and cams[p["leave_t"]] != cams[p["first_visit_t"]]
+        # the camera looked fully away at some point between
+        away = [max(abs(c[0] - cams[0][0]) - cfg.view_width, abs(c[1] - cams[0][1]) - cfg.view_height) for c in cams[p["leave_t"] : p["return_t"]]]
+        assert max(away) >= 0
+        # static scene: the revisited frame is the same, pixel for pixel
+        assert np.array_equal(ep["frames"][p["return_t"]], ep["frames"][p["first_visit_t"]])
+        assert all(o["vel"] == [0.0, 0.0] for f in st["frames"] for o in f["objects"])
+
+
+def test_datasets_round_trip_and_seeds_are_disjoint(tmp_path):
+    cfg = cfg_small(n_episodes=4, probe_episodes=3)
+    train = W.generate_world(cfg, tmp_path / "train", progress=False)
+    probes = W.generate_world(cfg, tmp_path / "probe", split="probe_offscreen", progress=False)
+    revisit = W.generate_probes(cfg, tmp_path / "revisit", "revisit", 2, seed=0, progress=False)
+    ds = load_episodes(train)
+    assert len(ds) == 4
+    assert W.seeds_of(train) == {0, 1, 2, 3}
+    assert W.seeds_of(ds) == {0, 1, 2, 3}
+    assert not (W.seeds_of(train) & W.seeds_of(probes)) and not (W.seeds_of(train) & W.seeds_of(revisit))
+    assert set(load_episodes(probes)["split"]) == {"probe_offscreen"}
+    ep = get_episode(ds, 2)
+    ref = W.generate_episode(cfg, 2)
+    assert np.array_equal(ep["frames"], ref["frames"])
+    assert ep["actions"] == ref["actions"] and ep["captions"] == ref["captions"] and ep["state"] == ref["state"]
+    assert json.loads(get_episode(load_episodes(revisit), 0)["state"])["probe"]["kind"] == "revisit"
+    # and through save_episodes directly, with a plain list
+    out = save_episodes([ref], tmp_path / "one", 64, 64)
+    assert np.array_equal(get_episode(load_episodes(out), 0)["frames"], ref["frames"])
+
+
+def test_seed_ranges_cannot_collide():
+    with pytest.raises(ValueError, match="seed range"):
+        W.episode_seeds("train", W.SPLIT_SEED_SPAN - 2, 5)
+    assert W.episode_seeds("val", 0, 2) == [500_000, 500_001]
+
+
+def test_bad_config_errors(tmp_path):
+    p = tmp_path / "w.yaml"
+    p.write_text("episode_length: 8\nnum_cars: 3\n")
+    with pytest.raises(ConfigError, match=r"num_cars") as e:
+        W.as_config(p)
+    assert str(p) in str(e.value)
+    p.write_text("world_width: 48\n")
+    with pytest.raises(ConfigError, match=r"world_width=48.*view_width=64"):
+        W.as_config(p)
+    p.write_text("colors: [red, mauve]\n")
+    with pytest.raises(ConfigError, match="mauve"):
+        W.as_config(p)
+
+
+def test_recipes_load_and_cli_main(tmp_path, capsys):
+    for name in ("world_tiny", "world"):
+        cfg = W.as_config(RECIPES / f"{name}.yaml")
+        assert cfg.view_width == 64 and cfg.n_episodes >= 300
+    assert W.as_config(RECIPES / "world.yaml").occluder_density > 0
+    assert W.main(["--config", str(RECIPES / "world_tiny.yaml"), "--out", str(tmp_path / "d"), "--episodes", "3", "--seed", "7", "--no-progress"]) == 0
+    assert W.seeds_of(tmp_path / "d") == {7, 8, 9}
+    assert len(load_episodes(tmp_path / "d")[0]["frames"]) == 16
+
+
+# ----------------------------------------------------------------------------- Atari
+
+
+def test_atari_missing_dependency_is_a_clear_error(monkeypatch):
+    from unified_wm.data import atari
+
+    monkeypatch.setitem(sys.modules, "ale_py", None)  # makes `import ale_py` raise ImportError
+    with pytest.raises(atari.AtariUnavailable, match=r"pip install unified_wm\[atari\]"):
+        atari.make_env(atari.AtariConfig())
+
+
+def test_atari_episode():
+    try:
+        import ale_py  # noqa: F401
+        import gymnasium  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"gymnasium/ale-py not importable ({e}); install unified_wm[atari]")
+    from unified_wm.data import atari
+
+    cfg = atari.AtariConfig(frames=12, warmup_steps=5, n_episodes=1)
+    ep = atari.generate_episode(cfg, 3)
+    st = json.loads(ep["state"])
+    assert ep["frames"].shape == (12, 64, 64, 3) and ep["frames"].dtype == np.uint8
+    assert len(ep["actions"]) == 11 and set(ep["actions"]) <= set(st["action_meanings"])
+    assert "noop" in st["action_meanings"] and ep["action_space"] == "atari:Pong"
+    assert len(ep["rewards"]) == 11 and all(isinstance(r, float) for r in ep["rewards"])
+    assert ep["captions"][0] == {"t": 0, "text": "pong"}
+    assert ep["frames"].std() > 1  # a real picture, not a blank
+    again = atari.generate_episode(cfg, 3)
+    assert np.array_equal(ep["frames"], again["frames"]) and ep["actions"] == again["actions"]

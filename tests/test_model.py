@@ -1,0 +1,137 @@
+"""The model: stream layout, save/load, KV cache, grammar-constrained generation, packing."""
+from __future__ import annotations
+
+import torch
+
+import unified_wm  # noqa: F401  (registers the Auto classes)
+from unified_wm.model.modeling_uwm import StreamGrammar, UnifiedWMConfig, UnifiedWMForCausalLM, stream_layout
+
+# ids: 0 pad 1 bos 2 eos 3 <text> 4 </text> 5 <act> 6 </act> 7 <frame>; text 16-39, actions 40-44, video 45-99
+CFG = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, text_range=(16, 40), action_range=(40, 45), video_range=(45, 100),
+           tokens_per_frame=4, max_chunk_len=2, max_position_embeddings=256)
+DOC = [1, 3, 20, 21, 4, 7, 50, 51, 52, 53, 5, 41, 6, 7, 60, 61, 62, 63, 2]
+
+
+def model(**kw):
+    torch.manual_seed(0)
+    return UnifiedWMForCausalLM(UnifiedWMConfig(**{**CFG, **kw})).eval()
+
+
+def test_stream_layout_chunks_docs_text_and_modality():
+    cfg = UnifiedWMConfig(**CFG)
+    ids = torch.tensor([DOC + [1, 3, 22, 4, 0, 0]])
+    meta, mod = stream_layout(ids, cfg)
+    # bos | <text>..</text> | <frame> v v | v v (tile: max_chunk_len=2) | <act> a </act> | <frame> v v | v v eos
+    assert meta.chunk_ids[0, :19].tolist() == [0, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6]
+    assert meta.doc_ids[0].tolist() == [0] * 19 + [1, 1, 1, 1, -1, -1]
+    assert meta.chunk_ids[0, 19:].tolist() == [7, 8, 8, 8, -1, -1]  # a new document starts new chunks
+    assert meta.is_text[0, :6].tolist() == [False, True, True, True, True, False]
+    assert meta.pos_in_doc[0, 19:23].tolist() == [0, 1, 2, 3]
+    assert mod[0, :13].tolist() == [0, 0, 1, 1, 0, 0, 3, 3, 3, 3, 0, 2, 0]
+
+
+def test_save_load_round_trip_with_auto_classes(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = model()
+    m.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "unified_wm"
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([DOC])
+    assert torch.allclose(m(ids).logits, m2(ids).logits, atol=1e-6)
+    assert m2.lm_head.weight.data_ptr() == m2.embed_tokens.weight.data_ptr()  # tied
+
+
+def test_incremental_decoding_matches_full_forward():
+    from transformers import DynamicCache
+
+    m = model()
+    ids = torch.tensor([DOC])
+    full = m(ids).logits
+    cache = DynamicCache(config=m.config)
+    steps = [m(ids[:, :5], cache=cache, use_cache=True).logits]
+    for i in range(5, ids.shape[1]):
+        steps.append(m(ids[:, i:i + 1], cache=cache, use_cache=True).logits)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_greedy_generate_same_with_and_without_cache():
+    m = model()
+    prompt = torch.tensor([DOC[:6]])
+    a = m.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=True)
+    b = m.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def _well_formed(ids, cfg):
+    """Check the grammar on a generated stream; return the number of complete frames."""
+    i, frames = 0, 0
+    lo, hi = cfg.video_range
+    while i < len(ids):
+        t = ids[i]
+        if t == cfg.frame_id:
+            codes = ids[i + 1:i + 1 + cfg.tokens_per_frame]
+            assert all(lo <= c < hi for c in codes), f"non-video token inside a frame: {codes}"
+            frames += len(codes) == cfg.tokens_per_frame
+            i += 1 + cfg.tokens_per_frame
+        elif t == cfg.act_open_id:
+            seg = ids[i + 1:i + 3]
+            if len(seg) == 2:
+                assert cfg.action_range[0] <= seg[0] < cfg.action_range[1] and seg[1] == cfg.act_close_id
+            i += 3
+        else:
+            i += 1
+    return frames
+
+
+def test_sampled_generation_obeys_stream_grammar():
+    m = model()
+    torch.manual_seed(1)
+    out = m.generate(torch.tensor([DOC[:6]]), max_new_tokens=80, do_sample=True, temperature=2.0, top_k=0)
+    assert _well_formed(out[0].tolist(), m.config) >= 1
+    for seed in range(2, 6):
+        torch.manual_seed(seed)
+        out = m.generate(torch.tensor([DOC[:6]]), max_new_tokens=60, do_sample=True, temperature=3.0)
+        _well_formed(out[0].tolist(), m.config)
+
+
+def test_grammar_states():
+    g = StreamGrammar(UnifiedWMConfig(**CFG))
+    assert g.state_of([1, 7, 50]) == "video"
+    assert g.state_of([1, 7, 50, 51, 52, 53]) == "between"
+    assert g.state_of([1, 5]) == "action"
+    assert g.state_of([1, 5, 41]) == "act_close"
+    assert g.state_of([1, 3, 20]) == "text"
+    scores = torch.zeros(1, 100)
+    out = g(torch.tensor([[1, 7, 50]]), scores)
+    assert torch.isfinite(out[0, 45:100]).all() and torch.isinf(out[0, :45]).all()
+
+
+def test_packed_documents_do_not_see_each_other():
+    m = model()
+    other = [1, 3, 30, 31, 32, 4, 7, 90, 91, 92, 93, 2]
+    alone = m(torch.tensor([DOC])).logits
+    packed = m(torch.tensor([other + DOC])).logits[:, len(other):]
+    assert torch.allclose(alone, packed, atol=1e-5)
+
+
+def test_per_modality_losses_and_loss_weights():
+    m = model()
+    ids = torch.tensor([DOC])
+    out = m(ids, labels=ids)
+    assert set(out.modality_losses) == {"special", "text", "action", "video"}
+    w = torch.zeros_like(ids, dtype=torch.float)
+    w[0, 6:10] = 1.0  # the first frame's codes only
+    out_w = m(ids, labels=ids, loss_weights=w)
+    meta, mod = stream_layout(ids, m.config)
+    ce = torch.nn.functional.cross_entropy(out.logits[0, :-1], ids[0, 1:], reduction="none")
+    assert torch.allclose(out_w.loss, ce[5:9].mean(), atol=1e-5)
+
+
+def test_bad_head_config_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        UnifiedWMConfig(**{**CFG, "num_attention_heads": 4, "num_key_value_heads": 3})

@@ -1,0 +1,288 @@
+"""Tests for the discrete video tokenizer (unified_wm/tokenization/video.py). Fast on 2 CPU cores."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unified_wm.data.episodes import save_episodes
+from unified_wm.tokenization.video import (
+    FSQ,
+    EMAVectorQuantizer,
+    VideoTokenizer,
+    VideoTokenizerConfig,
+    VQConfig,
+    code_usage,
+    evaluate_video_tokenizer,
+    psnr,
+    resize_frames,
+    ssim,
+    train_video_tokenizer,
+)
+from unified_wm.utils import ConfigError, from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _synthetic_frames(rng: np.random.Generator, t: int, size: int) -> np.ndarray:
+    """Flat-coloured rectangles and circles moving over a two-colour gradient background."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = rng.uniform(30, 220, 3), rng.uniform(30, 220, 3)
+    g = (xx + yy)[..., None] / 2
+    bg = c0 * (1 - g) + c1 * g
+    shapes = [(rng.integers(0, 2), rng.uniform(2, size / 4), rng.uniform(0, size, 2), rng.uniform(-1, 1, 2), rng.uniform(0, 255, 3))
+              for _ in range(3)]
+    Y, X = np.mgrid[0:size, 0:size]
+    out = np.empty((t, size, size, 3), np.uint8)
+    for i in range(t):
+        im = bg.copy()
+        for kind, r, p, v, col in shapes:
+            cx, cy = (p + v * i) % size
+            m = (np.abs(X - cx) <= r) & (np.abs(Y - cy) <= r) if kind == 0 else (X - cx) ** 2 + (Y - cy) ** 2 <= r * r
+            im[m] = col
+        out[i] = np.clip(im, 0, 255).astype(np.uint8)
+    return out
+
+
+def _episodes(n: int, t: int, size: int, split: str, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"episode_id": f"{split}-{i}", "source": "synthetic", "seed": seed * 1000 + i, "split": split,
+         "action_space": "none", "frames": _synthetic_frames(rng, t, size), "actions": ["noop"] * (t - 1),
+         "rewards": [0.0] * (t - 1), "captions": [{"t": 0, "text": "shapes"}], "state": "{}"}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("vt") / "episodes"
+    eps = _episodes(6, 8, 32, "train", 1) + _episodes(2, 8, 32, "val", 2) + _episodes(1, 8, 32, "probe_offscreen", 3)
+    save_episodes(eps, d, 32, 32)
+    return d
+
+
+def _tiny_config(**train) -> VideoTokenizerConfig:
+    t = {"steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 10, "log_every": 5, "seed": 0, "threads": 1}
+    t.update(train)
+    return from_dict(VideoTokenizerConfig, {
+        "image_size": 32, "downsample": 4, "patch_size": 1, "channels": [8, 16, 16], "res_blocks": 1,
+        "quantizer": {"kind": "fsq", "fsq": {"levels": [5, 5, 3]}}, "train": t,
+    })
+
+
+# ----------------------------------------------------------------------------- quantizers
+
+
+def test_fsq_index_round_trip_and_all_codes_reachable():
+    fsq = FSQ([8, 5, 5, 5])
+    assert fsq.codebook_size == 1000
+    idx = torch.arange(1000)
+    codes = fsq.indices_to_codes(idx)
+    assert codes.shape == (1000, 4)
+    assert codes.min() >= -1 and codes.max() <= 1
+    assert torch.equal(fsq.codes_to_indices(codes), idx)
+    # codes are distinct, so the mapping is a bijection
+    assert len(torch.unique(codes, dim=0)) == 1000
+    # quantizing random latents: indices in range, and every code is produced by some input
+    z = torch.randn(200_000, 4, generator=torch.Generator().manual_seed(0)) * 2
+    zq, ind, aux = fsq(z)
+    assert ind.dtype == torch.long and int(ind.min()) >= 0 and int(ind.max()) < 1000
+    assert torch.equal(fsq.codes_to_indices(zq), ind)
+    assert torch.equal(fsq.indices_to_codes(ind), zq)
+    assert int((torch.bincount(ind, minlength=1000) > 0).sum()) == 1000
+    assert float(aux) == 0.0
+
+
+def test_fsq_straight_through_gradient():
+    fsq = FSQ([7, 5])
+    z = torch.randn(64, 2, requires_grad=True)
+    zq, _, _ = fsq(z)
+    zq.sum().backward()
+    assert z.grad is not None and bool((z.grad.abs() > 0).all())
+
+
+def test_vq_ema_indices_in_range_and_dead_codes_restart():
+    vq = EMAVectorQuantizer(VQConfig(codebook_size=32, dim=4, decay=0.5, dead_code_threshold=0.5))
+    vq.train()
+    z = torch.randn(256, 4)
+    q, idx, commit = vq(z)
+    assert q.shape == z.shape and idx.shape == (256,)
+    assert int(idx.min()) >= 0 and int(idx.max()) < 32
+    assert float(commit) >= 0
+    # feed points near a single code: the other codes' cluster sizes decay below threshold and get re-seeded
+    far = torch.full((256, 4), 50.0) + 0.01 * torch.randn(256, 4)
+    for _ in range(4):
+        vq(far)
+    # restarted codes are copies of encoder outputs, so they now sit near the new data
+    assert int((vq.embed - 50.0).abs().max(dim=1).values.lt(1.0).sum()) > 1
+    vq.eval()
+    assert torch.equal(vq.indices_to_codes(vq(far)[1]), vq.embed[vq(far)[1]])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def test_encode_decode_shapes_dtypes_and_range_checks():
+    tok = VideoTokenizer(_tiny_config())
+    assert tok.codebook_size == 75 and tok.grid == (8, 8) and tok.tokens_per_frame == 64 and tok.image_size == 32
+    frames = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    codes = tok.encode(frames, batch_size=2)
+    assert codes.dtype == torch.long and codes.shape == (5, 8, 8)
+    assert int(codes.min()) >= 0 and int(codes.max()) < tok.codebook_size
+    # float [T,3,H,W] in [-1,1] gives the same codes as the uint8 input
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.equal(tok.encode(x), codes)
+    out = tok.decode(codes)
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (5, 32, 32, 3)
+    with pytest.raises(ValueError, match=r"\[0, 75\)"):
+        tok.decode(torch.full((1, 8, 8), 75))
+    with pytest.raises(ValueError, match="expects 32x32"):
+        tok.encode(np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        tok.encode(np.zeros((2, 32, 32, 3), np.float32))
+
+
+def test_config_channel_count_is_checked():
+    with pytest.raises(ConfigError, match="channels"):
+        from_dict(VideoTokenizerConfig, {"downsample": 8, "channels": [8, 16]}, source="x.yaml")
+
+
+def test_save_load_round_trip_identical_codes(tmp_path):
+    torch.manual_seed(0)
+    tok = VideoTokenizer(_tiny_config())
+    frames = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    tok.save_pretrained(tmp_path / "tok")
+    assert (tmp_path / "tok" / "config.json").is_file() and (tmp_path / "tok" / "model.safetensors").is_file()
+    assert not [p for p in (tmp_path / "tok").iterdir() if p.name.startswith(".")]  # no temp files left
+    meta = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert meta["codebook_size"] == 75 and meta["tokens_per_frame"] == 64
+    tok2 = VideoTokenizer.from_pretrained(tmp_path / "tok")
+    assert torch.equal(tok.encode(frames), tok2.encode(frames))
+    assert np.array_equal(tok.decode(tok.encode(frames)), tok2.decode(tok2.encode(frames)))
+
+
+def test_from_pretrained_missing_folder_names_it(tmp_path):
+    missing = tmp_path / "no_such_tokenizer"
+    with pytest.raises(FileNotFoundError, match="no_such_tokenizer"):
+        VideoTokenizer.from_pretrained(missing)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors|config.json"):
+        VideoTokenizer.from_pretrained(tmp_path / "half")
+
+
+def test_unknown_yaml_key_is_a_config_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("image_size: 64\ndownsample: 8\nchanels: [1, 2]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(VideoTokenizerConfig, p)
+    assert "chanels" in str(e.value) and "bad.yaml" in str(e.value)
+    p.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        load_config(VideoTokenizerConfig, p)
+
+
+@pytest.mark.parametrize("name", ["video_fsq_tiny.yaml", "video_fsq_64.yaml", "video_vq_64.yaml"])
+def test_repo_configs_load(name):
+    cfg = load_config(VideoTokenizerConfig, REPO / "tokenizers" / name)
+    tok = VideoTokenizer(cfg)
+    assert tok.image_size == 64 and tok.tokens_per_frame == 64
+    assert 256 <= tok.codebook_size <= 4096
+
+
+def test_tokenizers_folder_is_data_only():
+    assert not (REPO / "tokenizers" / "__init__.py").exists()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_psnr_known_case_and_ssim_identity():
+    a = np.zeros((2, 16, 16, 3), np.uint8)
+    b = np.full((2, 16, 16, 3), 10, np.uint8)
+    p = psnr(a, b)
+    assert p.shape == (2,)
+    assert abs(float(p[0]) - 10 * math.log10(255**2 / 100)) < 1e-9  # 28.1308 dB
+    assert math.isinf(float(psnr(a, a)[0]))
+    img = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    s = ssim(img, img)
+    assert torch.allclose(s, torch.ones(3, dtype=s.dtype), atol=1e-9)
+    noisy = np.clip(img.astype(int) + np.random.default_rng(1).integers(-60, 60, img.shape), 0, 255).astype(np.uint8)
+    s2 = ssim(img, noisy)
+    assert bool((s2 < 0.95).all()) and bool((s2 > 0).all())
+    # closed form for flat images: only the luminance term remains, (2ab + C1) / (a^2 + b^2 + C1)
+    c1 = (0.01 * 255) ** 2
+    flat = ssim(np.full((1, 16, 16, 3), 100, np.uint8), np.full((1, 16, 16, 3), 150, np.uint8))
+    assert abs(float(flat[0]) - (2 * 100 * 150 + c1) / (100**2 + 150**2 + c1)) < 1e-9
+    # SSIM ignores a tiny constant shift much more than heavy noise
+    assert float(ssim(img, np.clip(img.astype(int) + 2, 0, 255).astype(np.uint8)).mean()) > float(s2.mean())
+
+
+def test_code_usage():
+    u = code_usage(torch.tensor([0, 1, 2, 3]), 8)
+    assert u["codes_used"] == 4 and u["usage"] == 0.5 and abs(u["perplexity"] - 4.0) < 1e-9
+
+
+def test_resize_frames_center_crop():
+    f = np.zeros((2, 40, 80, 3), np.uint8)
+    f[:, :, 20:60] = 200  # the central square
+    out = resize_frames(f, 16)
+    assert out.shape == (2, 16, 16, 3) and out.dtype == np.uint8
+    assert int(out.min()) == 200
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_training_lowers_loss_resumes_and_evaluates(data_dir, tmp_path):
+    cfg = _tiny_config()
+    out = tmp_path / "run"
+    s1 = train_video_tokenizer("<test>", data_dir, out, max_steps=20, progress=False, config=cfg)
+    assert s1["steps"] == 20 and s1["steps_this_run"] == 20
+    assert (out / "checkpoints" / "step_00000020" / "train_state.pt").is_file()
+    # the training set excludes the val and probe episodes: 6 episodes x 8 frames
+    assert s1["frames"] == 48 and "val" not in s1["splits"] and "probe" not in s1["splits"]
+    with pytest.raises(FileExistsError, match="resume"):
+        train_video_tokenizer("<test>", data_dir, out, max_steps=30, progress=False, config=cfg)
+
+    s2 = train_video_tokenizer("<test>", data_dir, out, resume=True, progress=False, config=cfg)
+    assert s2["steps"] == 40 and s2["steps_this_run"] == 20
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "step" in r and "loss" in r]
+    assert steps == list(range(5, 41, 5))  # resumed run continues the count, no repeats
+    losses = [r["loss"] for r in rows if "loss" in r and "step" in r]
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(0 <= r["code_usage"] <= 1 for r in rows if "code_usage" in r)
+    # only the newest checkpoints are kept
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step_00000030", "step_00000040"]
+
+    tok = VideoTokenizer.from_pretrained(out)
+    rep = evaluate_video_tokenizer(out, data_dir, tmp_path / "eval", max_frames=12)
+    assert rep["frames"] == 12 and "val" in rep["splits"]
+    assert 5 < rep["psnr"] < 100 and 0 < rep["ssim"] <= 1 and 0 < rep["code_usage"] <= 1
+    assert rep["tokens_per_frame"] == tok.tokens_per_frame == 64
+    assert (tmp_path / "eval" / "video_tokenizer_recon.png").is_file()
+    assert json.loads((tmp_path / "eval" / "video_tokenizer_eval.json").read_text())["psnr"] == rep["psnr"]
+
+
+def test_resume_without_checkpoint_is_an_error(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        train_video_tokenizer("<test>", data_dir, tmp_path / "empty", resume=True, progress=False, config=_tiny_config())
+
+
+def test_vq_tokenizer_trains_a_few_steps(data_dir, tmp_path):
+    cfg = from_dict(VideoTokenizerConfig, {
+        "image_size": 32, "downsample": 4, "channels": [8, 16, 16],
+        "quantizer": {"kind": "vq", "vq": {"codebook_size": 64, "dim": 4}},
+        "train": {"steps": 6, "batch_size": 4, "checkpoint_every": 6, "log_every": 3, "threads": 1},
+    })
+    s = train_video_tokenizer("<test>", data_dir, tmp_path / "vq", progress=False, config=cfg)
+    assert s["steps"] == 6 and s["codebook_size"] == 64
+    tok = VideoTokenizer.from_pretrained(tmp_path / "vq")
+    codes = tok.encode(np.zeros((2, 32, 32, 3), np.uint8))
+    assert codes.shape == (2, 8, 8) and int(codes.max()) < 64

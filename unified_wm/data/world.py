@@ -1,0 +1,991 @@
+"""The procedural world: small 2D scenes whose objects live on after the camera looks away.
+
+A world is larger than the camera's view (default 192x128 world pixels seen through a
+64x64 view, one world pixel per view pixel). Objects with an identity (a colour and a
+kind: car, ball, box) drive, roll and slide around it with momentum and bounded random
+acceleration; static occluders (trees, buildings) are drawn over them; a textured
+background (grass, a road with a dashed centre line, a dirt path, flowers, rocks, ponds)
+makes camera motion visible. The camera pans with the discrete action set ``pan5``.
+
+The point of the data: an object seen in view, then out of view while the camera looks
+elsewhere, must be where its motion took it when the camera looks back. Every episode
+carries the ground-truth state of every frame (``state`` JSON, see :func:`generate_episode`)
+so that eval suites can check exactly that, and two probe splits test it directly:
+
+* ``probe_offscreen``: an object is seen moving; the camera pans away so that the object
+  is out of view for exactly N frames (N from ``probe_offscreen_N``), then pans back.
+  ``state["probe"] = {"kind": "offscreen", "object_id", "away_start", "return_t", "N",
+  "direction"}``: the object is in view at every frame before ``away_start``, out of view
+  at frames ``away_start .. return_t-1`` (N = return_t - away_start of them) and in view,
+  not occluded, at ``return_t``.
+* ``probe_revisit``: every object is static; the camera leaves (``leave_t`` is the first
+  frame whose camera differs from the first visit), pans until the new view shares no
+  pixel with the old one, waits, and comes back (``return_t`` is the first frame whose
+  camera equals the first visit's again). ``state["probe"] = {"kind": "revisit",
+  "leave_t", "return_t", "first_visit_t", "N"}``; the true frame at ``return_t`` equals
+  the frame at ``first_visit_t`` pixel for pixel.
+
+Seeds. Episode ``i`` of a dataset generated with base seed ``s`` for split ``split`` has
+seed ``SPLIT_SEED_OFFSETS[split] + s + i`` (stored in the ``seed`` column):
+train 0, val 500_000, probe_offscreen 1_000_000, probe_revisit 2_000_000. The generator
+refuses a base seed + count that would run into the next split's range, so training
+seeds never collide with val or probe seeds; :func:`seeds_of` lets eval check it.
+
+World borders: ``border: bounce`` reflects an object's velocity (times ``bounce``, the
+restitution) when its centre reaches a border; ``border: wrap`` teleports it to the
+opposite border (the camera never sees across a border, it is clamped inside the world).
+
+Captions hold from their frame on and are derived from the state alone:
+
+* t=0: ``"a red car and a blue ball; the camera looks at the road; the red car is in view"``
+* later frames, joined with ``"; "`` when several happen at once, camera first, then
+  objects in id order: ``"the camera pans right"``, ``"the camera stops"``,
+  ``"the red car enters from the left"`` (was not in view at t-1, is at t; the side is
+  where it was at t-1), ``"the blue ball leaves to the right"`` (in view at t-1, not at
+  t; the side is where it is at t), ``"the red car is hidden behind a tree"`` (occluded
+  at t, in view and not occluded at t-1), ``"the red car comes out from behind the tree"``
+  (occluded at t-1, in view and not occluded at t).
+
+Visibility: ``in_view`` means at least one of the object's sprite pixels lies inside the
+view; ``occluded`` means it is in view and at least ``occluded_fraction`` of its in-view
+pixels are covered by occluders; ``visible = in_view and not occluded``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+
+from unified_wm.utils import ConfigError, from_dict, load_config
+
+ACTION_SPACES: dict[str, list[str]] = {"pan5": ["stay", "left", "right", "up", "down"]}
+ACTION_DELTAS: dict[str, tuple[int, int]] = {"stay": (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "stay": "stay"}
+
+SPLIT_SEED_OFFSETS: dict[str, int] = {"train": 0, "val": 500_000, "probe_offscreen": 1_000_000, "probe_revisit": 2_000_000}
+SPLIT_SEED_SPAN = 500_000  # a split's seeds live in [offset, offset + span)
+PROBE_KINDS = ("probe_offscreen", "probe_revisit")
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "blue": (50, 90, 255),
+    "yellow": (250, 220, 40),
+    "white": (245, 245, 245),
+    "purple": (170, 60, 220),
+    "orange": (255, 140, 20),
+    "cyan": (40, 220, 230),
+    "pink": (255, 120, 190),
+    "green": (60, 235, 60),
+    "black": (25, 25, 25),
+}
+KINDS = ("car", "ball", "box")
+SOURCE = "world"
+
+
+@dataclass
+class WorldConfig:
+    """Settings of the procedural world (YAML, strict keys; see recipes/data/world*.yaml)."""
+
+    # geometry (pixels)
+    view_width: int = 64
+    view_height: int = 64
+    world_width: int = 192
+    world_height: int = 128
+    pan_step: int = 8  # camera motion per pan action, world pixels
+    # objects
+    min_objects: int = 1
+    max_objects: int = 3
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    colors: list[str] = field(default_factory=lambda: ["red", "blue", "yellow", "white", "purple", "orange", "cyan"])
+    min_speed: float = 0.5  # initial speed range, pixels per frame
+    max_speed: float = 2.0  # also the cap on speed at every frame
+    max_accel: float = 0.15  # bounded random acceleration per axis per frame
+    friction: float = 0.0  # velocity *= (1 - friction) each frame
+    border: Literal["bounce", "wrap"] = "bounce"
+    bounce: float = 1.0  # restitution at a border when border == bounce
+    # occluders and background
+    occluder_density: float = 0.0  # expected occluders per view-sized area of world
+    occluded_fraction: float = 0.9  # share of in-view pixels covered to count as occluded
+    background: Literal["road", "plain"] = "road"
+    n_landmarks: int = 8  # static background features (flowers, rocks, ponds)
+    # camera policy: sticky random bursts, plus looking back for objects long out of view
+    stay_prob: float = 0.35
+    min_burst: int = 2
+    max_burst: int = 6
+    max_offscreen: int = 8  # frames an object may stay out of view before the policy may look for it
+    lookback_prob: float = 0.5  # chance a new burst pans toward such an object
+    # episodes
+    episode_length: int = 16  # T, frames per episode
+    n_episodes: int = 300
+    seed: int = 0
+    # probes
+    probe_episodes: int = 32
+    probe_frames: int = 32  # T of probe episodes
+    probe_offscreen_N: list[int] = field(default_factory=lambda: [4, 8, 12])
+    probe_revisit_hold: list[int] = field(default_factory=lambda: [0, 4, 8])
+
+    def validate(self) -> None:
+        if self.view_width < 8 or self.view_height < 8:
+            raise ValueError(f"view_width x view_height = {self.view_width}x{self.view_height}; both must be at least 8")
+        if self.world_width < self.view_width:
+            raise ValueError(
+                f"world_width={self.world_width} is smaller than view_width={self.view_width}; the world must be at least as large as the view"
+            )
+        if self.world_height < self.view_height:
+            raise ValueError(
+                f"world_height={self.world_height} is smaller than view_height={self.view_height}; the world must be at least as large as the view"
+            )
+        if not 0 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 0 <= min_objects ({self.min_objects}) <= max_objects ({self.max_objects})")
+        if self.max_objects > len(self.colors):
+            raise ValueError(f"max_objects={self.max_objects} needs at least that many colors, got {len(self.colors)} ({self.colors})")
+        bad = [c for c in self.colors if c not in PALETTE]
+        if bad:
+            raise ValueError(f"colors: unknown colour {bad[0]!r}; known: {', '.join(PALETTE)}")
+        if len(set(self.colors)) != len(self.colors):
+            raise ValueError(f"colors must not repeat, got {self.colors}")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"kinds: expected a non-empty subset of {list(KINDS)}, got {self.kinds}")
+        if not 0 <= self.min_speed <= self.max_speed:
+            raise ValueError(f"need 0 <= min_speed ({self.min_speed}) <= max_speed ({self.max_speed})")
+        if self.max_accel < 0 or not 0 <= self.friction < 1 or not 0 <= self.bounce <= 1:
+            raise ValueError("need max_accel >= 0, 0 <= friction < 1 and 0 <= bounce <= 1")
+        if self.pan_step < 1:
+            raise ValueError(f"pan_step must be >= 1, got {self.pan_step}")
+        if self.occluder_density < 0 or not 0 < self.occluded_fraction <= 1:
+            raise ValueError("need occluder_density >= 0 and 0 < occluded_fraction <= 1")
+        if not 1 <= self.min_burst <= self.max_burst:
+            raise ValueError(f"need 1 <= min_burst ({self.min_burst}) <= max_burst ({self.max_burst})")
+        for name in ("stay_prob", "lookback_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.episode_length < 2 or self.probe_frames < 2:
+            raise ValueError(f"episode_length ({self.episode_length}) and probe_frames ({self.probe_frames}) must be >= 2")
+        if self.n_episodes < 1 or self.probe_episodes < 1:
+            raise ValueError("n_episodes and probe_episodes must be >= 1")
+        if not 0 <= self.seed < SPLIT_SEED_SPAN:
+            raise ValueError(f"seed must be in [0, {SPLIT_SEED_SPAN}), got {self.seed}")
+        if not self.probe_offscreen_N or min(self.probe_offscreen_N) < 1:
+            raise ValueError(f"probe_offscreen_N must be a non-empty list of ints >= 1, got {self.probe_offscreen_N}")
+        if not self.probe_revisit_hold or min(self.probe_revisit_hold) < 0:
+            raise ValueError(f"probe_revisit_hold must be a non-empty list of ints >= 0, got {self.probe_revisit_hold}")
+
+
+def as_config(config: "WorldConfig | str | os.PathLike | dict | None") -> WorldConfig:
+    if config is None:
+        return WorldConfig()
+    if isinstance(config, WorldConfig):
+        return config
+    if isinstance(config, dict):
+        return from_dict(WorldConfig, config)
+    return load_config(WorldConfig, config)
+
+
+# ----------------------------------------------------------------------------- sprites
+
+
+@dataclass
+class Sprite:
+    rgb: np.ndarray  # [h, w, 3] uint8
+    mask: np.ndarray  # [h, w] bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.mask.shape[1], self.mask.shape[0]
+
+
+def _shade(c, f):
+    return tuple(int(max(0, min(255, v * f))) for v in c)
+
+
+def _make_sprite(kind: str, color: tuple[int, int, int], facing_left: bool = False) -> Sprite:
+    dark = np.array(_shade(color, 0.45), np.uint8)
+    col = np.array(color, np.uint8)
+    if kind == "car":
+        w, h = 14, 9
+        rgb = np.zeros((h, w, 3), np.uint8)
+        mask = np.zeros((h, w), bool)
+        mask[1:8, :] = True
+        rgb[1:8, :] = dark
+        rgb[2:7, 1:13] = col
+        win = np.array((170, 220, 255), np.uint8)
+        rgb[3:6, 9:12] = win  # windscreen at the front (right)
+        rgb[3:6, 3:5] = np.array(_shade(color, 0.75), np.uint8)  # rear window
+        for x0 in (2, 9):  # wheels on both sides
+            for y in (0, 8):
+                mask[y, x0 : x0 + 3] = True
+                rgb[y, x0 : x0 + 3] = (20, 20, 20)
+        if facing_left:
+            rgb, mask = rgb[:, ::-1].copy(), mask[:, ::-1].copy()
+        return Sprite(rgb, mask)
+    if kind == "ball":
+        d = 9
+        yy, xx = np.mgrid[0:d, 0:d]
+        r2 = (xx - 4) ** 2 + (yy - 4) ** 2
+        mask = r2 <= 4.6**2
+        rgb = np.zeros((d, d, 3), np.uint8)
+        rgb[mask] = dark
+        rgb[r2 <= 3.5**2] = col
+        rgb[2:4, 2:4] = np.array(_shade(color, 1.4), np.uint8) | np.array((60, 60, 60), np.uint8)
+        return Sprite(rgb, mask)
+    if kind == "box":
+        d = 9
+        mask = np.ones((d, d), bool)
+        rgb = np.zeros((d, d, 3), np.uint8)
+        rgb[:] = dark
+        rgb[1:-1, 1:-1] = col
+        idx = np.arange(1, d - 1)
+        rgb[idx, idx] = dark
+        rgb[idx, d - 1 - idx] = dark
+        return Sprite(rgb, mask)
+    raise ValueError(f"unknown object kind {kind!r}; known: {list(KINDS)}")
+
+
+# ----------------------------------------------------------------------------- scene
+
+
+@dataclass
+class Scene:
+    background: np.ndarray  # [H, W, 3] uint8, world
+    occ_rgb: np.ndarray  # [H, W, 3] uint8, occluder colours
+    occ_mask: np.ndarray  # [H, W] bool
+    occ_id: np.ndarray  # [H, W] int16, index of the occluder covering a pixel, -1 if none
+    occluders: list[dict]
+    region: np.ndarray  # [H, W] uint8 codes into REGIONS
+    road_y: float | None
+
+
+REGIONS = ("grass", "road", "path", "pond", "field")
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
+    gh, gw = h // cell + 2, w // cell + 2
+    g = rng.standard_normal((gh, gw)).astype(np.float32)
+    ys = np.arange(h) / cell
+    xs = np.arange(w) / cell
+    y0 = ys.astype(int)
+    x0 = xs.astype(int)
+    fy = (ys - y0)[:, None]
+    fx = (xs - x0)[None, :]
+    a = g[y0][:, x0]
+    b = g[y0][:, x0 + 1]
+    c = g[y0 + 1][:, x0]
+    d = g[y0 + 1][:, x0 + 1]
+    return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+
+
+def _build_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
+    from PIL import Image, ImageDraw
+
+    W, H = cfg.world_width, cfg.world_height
+    low = _smooth_noise(rng, H, W, 16)
+    fine = rng.standard_normal((H, W)).astype(np.float32)
+    region = np.zeros((H, W), np.uint8)
+    grass = np.array((70, 135, 55), np.float32)
+    img = grass[None, None, :] * (1 + 0.10 * low[..., None]) + 9 * fine[..., None] * np.array((0.6, 1.0, 0.5), np.float32)
+    road_y = None
+    if cfg.background == "road":
+        # a dirt path crossing vertically
+        px = int(rng.integers(W // 6, W - W // 6))
+        pw = 9
+        xs = np.arange(W)
+        wobble = (3 * np.sin(np.arange(H) / 9.0 + rng.uniform(0, 6))).astype(int)
+        for y in range(H):
+            x0 = px + wobble[y]
+            img[y, max(0, x0) : x0 + pw] = np.array((150, 115, 75), np.float32) + 10 * fine[y, max(0, x0) : x0 + pw, None]
+            region[y, max(0, x0) : x0 + pw] = REGIONS.index("path")
+        # the road: a horizontal band with kerbs and a dashed centre line
+        rw = 22
+        road_y = float(rng.integers(int(H * 0.35), int(H * 0.65)))
+        r0, r1 = int(road_y - rw / 2), int(road_y + rw / 2)
+        img[r0:r1] = np.array((88, 88, 94), np.float32) + 7 * fine[r0:r1, :, None]
+        img[r0 : r0 + 1] = (200, 200, 190)
+        img[r1 - 1 : r1] = (200, 200, 190)
+        dash = (xs // 8) % 2 == 0
+        cy = int(road_y)
+        img[cy, dash] = (240, 230, 120)
+        region[r0:r1] = REGIONS.index("road")
+        del xs
+    else:
+        region[:] = REGIONS.index("field")
+    bg = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    dr = ImageDraw.Draw(bg)
+    reg_img = Image.fromarray(region)
+    rdr = ImageDraw.Draw(reg_img)
+    road_band = (road_y - 14, road_y + 14) if road_y is not None else None
+
+    def off_road(y0, y1):
+        return road_band is None or y1 < road_band[0] or y0 > road_band[1]
+
+    for _ in range(cfg.n_landmarks):
+        kind = rng.choice(["flowers", "rock", "pond", "flowers", "rock"])
+        for _try in range(10):
+            x, y = float(rng.uniform(4, W - 4)), float(rng.uniform(4, H - 4))
+            if off_road(y - 8, y + 8):
+                break
+        if kind == "flowers":
+            c = [(250, 250, 250), (250, 230, 60), (240, 90, 160)][int(rng.integers(3))]
+            for _k in range(7):
+                fx, fy = x + rng.normal(0, 3), y + rng.normal(0, 3)
+                dr.rectangle([fx, fy, fx + 1, fy + 1], fill=c)
+        elif kind == "rock":
+            r = float(rng.uniform(2.5, 4.5))
+            dr.ellipse([x - r, y - r * 0.8, x + r, y + r * 0.8], fill=(125, 120, 115), outline=(80, 78, 75))
+        else:
+            rx, ry = float(rng.uniform(7, 12)), float(rng.uniform(4, 7))
+            dr.ellipse([x - rx, y - ry, x + rx, y + ry], fill=(60, 110, 200), outline=(40, 80, 150))
+            dr.ellipse([x - rx * 0.5, y - ry * 0.5, x - rx * 0.1, y - ry * 0.2], fill=(120, 170, 235))
+            rdr.ellipse([x - rx, y - ry, x + rx, y + ry], fill=REGIONS.index("pond"))
+    background = np.asarray(bg, dtype=np.uint8).copy()
+
+    # occluders: trees and buildings, drawn over objects
+    n_occ = cfg.occluder_density * (W * H) / (cfg.view_width * cfg.view_height)
+    n_occ = int(math.floor(n_occ + rng.uniform()))  # unbiased rounding
+    occ = Image.new("RGBA", (W, H), (0, 0, 0, 0))
+    od = ImageDraw.Draw(occ)
+    occ_id_img = Image.new("I", (W, H), -1)
+    idd = ImageDraw.Draw(occ_id_img)
+    occluders = []
+    for i in range(n_occ):
+        kind = "tree" if rng.uniform() < 0.65 else "building"
+        x, y = float(rng.uniform(8, W - 8)), float(rng.uniform(8, H - 8))
+        if kind == "tree":
+            r = float(rng.uniform(8, 12))
+            od.rectangle([x - 1.5, y, x + 1.5, y + r + 2], fill=(95, 60, 30, 255))
+            idd.rectangle([x - 1.5, y, x + 1.5, y + r + 2], fill=i)
+            od.ellipse([x - r, y - r, x + r, y + r], fill=(25, 95, 35, 255), outline=(15, 60, 20, 255))
+            od.ellipse([x - r * 0.6, y - r * 0.7, x, y - r * 0.1], fill=(50, 130, 55, 255))
+            idd.ellipse([x - r, y - r, x + r, y + r], fill=i)
+            bbox = [x - r, y - r, x + r, y + r + 2]
+        else:
+            bw, bh = float(rng.uniform(16, 26)), float(rng.uniform(14, 20))
+            roof = [(170, 70, 60), (120, 110, 100), (150, 120, 80)][int(rng.integers(3))]
+            od.rectangle([x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2], fill=roof + (255,), outline=(50, 45, 40, 255))
+            od.line([x - bw / 2, y, x + bw / 2, y], fill=_shade(roof, 0.6) + (255,))
+            idd.rectangle([x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2], fill=i)
+            bbox = [x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2]
+        occluders.append({"id": i, "kind": kind, "bbox": [round(v, 1) for v in bbox]})
+    occ_arr = np.asarray(occ, dtype=np.uint8)
+    occ_id = np.asarray(occ_id_img, dtype=np.int32).astype(np.int16)
+    return Scene(
+        background=background,
+        occ_rgb=occ_arr[..., :3].copy(),
+        occ_mask=occ_arr[..., 3] > 0,
+        occ_id=occ_id,
+        occluders=occluders,
+        region=np.asarray(reg_img, dtype=np.uint8).copy(),
+        road_y=road_y,
+    )
+
+
+# ----------------------------------------------------------------------------- objects
+
+
+@dataclass
+class Obj:
+    id: int
+    color: str
+    kind: str
+    sprites: tuple[Sprite, Sprite]  # facing right, facing left (same mask for symmetric kinds)
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.kind}"
+
+
+def _spawn_objects(cfg: WorldConfig, rng: np.random.Generator, scene: Scene, n: int, static: bool = False):
+    W, H = cfg.world_width, cfg.world_height
+    colors = list(rng.permutation(cfg.colors))[:n]
+    objs, pos, vel = [], np.zeros((n, 2)), np.zeros((n, 2))
+    for i in range(n):
+        kind = str(cfg.kinds[int(rng.integers(len(cfg.kinds)))])
+        color = str(colors[i])
+        objs.append(Obj(i, color, kind, (_make_sprite(kind, PALETTE[color]), _make_sprite(kind, PALETTE[color], facing_left=True))))
+        speed = float(rng.uniform(cfg.min_speed, cfg.max_speed))
+        ang = float(rng.uniform(0, 2 * math.pi))
+        if kind == "car":
+            lane = -5.0 if rng.uniform() < 0.5 else 5.0
+            y = scene.road_y + lane if scene.road_y is not None else float(rng.uniform(8, H - 8))
+            pos[i] = (rng.uniform(8, W - 8), y)
+            vel[i] = (speed * (1 if rng.uniform() < 0.5 else -1), 0.0)
+        else:
+            pos[i] = (rng.uniform(6, W - 6), rng.uniform(6, H - 6))
+            vel[i] = (speed * math.cos(ang), speed * math.sin(ang))
+            if kind == "box":
+                vel[i] *= 0.6
+    if static:
+        vel[:] = 0.0
+    return objs, pos, vel
+
+
+def _simulate_objects(cfg: WorldConfig, rng: np.random.Generator, objs: list[Obj], pos, vel, T: int, static: bool = False):
+    """Positions and velocities [T, n, 2]; objects do not depend on the camera."""
+    n = len(objs)
+    P = np.zeros((T, n, 2))
+    V = np.zeros((T, n, 2))
+    W, H = cfg.world_width, cfg.world_height
+    pos, vel = pos.copy(), vel.copy()
+    is_car = np.array([o.kind == "car" for o in objs], bool)
+    half = np.array([[o.sprites[0].size[0] / 2, o.sprites[0].size[1] / 2] for o in objs]).reshape(n, 2)
+    lo, hi = half, np.array([W, H])[None, :] - half
+    for t in range(T):
+        P[t], V[t] = pos, vel
+        if static:
+            continue
+        acc = rng.uniform(-cfg.max_accel, cfg.max_accel, size=(n, 2))
+        acc[is_car, 1] = 0.0
+        vel = (vel + acc) * (1.0 - cfg.friction)
+        sp = np.linalg.norm(vel, axis=1, keepdims=True)
+        vel = np.where(sp > cfg.max_speed, vel * (cfg.max_speed / np.maximum(sp, 1e-9)), vel)
+        pos = pos + vel
+        if cfg.border == "bounce":
+            for ax in range(2):
+                below = pos[:, ax] < lo[:, ax]
+                above = pos[:, ax] > hi[:, ax]
+                pos[below, ax] = 2 * lo[below, ax] - pos[below, ax]
+                pos[above, ax] = 2 * hi[above, ax] - pos[above, ax]
+                vel[below, ax] = abs(vel[below, ax]) * cfg.bounce
+                vel[above, ax] = -abs(vel[above, ax]) * cfg.bounce
+        else:
+            pos[:, 0] %= W
+            pos[:, 1] %= H
+    return P, V
+
+
+def _sprite_for(o: Obj, v) -> Sprite:
+    return o.sprites[1] if (o.kind == "car" and v[0] < 0) else o.sprites[0]
+
+
+def _topleft(sprite: Sprite, p) -> tuple[int, int]:
+    w, h = sprite.size
+    return int(math.floor(p[0] - w / 2 + 0.5)), int(math.floor(p[1] - h / 2 + 0.5))
+
+
+def _view_pixels(sprite: Sprite, x0: int, y0: int, cam, vw: int, vh: int):
+    """(sprite slice, view slice) of the sprite's overlap with the view, or None."""
+    w, h = sprite.size
+    vx0, vy0 = x0 - cam[0], y0 - cam[1]
+    ax0, ay0 = max(0, vx0), max(0, vy0)
+    ax1, ay1 = min(vw, vx0 + w), min(vh, vy0 + h)
+    if ax0 >= ax1 or ay0 >= ay1:
+        return None
+    ss = (slice(ay0 - vy0, ay1 - vy0), slice(ax0 - vx0, ax1 - vx0))
+    vs = (slice(ay0, ay1), slice(ax0, ax1))
+    return ss, vs
+
+
+def _in_view(sprite: Sprite, p, cam, vw: int, vh: int) -> bool:
+    x0, y0 = _topleft(sprite, p)
+    sl = _view_pixels(sprite, x0, y0, cam, vw, vh)
+    return sl is not None and bool(sprite.mask[sl[0]].any())
+
+
+# ----------------------------------------------------------------------------- camera
+
+
+def _clamp_cam(cfg: WorldConfig, x: int, y: int) -> tuple[int, int]:
+    return (min(max(x, 0), cfg.world_width - cfg.view_width), min(max(y, 0), cfg.world_height - cfg.view_height))
+
+
+def _step_cam(cfg: WorldConfig, cam, action: str):
+    dx, dy = ACTION_DELTAS[action]
+    return _clamp_cam(cfg, cam[0] + dx * cfg.pan_step, cam[1] + dy * cfg.pan_step)
+
+
+def _cam_path(cfg: WorldConfig, cam0, actions: list[str]):
+    cams = [tuple(cam0)]
+    for a in actions:
+        cams.append(_step_cam(cfg, cams[-1], a))
+    return cams
+
+
+def _policy_rollout(cfg: WorldConfig, rng: np.random.Generator, objs, P, V, cam0, T: int):
+    """Sticky random bursts of one action; a new burst may look for an object long out of view."""
+    actions: list[str] = []
+    cam = tuple(cam0)
+    cams = [cam]
+    off = np.zeros(len(objs), int)
+    cur, left = "stay", 0
+    pans = ["left", "right", "up", "down"]
+    for t in range(T - 1):
+        for i, o in enumerate(objs):
+            off[i] = 0 if _in_view(_sprite_for(o, V[t, i]), P[t, i], cam, cfg.view_width, cfg.view_height) else off[i] + 1
+        if left <= 0:
+            lost = [i for i in range(len(objs)) if off[i] >= cfg.max_offscreen]
+            if lost and rng.uniform() < cfg.lookback_prob:
+                i = lost[int(rng.integers(len(lost)))]
+                cx = cam[0] + cfg.view_width / 2
+                cy = cam[1] + cfg.view_height / 2
+                dx, dy = P[t, i, 0] - cx, P[t, i, 1] - cy
+                cur = ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+            elif rng.uniform() < cfg.stay_prob:
+                cur = "stay"
+            else:
+                # prefer directions the border does not block
+                free = [a for a in pans if _step_cam(cfg, cam, a) != cam]
+                choices = free or pans
+                cur = choices[int(rng.integers(len(choices)))]
+            left = int(rng.integers(cfg.min_burst, cfg.max_burst + 1))
+        actions.append(cur)
+        left -= 1
+        cam = _step_cam(cfg, cam, cur)
+        cams.append(cam)
+    return actions, cams
+
+
+# ----------------------------------------------------------------------------- render + state
+
+
+def _render(cfg: WorldConfig, scene: Scene, objs, P, V, cams):
+    """Frames [T, vh, vw, 3] and per-frame object records (in_view, occluded, bbox, ...)."""
+    T = len(cams)
+    vw, vh = cfg.view_width, cfg.view_height
+    frames = np.empty((T, vh, vw, 3), np.uint8)
+    records = []
+    for t in range(T):
+        cx, cy = cams[t]
+        view = scene.background[cy : cy + vh, cx : cx + vw].copy()
+        occ_m = scene.occ_mask[cy : cy + vh, cx : cx + vw]
+        occ_i = scene.occ_id[cy : cy + vh, cx : cx + vw]
+        recs = []
+        for i, o in enumerate(objs):
+            sp = _sprite_for(o, V[t, i])
+            x0, y0 = _topleft(sp, P[t, i])
+            sl = _view_pixels(sp, x0, y0, (cx, cy), vw, vh)
+            n_in = n_occ = 0
+            occluder = None
+            if sl is not None:
+                ss, vs = sl
+                m = sp.mask[ss]
+                n_in = int(m.sum())
+                if n_in:
+                    view[vs][m] = sp.rgb[ss][m]
+                    covered = occ_m[vs] & m
+                    n_occ = int(covered.sum())
+                    if n_occ:
+                        ids = occ_i[vs][covered]
+                        occluder = int(np.bincount(ids[ids >= 0]).argmax()) if (ids >= 0).any() else None
+            in_view = n_in > 0
+            occluded = in_view and n_occ >= cfg.occluded_fraction * n_in
+            w, h = sp.size
+            recs.append(
+                {
+                    "id": o.id,
+                    "color": o.color,
+                    "kind": o.kind,
+                    "pos": [round(float(P[t, i, 0]), 3), round(float(P[t, i, 1]), 3)],
+                    "vel": [round(float(V[t, i, 0]), 3), round(float(V[t, i, 1]), 3)],
+                    "bbox": [x0, y0, x0 + w, y0 + h],  # world pixels, [x0, y0, x1, y1) exclusive
+                    "in_view": bool(in_view),
+                    "occluded": bool(occluded),
+                    "visible": bool(in_view and not occluded),
+                    "occluder": scene.occluders[occluder]["kind"] if (occluded and occluder is not None) else None,
+                }
+            )
+        if scene.occ_mask.any():
+            view[occ_m] = scene.occ_rgb[cy : cy + vh, cx : cx + vw][occ_m]
+        frames[t] = view
+        records.append(recs)
+    return frames, records
+
+
+def _side_outside(bbox, cam, vw, vh) -> str:
+    """Where a bbox lies relative to the view: left/right first, then top/bottom."""
+    x0, y0, x1, y1 = bbox
+    if x1 <= cam[0]:
+        return "left"
+    if x0 >= cam[0] + vw:
+        return "right"
+    if y1 <= cam[1]:
+        return "top"
+    if y0 >= cam[1] + vh:
+        return "bottom"
+    # mask-based: bbox overlaps the view edge but no sprite pixel is inside; use the centre
+    cxm, cym = (x0 + x1) / 2 - (cam[0] + vw / 2), (y0 + y1) / 2 - (cam[1] + vh / 2)
+    if abs(cxm) * vh >= abs(cym) * vw:
+        return "left" if cxm < 0 else "right"
+    return "top" if cym < 0 else "bottom"
+
+
+def _join_names(names: list[str]) -> str:
+    names = [f"{'an' if n[0] in 'aeiou' else 'a'} {n}" for n in names]
+    if not names:
+        return "an empty scene"
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _captions(cfg: WorldConfig, scene: Scene, objs, cams, records) -> list[dict]:
+    vw, vh = cfg.view_width, cfg.view_height
+    cx, cy = cams[0][0] + vw // 2, cams[0][1] + vh // 2
+    where = REGIONS[int(scene.region[cy, cx])]
+    seen = [f"the {objs[i].name}" for i, r in enumerate(records[0]) if r["in_view"]]
+    first = f"{_join_names([o.name for o in objs])}; the camera looks at the {where}; "
+    if not seen:
+        first += "nothing is in view"
+    else:
+        first += (seen[0] if len(seen) == 1 else ", ".join(seen[:-1]) + " and " + seen[-1]) + (" is in view" if len(seen) == 1 else " are in view")
+    caps = [{"t": 0, "text": first}]
+    prev_move = None
+    for t in range(1, len(cams)):
+        ev = []
+        d = (int(np.sign(cams[t][0] - cams[t - 1][0])), int(np.sign(cams[t][1] - cams[t - 1][1])))
+        move = {(-1, 0): "left", (1, 0): "right", (0, -1): "up", (0, 1): "down"}.get(d)
+        if move != prev_move:
+            if move is not None:
+                ev.append(f"the camera pans {move}")
+            elif prev_move is not None:
+                ev.append("the camera stops")
+        prev_move = move
+        for i, o in enumerate(objs):
+            a, b = records[t - 1][i], records[t][i]
+            if b["in_view"] and not a["in_view"]:
+                ev.append(f"the {o.name} enters from the {_side_outside(a['bbox'], cams[t - 1], vw, vh)}")
+            elif a["in_view"] and not b["in_view"]:
+                ev.append(f"the {o.name} leaves to the {_side_outside(b['bbox'], cams[t], vw, vh)}")
+            elif b["occluded"] and not a["occluded"]:
+                ev.append(f"the {o.name} is hidden behind a {b['occluder'] or 'tree'}")
+            elif a["occluded"] and not b["occluded"]:
+                ev.append(f"the {o.name} comes out from behind the {a['occluder'] or 'tree'}")
+        if ev:
+            caps.append({"t": t, "text": "; ".join(ev)})
+    return caps
+
+
+def _state(cfg: WorldConfig, scene: Scene, cams, records, probe: dict | None = None) -> dict:
+    st = {
+        "frames": [{"camera": [int(c[0]), int(c[1])], "objects": recs} for c, recs in zip(cams, records)],
+        "world_size": [cfg.world_width, cfg.world_height],
+        "view": [cfg.view_width, cfg.view_height],
+        "pan_step": cfg.pan_step,
+        "border": cfg.border,
+        "occluders": scene.occluders,
+    }
+    if probe is not None:
+        st["probe"] = probe
+    return st
+
+
+def _episode_dict(cfg, seed, split, frames, actions, caps, state) -> dict:
+    return {
+        "episode_id": f"world-{split}-{seed:08d}",
+        "source": SOURCE,
+        "seed": int(seed),
+        "split": split,
+        "action_space": "pan5",
+        "frames": frames,
+        "actions": list(actions),
+        "rewards": [0.0] * len(actions),
+        "captions": caps,
+        "state": json.dumps(state, separators=(",", ":")),
+    }
+
+
+def _initial_camera(cfg: WorldConfig, rng: np.random.Generator, P0) -> tuple[int, int]:
+    """Start looking at a random object most of the time (else anywhere)."""
+    if len(P0) and rng.uniform() < 0.8:
+        i = int(rng.integers(len(P0)))
+        x = P0[i, 0] - cfg.view_width / 2 + rng.uniform(-cfg.view_width / 4, cfg.view_width / 4)
+        y = P0[i, 1] - cfg.view_height / 2 + rng.uniform(-cfg.view_height / 4, cfg.view_height / 4)
+    else:
+        x = rng.uniform(0, cfg.world_width - cfg.view_width)
+        y = rng.uniform(0, cfg.world_height - cfg.view_height)
+    return _clamp_cam(cfg, int(round(x)), int(round(y)))
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+def generate_episode(cfg: WorldConfig | str | os.PathLike | None, seed: int, split: str = "train") -> dict:
+    """One episode as a dict with the episode dataset's columns (frames uint8 [T, vh, vw, 3]).
+
+    ``state`` (JSON) holds ``{"frames": [{"camera": [x, y], "objects": [{"id", "color",
+    "kind", "pos", "vel", "bbox", "visible", "occluded", "in_view", "occluder"}]}],
+    "world_size": [W, H], "view": [w, h], "pan_step", "border", "occluders"}``; camera is the
+    view's top-left corner in world pixels, pos the object's centre. Splits ``probe_offscreen``
+    and ``probe_revisit`` build probe episodes (and add ``state["probe"]``). Deterministic in
+    (cfg, seed, split).
+    """
+    cfg = as_config(cfg)
+    if split == "probe_offscreen":
+        return _probe_offscreen(cfg, seed)
+    if split == "probe_revisit":
+        return _probe_revisit(cfg, seed)
+    rng = np.random.default_rng([int(seed), 0])
+    T = cfg.episode_length
+    scene = _build_scene(cfg, rng)
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    objs, p0, v0 = _spawn_objects(cfg, rng, scene, n)
+    P, V = _simulate_objects(cfg, rng, objs, p0, v0, T)
+    cam0 = _initial_camera(cfg, rng, P[0])
+    actions, cams = _policy_rollout(cfg, rng, objs, P, V, cam0, T)
+    frames, records = _render(cfg, scene, objs, P, V, cams)
+    caps = _captions(cfg, scene, objs, cams, records)
+    return _episode_dict(cfg, seed, split, frames, actions, caps, _state(cfg, scene, cams, records))
+
+
+class ProbeError(RuntimeError):
+    """The world settings leave no room for a probe episode (e.g. a world too small to look away)."""
+
+
+def _probe_offscreen(cfg: WorldConfig, seed: int) -> dict:
+    T = cfg.probe_frames
+    vw, vh = cfg.view_width, cfg.view_height
+    base = np.random.default_rng([int(seed), 1])
+    N = int(cfg.probe_offscreen_N[int(base.integers(len(cfg.probe_offscreen_N)))])
+    for attempt in range(200):
+        rng = np.random.default_rng([int(seed), 1, attempt])
+        scene = _build_scene(cfg, rng)
+        n = int(rng.integers(max(1, cfg.min_objects), max(1, cfg.max_objects) + 1))
+        objs, p0, v0 = _spawn_objects(cfg, rng, scene, n)
+        # the probe object moves at a moderate speed so that it is still near when the camera returns
+        sp = float(np.linalg.norm(v0[0]))
+        if sp > 0:
+            v0[0] *= min(1.0, max(cfg.min_speed, 0.25) / sp * 2.0)
+        P, V = _simulate_objects(cfg, rng, objs, p0, v0, T)
+        o = objs[0]
+        # camera: the object in view, in the part of the view its motion heads away from
+        vx = V[0, 0, 0]
+        fx = 0.3 if vx > 0 else 0.7
+        cam0 = _clamp_cam(cfg, int(round(P[0, 0, 0] - fx * vw)), int(round(P[0, 0, 1] - vh / 2 + rng.uniform(-vh / 8, vh / 8))))
+        pre = int(rng.integers(3, 6))
+        dirs = list(rng.permutation(["left", "right", "up", "down"]))
+        for d in dirs:
+            for extra in range(0, 4):
+                for hold in range(0, N + 1):
+                    plan = _offscreen_plan(cfg, o, P[:, 0], V[:, 0], cam0, T, pre, str(d), extra, hold)
+                    if plan is None:
+                        continue
+                    actions, cams, away_start, return_t = plan
+                    if return_t - away_start != N:
+                        continue
+                    frames, records = _render(cfg, scene, objs, P, V, cams)
+                    rec = [r[0] for r in records]
+                    if not all(r["in_view"] for r in rec[:away_start]):
+                        continue
+                    if any(r["in_view"] for r in rec[away_start:return_t]):
+                        continue
+                    if not rec[return_t]["visible"] or not rec[away_start - 1]["visible"]:
+                        continue
+                    probe = {"kind": "offscreen", "object_id": 0, "away_start": away_start, "return_t": return_t, "N": N, "direction": str(d)}
+                    caps = _captions(cfg, scene, objs, cams, records)
+                    return _episode_dict(cfg, seed, "probe_offscreen", frames, actions, caps, _state(cfg, scene, cams, records, probe))
+    raise ProbeError(
+        f"could not build a probe_offscreen episode with N={N} in {T} frames (seed {seed}); "
+        f"raise probe_frames, pan_step or the world size (world_width={cfg.world_width}, view_width={cfg.view_width})"
+    )
+
+
+def _offscreen_plan(cfg, o: Obj, Pi, Vi, cam0, T, pre, d, extra, hold):
+    """Stay `pre`, pan `d` until the object is out of view (+`extra` steps), hold, pan back to cam0."""
+    vw, vh = cfg.view_width, cfg.view_height
+    actions = ["stay"] * pre
+    cam = tuple(cam0)
+    t = pre
+    for _ in range(pre):
+        if not _in_view(_sprite_for(o, Vi[0]), Pi[0], cam, vw, vh):
+            return None
+    # pan away
+    steps = 0
+    away_start = None
+    while t < T - 1:
+        nxt = _step_cam(cfg, cam, d)
+        if nxt == cam:
+            return None  # blocked by the border before the object left the view
+        actions.append(d)
+        cam = nxt
+        t += 1
+        steps += 1
+        if away_start is None and not _in_view(_sprite_for(o, Vi[t]), Pi[t], cam, vw, vh):
+            away_start = t
+            break
+    if away_start is None:
+        return None
+    for _ in range(extra):
+        nxt = _step_cam(cfg, cam, d)
+        if nxt == cam:
+            return None
+        actions.append(d)
+        cam = nxt
+        steps += 1
+    actions += ["stay"] * hold
+    actions += [OPPOSITE[d]] * steps
+    if len(actions) > T - 1:
+        return None
+    actions += ["stay"] * (T - 1 - len(actions))
+    cams = _cam_path(cfg, cam0, actions)
+    return_t = None
+    for tt in range(away_start + 1, T):
+        if _in_view(_sprite_for(o, Vi[tt]), Pi[tt], cams[tt], vw, vh):
+            return_t = tt
+            break
+    if return_t is None:
+        return None
+    return actions, cams, away_start, return_t
+
+
+def _probe_revisit(cfg: WorldConfig, seed: int) -> dict:
+    T = cfg.probe_frames
+    vw, vh = cfg.view_width, cfg.view_height
+    base = np.random.default_rng([int(seed), 2])
+    hold = int(cfg.probe_revisit_hold[int(base.integers(len(cfg.probe_revisit_hold)))])
+    kx = math.ceil(vw / cfg.pan_step)
+    ky = math.ceil(vh / cfg.pan_step)
+    can_x = cfg.world_width - vw >= kx * cfg.pan_step
+    can_y = cfg.world_height - vh >= ky * cfg.pan_step
+    if not (can_x or can_y):
+        raise ProbeError(
+            f"probe_revisit needs room to look fully away: world_width - view_width ({cfg.world_width} - {vw}) "
+            f"or world_height - view_height ({cfg.world_height} - {vh}) must be at least the view size rounded up to pan_step={cfg.pan_step}"
+        )
+    for attempt in range(100):
+        rng = np.random.default_rng([int(seed), 2, attempt])
+        scene = _build_scene(cfg, rng)
+        n = int(rng.integers(max(1, cfg.min_objects), max(1, cfg.max_objects) + 1))
+        objs, p0, v0 = _spawn_objects(cfg, rng, scene, n, static=True)
+        P, V = _simulate_objects(cfg, rng, objs, p0, v0, T, static=True)
+        horizontal = can_x and (not can_y or rng.uniform() < 0.8)
+        k = kx if horizontal else ky
+        pre = int(rng.integers(2, 5))
+        if pre + 2 * k + hold + 1 > T:
+            raise ProbeError(
+                f"probe_revisit with hold={hold} needs {pre + 2 * k + hold + 1} frames; probe_frames={T} is too short "
+                f"(view {vw}x{vh}, pan_step={cfg.pan_step})"
+            )
+        cam0 = _initial_camera(cfg, rng, P[0])
+        if horizontal:
+            room_r = cfg.world_width - vw - cam0[0]
+            d = "right" if room_r >= k * cfg.pan_step else "left"
+            if d == "left" and cam0[0] < k * cfg.pan_step:
+                continue
+        else:
+            room_d = cfg.world_height - vh - cam0[1]
+            d = "down" if room_d >= k * cfg.pan_step else "up"
+            if d == "up" and cam0[1] < k * cfg.pan_step:
+                continue
+        actions = ["stay"] * pre + [d] * k + ["stay"] * hold + [OPPOSITE[d]] * k
+        actions += ["stay"] * (T - 1 - len(actions))
+        cams = _cam_path(cfg, cam0, actions)
+        frames, records = _render(cfg, scene, objs, P, V, cams)
+        if not any(r["visible"] for r in records[0]):
+            continue
+        leave_t = next(t for t in range(T) if cams[t] != cams[0])
+        return_t = next(t for t in range(leave_t, T) if cams[t] == cams[0])
+        probe = {"kind": "revisit", "leave_t": leave_t, "return_t": return_t, "first_visit_t": leave_t - 1, "N": return_t - leave_t, "direction": d}
+        caps = _captions(cfg, scene, objs, cams, records)
+        return _episode_dict(cfg, seed, "probe_revisit", frames, actions, caps, _state(cfg, scene, cams, records, probe))
+    raise ProbeError(f"could not build a probe_revisit episode (seed {seed}); enlarge the world relative to the view")
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def episode_seeds(split: str, seed: int, n: int) -> list[int]:
+    """The seeds of a dataset's episodes: SPLIT_SEED_OFFSETS[split] + seed + i."""
+    if split not in SPLIT_SEED_OFFSETS:
+        raise ValueError(f"split must be one of {list(SPLIT_SEED_OFFSETS)}, got {split!r}")
+    if seed < 0 or n < 1 or seed + n > SPLIT_SEED_SPAN:
+        raise ValueError(
+            f"seed={seed} with {n} episodes leaves the split's seed range [0, {SPLIT_SEED_SPAN}); "
+            f"seeds of different splits would overlap"
+        )
+    off = SPLIT_SEED_OFFSETS[split]
+    return [off + seed + i for i in range(n)]
+
+
+class WorldEpisodes:
+    """A re-iterable, picklable stream of episodes (``save_episodes`` hashes its input with
+    dill, which cannot pickle a generator object)."""
+
+    def __init__(self, cfg: WorldConfig, seeds: list[int], split: str, progress: bool = True, desc: str | None = None):
+        self.cfg, self.seeds, self.split, self.progress, self.desc = cfg, list(seeds), split, progress, desc
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __iter__(self) -> Iterator[dict]:
+        from tqdm.auto import tqdm
+
+        for s in tqdm(self.seeds, desc=self.desc or f"world {self.split}", unit="ep", disable=not self.progress):
+            yield generate_episode(self.cfg, s, self.split)
+
+
+def iter_world(cfg: WorldConfig, seeds: list[int], split: str, progress: bool = True, desc: str | None = None) -> WorldEpisodes:
+    return WorldEpisodes(cfg, seeds, split, progress, desc)
+
+
+def generate_world(
+    config_path_or_cfg: WorldConfig | str | os.PathLike | dict | None,
+    out_dir: str | os.PathLike,
+    *,
+    n_episodes: int | None = None,
+    seed: int | None = None,
+    split: str = "train",
+    progress: bool = True,
+) -> Path:
+    """Generate an episode dataset at ``out_dir`` (atomic; tqdm progress). Returns the path."""
+    from unified_wm.data.episodes import save_episodes
+
+    cfg = as_config(config_path_or_cfg)
+    if split in PROBE_KINDS:
+        return generate_probes(cfg, out_dir, split, n_episodes or cfg.probe_episodes, cfg.seed if seed is None else seed, progress=progress)
+    n = cfg.n_episodes if n_episodes is None else n_episodes
+    s = cfg.seed if seed is None else seed
+    seeds = episode_seeds(split, s, n)
+    return save_episodes(iter_world(cfg, seeds, split, progress), out_dir, cfg.view_height, cfg.view_width)
+
+
+def generate_probes(cfg: WorldConfig | str | os.PathLike | dict | None, out_dir, kind: str, n: int, seed: int, *, progress: bool = True) -> Path:
+    """Probe dataset ``kind`` ("probe_offscreen"/"offscreen" or "probe_revisit"/"revisit"), n episodes."""
+    from unified_wm.data.episodes import save_episodes
+
+    cfg = as_config(cfg)
+    split = kind if kind.startswith("probe_") else f"probe_{kind}"
+    if split not in PROBE_KINDS:
+        raise ValueError(f"probe kind must be one of {list(PROBE_KINDS)} (or offscreen/revisit), got {kind!r}")
+    seeds = episode_seeds(split, seed, n)
+    return save_episodes(iter_world(cfg, seeds, split, progress), out_dir, cfg.view_height, cfg.view_width)
+
+
+def seeds_of(dataset) -> set[int]:
+    """The set of episode seeds of a dataset (a path or a loaded ``datasets.Dataset``)."""
+    if isinstance(dataset, (str, os.PathLike)):
+        from unified_wm.data.episodes import load_episodes
+
+        dataset = load_episodes(dataset)
+    return {int(s) for s in dataset["seed"]}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`uwm data gen-world --config C --out DIR [--episodes N] [--seed S] [--split ...]`."""
+    ap = argparse.ArgumentParser(prog="uwm data gen-world", description="Generate procedural world episodes (or probe episodes).")
+    ap.add_argument("--config", required=True, help="world YAML (e.g. recipes/data/world_tiny.yaml)")
+    ap.add_argument("--out", required=True, help="output episode dataset folder")
+    ap.add_argument("--episodes", type=int, default=None, help="number of episodes (default: n_episodes, or probe_episodes for probes)")
+    ap.add_argument("--seed", type=int, default=None, help="base seed (default: the config's seed)")
+    ap.add_argument("--split", default="train", choices=list(SPLIT_SEED_OFFSETS))
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = load_config(WorldConfig, args.config)
+    t0 = time.perf_counter()
+    out = generate_world(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=args.split, progress=not args.no_progress)
+    n = args.episodes or (cfg.probe_episodes if args.split in PROBE_KINDS else cfg.n_episodes)
+    print(f"wrote {n} {args.split} episodes to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Export a DeepSpeed checkpoint into a Hugging Face folder.
+
+``uwm export --checkpoint runs/x/checkpoints[/stepN] --out runs/x/hf``
+
+Consolidates the (ZeRO 0-3) checkpoint with DeepSpeed's ``zero_to_fp32`` into fp32 weights,
+saves them as safetensors with ``save_pretrained``, copies the processor beside them, and
+writes a model card (recipe, data, final training metrics) and the training data's seeds
+(eval suites refuse held-out sets that overlap them).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from unified_wm.utils import atomic_dir, write_json
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints folder, tag) from either the folder (uses its ``latest``) or one ``stepN`` folder."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint '{p}' does not exist")
+    if (p / "latest").is_file():
+        return p, (p / "latest").read_text().strip()
+    if p.is_dir() and (p.parent / "latest").exists() or p.name.startswith("step"):
+        return p.parent, p.name
+    raise FileNotFoundError(f"'{p}' is not a DeepSpeed checkpoint folder (no 'latest' file and not a stepN folder)")
+
+
+def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = None) -> Path:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from unified_wm.data.tokenize import load_token_documents
+    from unified_wm.tokenization.processor import UnifiedProcessor
+    from unified_wm.train import build_model, load_recipe
+
+    ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    run_dir = ckpt_dir.parent
+    run_info = run_dir / "recipe.json"
+    overrides: dict = {}
+    if recipe_path is None:
+        if not run_info.is_file():
+            raise FileNotFoundError(f"'{run_info}' is missing; pass --recipe to say which recipe trained '{checkpoint}'")
+        info = json.loads(run_info.read_text())
+        recipe_path, overrides = info["recipe_file"], info.get("overrides", {})
+    recipe = load_recipe(recipe_path, {**overrides, "output_dir": str(run_dir)})
+    processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
+    model = build_model(recipe, processor)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint '{ckpt_dir}/{tag}' does not fit the recipe's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    metrics = []
+    mfile = run_dir / "metrics.jsonl"
+    if mfile.is_file():
+        metrics = [json.loads(ln) for ln in mfile.read_text().splitlines() if ln.strip()]
+    docs = load_token_documents(recipe.data.tokens)
+    seeds = sorted({int(s) for s in docs["seed"]})
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(tmp)
+        write_json(tmp / "training_seeds.json", {"data": recipe.data.tokens, "seeds": seeds})
+        last = metrics[-1] if metrics else {}
+        n_params = sum(p.numel() for p in model.parameters())
+        card = [
+            "---", "library_name: transformers", "tags: [unified_wm, world-model, video, mixture-of-contexts]", "---", "",
+            "# unified_wm world model", "",
+            f"Exported from `{ckpt_dir}/{tag}` by `uwm export`. {n_params / 1e6:.2f}M parameters, attention "
+            f"`{model.config.attn_backend}`, vocabulary {model.config.vocab_size} (text {processor.action_offset - processor.text_offset}, "
+            f"actions {len(processor.action_names)}, video codes {processor.video.codebook_size}).", "",
+            "```python", "import unified_wm", "from unified_wm.rollout import WorldModel",
+            f"wm = WorldModel.from_pretrained('{out}')",
+            "frames = wm.rollout(text='a red car drives right', actions=['right'] * 8, frames=8)", "```", "",
+            "## Recipe", "", f"`{recipe_path}`", "", "```json", json.dumps(dataclasses.asdict(recipe), indent=1), "```", "",
+            "## Data", "", f"Token documents `{recipe.data.tokens}` ({len(docs)} documents, {len(seeds)} episode seeds).", "",
+            "## Final training metrics", "", "```json", json.dumps(last, indent=1), "```", "",
+            "## Evaluation", "", "Run `uwm eval --model THIS_FOLDER --suite eval/quick.yaml` (results are not baked in here).", "",
+        ]
+        (tmp / "README.md").write_text("\n".join(card))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="uwm export", description="DeepSpeed checkpoint -> Hugging Face folder (safetensors).")
+    ap.add_argument("--checkpoint", required=True, help="checkpoints folder (uses 'latest') or one stepN folder")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--recipe", default=None, help="recipe that trained it (default: the one recorded in the run)")
+    a = ap.parse_args(argv)
+    try:
+        out = export(a.checkpoint, a.out, a.recipe)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0

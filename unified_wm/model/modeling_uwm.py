@@ -1,0 +1,468 @@
+"""unified_wm: one decoder-only transformer over text, action and video tokens.
+
+Read top to bottom:
+
+1. ``UnifiedWMConfig``     hyper-parameters plus the stream layout (which ids open which segment).
+2. ``stream_layout``       per-token chunk / document / text / position ids, derived from the ids
+                           alone, so training, ``generate()`` and cached decoding agree.
+3. ``RMSNorm``, ``rope``   LLaMA-style building blocks.
+4. ``Attention``           grouped-query attention; the score/mask work is delegated to
+                           ``unified_wm.model.attention.attend`` (dense or Mixture of Contexts).
+5. ``MLP`` (SwiGLU), ``Block``.
+6. ``UnifiedWMForCausalLM``  embeddings, blocks, LM head, per-modality losses, KV cache,
+                           and ``generate()`` constrained by the stream's grammar.
+7. ``StreamGrammar``       a logits processor: at a frame position only video codes can be
+                           sampled, at an action position only actions, and so on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from unified_wm.model.attention import AttentionSettings, StreamMeta, attend
+
+MODALITIES = ("special", "text", "action", "video")
+
+
+# ----------------------------------------------------------------------------- 1. config
+class UnifiedWMConfig(PretrainedConfig):
+    model_type = "unified_wm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 2048,
+        hidden_size: int = 256,
+        intermediate_size: int = 688,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        head_dim: int | None = None,
+        max_position_embeddings: int = 4096,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        # attention (dense or Mixture of Contexts); see unified_wm.model.attention
+        attn_backend: str = "dense",
+        moc_top_k: int = 4,
+        moc_n_sink: int = 1,
+        moc_drop_off: float = 0.0,
+        moc_drop_in: float = 0.0,
+        # stream layout: ids are set by the processor (see UnifiedProcessor.model_layout)
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        text_open_id: int = 3,
+        text_close_id: int = 4,
+        act_open_id: int = 5,
+        act_close_id: int = 6,
+        frame_id: int = 7,
+        text_range: tuple[int, int] = (16, 16),
+        action_range: tuple[int, int] = (16, 16),
+        video_range: tuple[int, int] = (16, 16),
+        tokens_per_frame: int = 64,
+        tokens_per_action: int = 1,
+        max_chunk_len: int = 64,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.attn_backend = attn_backend
+        self.moc_top_k = moc_top_k
+        self.moc_n_sink = moc_n_sink
+        self.moc_drop_off = moc_drop_off
+        self.moc_drop_in = moc_drop_in
+        self.text_open_id = text_open_id
+        self.text_close_id = text_close_id
+        self.act_open_id = act_open_id
+        self.act_close_id = act_close_id
+        self.frame_id = frame_id
+        self.text_range = list(text_range)
+        self.action_range = list(action_range)
+        self.video_range = list(video_range)
+        self.tokens_per_frame = tokens_per_frame
+        self.tokens_per_action = tokens_per_action
+        self.max_chunk_len = max_chunk_len
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
+            )
+        super().__init__(
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings, **kwargs,
+        )
+
+    def attention_settings(self) -> AttentionSettings:
+        s = AttentionSettings(
+            backend=self.attn_backend, top_k=self.moc_top_k, n_sink=self.moc_n_sink,
+            drop_off=self.moc_drop_off, drop_in=self.moc_drop_in,
+        )
+        s.validate()
+        return s
+
+
+# ----------------------------------------------------------------------------- 2. stream layout
+def _last_index(flag: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """For each position, the index of the latest position <= it where ``flag`` holds (-1 if none)."""
+    return torch.where(flag, pos, torch.full_like(pos, -1)).cummax(dim=1).values
+
+
+def stream_layout(input_ids: torch.Tensor, cfg: UnifiedWMConfig) -> tuple[StreamMeta, torch.Tensor]:
+    """Chunk, document, text and position ids of every token, and its modality.
+
+    Rules (one place, used by the processor too): a chunk starts at ``<bos>``, ``<text>``,
+    ``<act>``, ``<frame>`` and after every ``max_chunk_len`` video codes of a frame (tiles);
+    ``</text>``, ``</act>``, ``<eos>`` close the chunk they are in. A document starts at
+    ``<bos>``. Padding has chunk and document -1. Returns (StreamMeta, modality [B, N])
+    with modality indices into ``MODALITIES``.
+    """
+    ids = input_ids
+    B, N = ids.shape
+    pos = torch.arange(N, device=ids.device).expand(B, N)
+    is_pad = ids == cfg.pad_token_id
+    is_bos = ids == cfg.bos_token_id
+    is_frame = ids == cfg.frame_id
+    v_lo, v_hi = cfg.video_range
+    is_video = (ids >= v_lo) & (ids < v_hi)
+    code_idx = pos - _last_index(is_frame, pos) - 1  # index of a video code inside its frame
+    tile_start = is_video & (code_idx > 0) & (code_idx % cfg.max_chunk_len == 0)
+    starts = is_bos | (ids == cfg.text_open_id) | (ids == cfg.act_open_id) | is_frame | tile_start
+    starts = starts.clone()
+    starts[:, 0] = True
+    chunk = starts.long().cumsum(1) - 1
+    doc = (is_bos.long().cumsum(1) - 1).clamp(min=0)
+    last_open = _last_index(ids == cfg.text_open_id, pos)
+    last_close = _last_index(ids == cfg.text_close_id, pos)
+    is_text = ((last_open > last_close) | (ids == cfg.text_close_id)) & ~is_pad
+    last_bos = _last_index(is_bos, pos).clamp(min=0)
+    pos_in_doc = pos - last_bos
+    t_lo, t_hi = cfg.text_range
+    a_lo, a_hi = cfg.action_range
+    modality = torch.zeros_like(ids)
+    modality[(ids >= t_lo) & (ids < t_hi)] = 1
+    modality[(ids >= a_lo) & (ids < a_hi)] = 2
+    modality[is_video] = 3
+    neg = torch.full_like(ids, -1)
+    meta = StreamMeta(
+        chunk_ids=torch.where(is_pad, neg, chunk),
+        doc_ids=torch.where(is_pad, neg, doc),
+        is_text=is_text,
+        pos_in_doc=torch.where(is_pad, torch.zeros_like(ids), pos_in_doc),
+        positions=pos.contiguous(),
+    )
+    return meta, modality
+
+
+# ----------------------------------------------------------------------------- 3. blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin ``[B, 1, N, head_dim]`` for rotary embeddings at integer ``positions`` [B, N]."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv  # [B, N, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- 4. attention
+class Attention(nn.Module):
+    def __init__(self, cfg: UnifiedWMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.settings = cfg.attention_settings()
+
+    def forward(self, x, cos, sin, q_meta: StreamMeta, k_meta: StreamMeta, cache: Cache | None, stats: dict | None):
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        state = None
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+            state = cache_states(cache, self.layer_idx)
+        y = attend(q, k, v, q_meta, k_meta, self.settings, training=self.training, state=state, stats=stats)
+        return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))
+
+
+def cache_states(cache: Cache, layer_idx: int):
+    """Per-layer attention decode state kept beside the KV cache (used by sparse decoding)."""
+    states = getattr(cache, "uwm_attn_states", None)
+    if states is None:
+        return None
+    return states[layer_idx]
+
+
+# ----------------------------------------------------------------------------- 5. MLP, block
+class MLP(nn.Module):
+    def __init__(self, cfg: UnifiedWMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: UnifiedWMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, q_meta, k_meta, cache, stats):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_meta, k_meta, cache, stats)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- 6. the model
+@dataclass
+class UnifiedWMOutput(CausalLMOutputWithPast):
+    """Causal-LM output plus the mean loss of each modality (``{"video": tensor, ...}``)."""
+
+    modality_losses: dict | None = None
+    routing_stats: dict | None = None
+
+
+class UnifiedWMPreTrainedModel(PreTrainedModel):
+    config_class = UnifiedWMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
+
+    def __init__(self, config: UnifiedWMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        loss_weights: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_routing_stats: bool = False,
+        **kwargs,
+    ) -> UnifiedWMOutput:
+        """``labels`` are the input ids with -100 where no loss is taken (shifted inside).
+
+        ``loss_weights`` [B, N] (optional) weights each label position (e.g. per task);
+        ``attention_mask`` is accepted for API compatibility; padding is read from ``pad_token_id``.
+        With a cache, ``input_ids`` holds only the new tokens; the layout is derived from
+        all ids seen so far, which the cache remembers.
+        """
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            prev = getattr(cache, "uwm_ids", None)
+            if prev is not None and cache.get_seq_length() == 0:
+                prev = None  # a reused, emptied cache
+            all_ids = input_ids if prev is None else torch.cat([prev, input_ids], dim=1)
+            cache.uwm_ids = all_ids
+            if getattr(cache, "uwm_attn_states", None) is None or prev is None:
+                cache.uwm_attn_states = new_decode_states(self.config)
+        else:
+            all_ids = input_ids
+        k_meta, modality_all = stream_layout(all_ids, self.config)
+        n_new = input_ids.shape[1]
+        q_meta = k_meta.slice(all_ids.shape[1] - n_new)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(q_meta.pos_in_doc, self.config.head_dim, self.config.rope_theta, x.dtype)
+        stats: dict | None = {} if return_routing_stats else None
+        for layer in self.layers:
+            x = layer(x, cos, sin, q_meta, k_meta, cache, stats)
+        x = self.norm(x)
+        if logits_to_keep and labels is None:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x).float()
+
+        loss, mod_losses = None, None
+        if labels is not None:
+            loss, mod_losses = self.loss_by_modality(logits, labels, modality_all[:, -n_new:], loss_weights)
+        return UnifiedWMOutput(
+            loss=loss, logits=logits, cache=cache,
+            modality_losses=mod_losses, routing_stats=stats,
+        )
+
+    @staticmethod
+    def loss_by_modality(logits, labels, modality, loss_weights=None):
+        """Weighted mean next-token loss, and the unweighted mean per modality of the target."""
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1)
+        target_mod = modality[:, 1:].reshape(-1)
+        valid = shift_labels != -100
+        ce = F.cross_entropy(shift_logits, shift_labels.clamp(min=0), reduction="none")
+        w = valid.float()
+        if loss_weights is not None:
+            w = w * loss_weights[:, 1:].reshape(-1).float()
+        loss = (ce * w).sum() / w.sum().clamp(min=1e-8)
+        mod_losses = {}
+        for i, name in enumerate(MODALITIES):
+            m = valid & (target_mod == i)
+            if m.any():
+                mod_losses[name] = ce[m].mean().detach()
+        return loss, mod_losses
+
+    # -- generation -----------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, cache=None, **kwargs):
+        if cache is not None and cache.get_seq_length() > 0:
+            input_ids = input_ids[:, cache.get_seq_length():]
+        return {"input_ids": input_ids, "cache": cache, "use_cache": kwargs.get("use_cache", True)}
+
+    @torch.no_grad()
+    def generate(self, inputs=None, *, constrain_grammar: bool = True, logits_processor=None, **kwargs):
+        """``GenerationMixin.generate`` with the stream grammar enforced by default."""
+        procs = LogitsProcessorList(logits_processor or [])
+        if constrain_grammar:
+            procs.append(StreamGrammar(self.config))
+        if kwargs.get("use_cache", True) and kwargs.get("cache") is None:
+            kwargs["cache"] = DynamicCache(config=self.config)
+        return super().generate(inputs, logits_processor=procs, **kwargs)
+
+
+def new_decode_states(cfg: UnifiedWMConfig):
+    """One attention decode state per layer (None for backends that need none)."""
+    from unified_wm.model import attention
+
+    factory = getattr(attention, "new_decode_state", None)
+    if factory is None:
+        return [None] * cfg.num_hidden_layers
+    return [factory(cfg.attention_settings()) for _ in range(cfg.num_hidden_layers)]
+
+
+# ----------------------------------------------------------------------------- 7. grammar
+class StreamGrammar(LogitsProcessor):
+    """Mask logits so that generated streams are always well formed.
+
+    - inside a frame (fewer than ``tokens_per_frame`` codes since ``<frame>``): video codes only;
+    - after ``<act>`` until ``tokens_per_action`` actions: action ids only, then ``</act>``;
+    - inside a text segment: text pieces or ``</text>``;
+    - between segments: ``<frame>``, ``<act>``, ``<text>`` or ``<eos>``.
+    """
+
+    def __init__(self, cfg: UnifiedWMConfig):
+        self.cfg = cfg
+        V = cfg.vocab_size
+        self.allow = {}
+        def mk(*ranges_or_ids):
+            m = torch.zeros(V, dtype=torch.bool)
+            for r in ranges_or_ids:
+                if isinstance(r, (tuple, list)):
+                    m[r[0]:r[1]] = True
+                else:
+                    m[r] = True
+            return m
+        self.allow["video"] = mk(tuple(cfg.video_range))
+        self.allow["action"] = mk(tuple(cfg.action_range))
+        self.allow["act_close"] = mk(cfg.act_close_id)
+        self.allow["text"] = mk(tuple(cfg.text_range), cfg.text_close_id)
+        self.allow["between"] = mk(cfg.frame_id, cfg.act_open_id, cfg.text_open_id, cfg.eos_token_id)
+
+    def state_of(self, ids: list[int]) -> str:
+        c = self.cfg
+        for back, t in enumerate(reversed(ids)):
+            if t == c.frame_id:
+                return "video" if back < c.tokens_per_frame else "between"
+            if t == c.act_open_id:
+                return "action" if back < c.tokens_per_action else "act_close"
+            if t == c.text_open_id:
+                return "text"
+            if t in (c.text_close_id, c.act_close_id, c.bos_token_id, c.eos_token_id):
+                return "between"
+        return "between"
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = scores.clone()
+        tail = input_ids[:, -1024:].tolist()  # segments are far shorter than this
+        for b in range(input_ids.shape[0]):
+            allow = self.allow[self.state_of(tail[b])].to(scores.device)
+            out[b, ~allow[: scores.shape[-1]]] = float("-inf")
+        return out
+
+
+def register() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register("unified_wm", UnifiedWMConfig)
+    except ValueError:
+        pass  # already registered
+    try:
+        AutoModelForCausalLM.register(UnifiedWMConfig, UnifiedWMForCausalLM)
+    except ValueError:
+        pass

@@ -1,0 +1,934 @@
+"""Discrete video tokenizer: a convolutional autoencoder with an FSQ or VQ bottleneck.
+
+Each frame is encoded on its own (no temporal compression: every frame becomes
+``h * w`` code indices, which is what the ``<frame> v0 ... v(hw-1)`` segment of the
+stream expects). The pieces, top to bottom:
+
+* :class:`VideoTokenizerConfig` - the typed config, loaded from ``tokenizers/video_*.yaml``
+  with :func:`unified_wm.utils.load_config` (unknown keys are errors).
+* :class:`FSQ` - finite scalar quantization (Mentzer et al. 2023): bounded ``tanh``, round
+  with a straight-through estimator; the code index is the mixed-radix number of the levels.
+* :class:`EMAVectorQuantizer` - VQ with an EMA codebook, dead-code restarts, commitment loss.
+* :class:`VideoTokenizer` - encoder, quantizer, decoder; ``encode`` / ``decode`` /
+  ``save_pretrained`` / ``from_pretrained``.
+* :func:`train_video_tokenizer`, :func:`evaluate_video_tokenizer`,
+  :func:`evaluate_on_video_file` and the argparse entry points :func:`main_train`,
+  :func:`main_eval` that the ``uwm tokenizer`` command calls.
+
+Pixels enter the network as float in [-1, 1]; ``encode`` accepts uint8 ``[T, H, W, 3]``
+(numpy or torch) or a float tensor already in [-1, 1] laid out ``[T, 3, H, W]``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unified_wm.utils import ConfigError, MetricsWriter, from_dict, load_config, to_dict, write_json
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class FSQConfig:
+    levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+
+    def validate(self) -> None:
+        if not self.levels or any(int(l) < 2 for l in self.levels):
+            raise ValueError(f"quantizer.fsq.levels = {self.levels}; expected a non-empty list of integers >= 2")
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 1024
+    dim: int = 16
+    decay: float = 0.99
+    commitment: float = 0.25
+    # a code whose EMA cluster size falls below this is re-seeded from a random encoder output
+    dead_code_threshold: float = 0.05
+    eps: float = 1e-5
+
+    def validate(self) -> None:
+        if self.codebook_size < 2:
+            raise ValueError(f"quantizer.vq.codebook_size = {self.codebook_size}; expected >= 2")
+        if self.dim < 1:
+            raise ValueError(f"quantizer.vq.dim = {self.dim}; expected >= 1")
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"quantizer.vq.decay = {self.decay}; expected 0 < decay < 1")
+
+
+@dataclass
+class QuantizerConfig:
+    kind: Literal["fsq", "vq"] = "fsq"
+    fsq: FSQConfig = field(default_factory=FSQConfig)
+    vq: VQConfig = field(default_factory=VQConfig)
+
+    def validate(self) -> None:
+        self.fsq.validate()
+        self.vq.validate()
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    grad_clip: float = 1.0
+    loss: Literal["l1", "mse", "l1+mse"] = "l1+mse"
+    grad_loss_weight: float = 0.0  # L1 on horizontal/vertical image differences (edges)
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    keep_checkpoints: int = 2
+    max_frames: int = 200_000  # cap on the number of training frames held in memory
+    threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "max_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} = {getattr(self, name)}; expected >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr = {self.lr}; expected > 0")
+
+
+@dataclass
+class VideoTokenizerConfig:
+    """Frame autoencoder: ``image_size`` square frames -> ``(image_size/downsample)**2`` codes."""
+
+    image_size: int = 64
+    downsample: int = 8  # 4, 8 or 16: total spatial reduction, frame side / token grid side
+    # space-to-depth stem (PixelUnshuffle) before the convs; 1 = none. The remaining factor
+    # downsample / patch_size is done by stride-2 conv stages (their count = log2 of it).
+    patch_size: int = 1
+    # width at each resolution, finest first: len = log2(downsample / patch_size) + 1
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
+    res_blocks: int = 1  # residual blocks per resolution
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def num_stages(self) -> int:
+        return int(round(math.log2(self.downsample // self.patch_size)))
+
+    def validate(self) -> None:
+        if self.downsample not in (2, 4, 8, 16, 32):
+            raise ValueError(f"downsample = {self.downsample}; expected a power of two (4, 8 or 16)")
+        if self.patch_size not in (1, 2, 4, 8) or self.patch_size > self.downsample:
+            raise ValueError(f"patch_size = {self.patch_size}; expected 1, 2, 4 or 8 and at most downsample = {self.downsample}")
+        if self.image_size % self.downsample:
+            raise ValueError(f"image_size = {self.image_size} is not divisible by downsample = {self.downsample}")
+        if len(self.channels) != self.num_stages + 1:
+            raise ValueError(
+                f"channels = {self.channels} has {len(self.channels)} entries; downsample = {self.downsample} "
+                f"and patch_size = {self.patch_size} "
+                f"need {self.num_stages + 1} (one width per resolution, finest first)"
+            )
+        if any(c < 1 for c in self.channels):
+            raise ValueError(f"channels = {self.channels}; expected positive widths")
+        if self.res_blocks < 0:
+            raise ValueError(f"res_blocks = {self.res_blocks}; expected >= 0")
+        self.quantizer.validate()
+        self.train.validate()
+
+
+# ----------------------------------------------------------------------------- quantizers
+
+
+def _round_ste(z: torch.Tensor) -> torch.Tensor:
+    return z + (z.round() - z).detach()
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization over the last dimension (one level count per channel)."""
+
+    def __init__(self, levels: Sequence[int], eps: float = 1e-3):
+        super().__init__()
+        lv = torch.tensor([int(l) for l in levels], dtype=torch.long)
+        basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), lv[:-1]]), 0)
+        self.register_buffer("levels", lv, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+        self.eps = eps
+        self.dim = len(levels)
+        self.codebook_size = int(torch.prod(lv).item())
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        lv = self.levels.to(z.dtype)
+        half_l = (lv - 1) * (1 - self.eps) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
+        shift = torch.atanh(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [..., dim] -> (quantized in [-1, 1] with straight-through grads, indices [...], aux loss 0)."""
+        q = _round_ste(self.bound(z))
+        half_width = (self.levels // 2).to(z.dtype)
+        zhat = q / half_width
+        return zhat, self.codes_to_indices(zhat), z.new_zeros(())
+
+    def codes_to_indices(self, zhat: torch.Tensor) -> torch.Tensor:
+        half_width = self.levels // 2
+        digits = torch.round(zhat * half_width + half_width).long()
+        return (digits * self.basis).sum(-1)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        digits = (indices.long().unsqueeze(-1) // self.basis) % self.levels
+        half_width = self.levels // 2
+        return (digits - half_width).float() / half_width.float()
+
+
+class EMAVectorQuantizer(nn.Module):
+    """VQ with an EMA-updated codebook, dead-code restarts and a commitment loss."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = cfg.dim
+        self.codebook_size = cfg.codebook_size
+        embed = torch.randn(cfg.codebook_size, cfg.dim) * 0.1
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("cluster_size", torch.ones(cfg.codebook_size))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def _nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)[None]
+        return d.argmin(1)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shape = z.shape[:-1]
+        flat = z.reshape(-1, self.dim).float()
+        if self.training and not bool(self.initialized):
+            # data-dependent init: seed the codebook with encoder outputs of the first batch
+            pick = torch.randint(0, flat.shape[0], (self.codebook_size,), device=flat.device)
+            self.embed.copy_(flat.detach()[pick])
+            self.embed_avg.copy_(self.embed)
+            self.cluster_size.fill_(1.0)
+            self.initialized.fill_(True)
+        idx = self._nearest(flat.detach())
+        if self.training:
+            self._ema_update(flat.detach(), idx)
+        q = self.embed[idx]
+        commit = self.cfg.commitment * F.mse_loss(flat, q.detach())
+        q = flat + (q - flat).detach()
+        return q.view(*shape, self.dim).to(z.dtype), idx.view(shape), commit
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+        c = self.cfg
+        onehot = F.one_hot(idx, self.codebook_size).type(flat.dtype)
+        counts = onehot.sum(0)
+        sums = onehot.t() @ flat
+        self.cluster_size.mul_(c.decay).add_(counts, alpha=1 - c.decay)
+        self.embed_avg.mul_(c.decay).add_(sums, alpha=1 - c.decay)
+        n = self.cluster_size.sum()
+        size = (self.cluster_size + c.eps) / (n + self.codebook_size * c.eps) * n
+        self.embed.copy_(self.embed_avg / size.unsqueeze(1))
+        dead = self.cluster_size < c.dead_code_threshold
+        n_dead = int(dead.sum())
+        if n_dead:
+            pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
+            self.embed[dead] = flat[pick]
+            self.embed_avg[dead] = flat[pick]
+            self.cluster_size[dead] = 1.0
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.embed[indices.long()]
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def _groups(c: int) -> int:
+    for g in (8, 4, 2, 1):
+        if c % g == 0:
+            return g
+    return 1
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.n1 = nn.GroupNorm(_groups(c), c)
+        self.c1 = nn.Conv2d(c, c, 3, padding=1)
+        self.n2 = nn.GroupNorm(_groups(c), c)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c1(F.silu(self.n1(x)))
+        h = self.c2(F.silu(self.n2(h)))
+        return x + h
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VideoTokenizerConfig, latent_dim: int):
+        super().__init__()
+        ch = cfg.channels
+        p = cfg.patch_size
+        self.stem = nn.PixelUnshuffle(p) if p > 1 else nn.Identity()
+        self.conv_in = nn.Conv2d(3 * p * p, ch[0], 3, padding=1)
+        layers: list[nn.Module] = []
+        for i in range(cfg.num_stages):
+            layers += [ResBlock(ch[i]) for _ in range(cfg.res_blocks)]
+            layers.append(nn.Conv2d(ch[i], ch[i + 1], 4, stride=2, padding=1))
+        layers += [ResBlock(ch[-1]) for _ in range(cfg.res_blocks)]
+        self.body = nn.Sequential(*layers)
+        self.norm = nn.GroupNorm(_groups(ch[-1]), ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], latent_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm(self.body(self.conv_in(self.stem(x))))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VideoTokenizerConfig, latent_dim: int):
+        super().__init__()
+        ch = cfg.channels
+        self.conv_in = nn.Conv2d(latent_dim, ch[-1], 3, padding=1)
+        layers: list[nn.Module] = [ResBlock(ch[-1]) for _ in range(cfg.res_blocks)]
+        for i in reversed(range(cfg.num_stages)):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i + 1], ch[i], 3, padding=1)]
+            layers += [ResBlock(ch[i]) for _ in range(cfg.res_blocks)]
+        self.body = nn.Sequential(*layers)
+        self.norm = nn.GroupNorm(_groups(ch[0]), ch[0])
+        p = cfg.patch_size
+        self.conv_out = nn.Conv2d(ch[0], 3 * p * p, 3, padding=1)
+        self.unstem = nn.PixelShuffle(p) if p > 1 else nn.Identity()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.unstem(self.conv_out(F.silu(self.norm(self.body(self.conv_in(z))))))
+
+
+def _to_float_frames(frames, image_size: int) -> torch.Tensor:
+    """uint8 [T,H,W,3] (numpy/torch) -> float [T,3,H,W] in [-1,1]; float [T,3,H,W] passes through."""
+    if isinstance(frames, np.ndarray):
+        if frames.dtype != np.uint8:
+            raise ValueError(f"frames: numpy input must be uint8 [T,H,W,3], got dtype {frames.dtype}")
+        frames = torch.from_numpy(np.ascontiguousarray(frames))
+    if not isinstance(frames, torch.Tensor):
+        raise TypeError(f"frames: expected a numpy uint8 array or a torch tensor, got {type(frames).__name__}")
+    if frames.dtype == torch.uint8:
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames: uint8 input must be [T,H,W,3], got shape {tuple(frames.shape)}")
+        x = frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    elif frames.is_floating_point():
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[1] != 3:
+            raise ValueError(f"frames: float input must be [T,3,H,W] in [-1,1], got shape {tuple(frames.shape)}")
+        x = frames.float()
+    else:
+        raise ValueError(f"frames: expected uint8 or float, got {frames.dtype}")
+    if x.shape[-2:] != (image_size, image_size):
+        raise ValueError(
+            f"frames are {x.shape[-2]}x{x.shape[-1]}, this tokenizer expects {image_size}x{image_size} "
+            f"(use unified_wm.tokenization.video.resize_frames first)"
+        )
+    return x
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+class VideoTokenizer(nn.Module):
+    """Per-frame discrete autoencoder: ``encode`` frames to codes, ``decode`` codes to frames."""
+
+    def __init__(self, config: VideoTokenizerConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        q = config.quantizer
+        if q.kind == "fsq":
+            self.quantizer: nn.Module = FSQ(q.fsq.levels)
+        else:
+            self.quantizer = EMAVectorQuantizer(q.vq)
+        latent = self.quantizer.dim
+        self.encoder = Encoder(config, latent)
+        self.decoder = Decoder(config, latent)
+
+    # -- properties
+    @property
+    def codebook_size(self) -> int:
+        return int(self.quantizer.codebook_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        s = self.config.image_size // self.config.downsample
+        return (s, s)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    # -- forward pieces
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,3,H,W] in [-1,1] -> (quantized latent [B,D,h,w], indices [B,h,w], aux loss)."""
+        z = self.encoder(x).permute(0, 2, 3, 1)
+        zq, idx, aux = self.quantizer(z)
+        return zq.permute(0, 3, 1, 2), idx, aux
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,3,H,W] in [-1,1] -> (reconstruction [B,3,H,W], indices [B,h,w], aux loss)."""
+        zq, idx, aux = self.quantize(x)
+        return self.decoder(zq), idx, aux
+
+    def decode_latent(self, idx: torch.Tensor) -> torch.Tensor:
+        codes = self.quantizer.indices_to_codes(idx)  # [B,h,w,D]
+        return self.decoder(codes.permute(0, 3, 1, 2).float())
+
+    @torch.no_grad()
+    def encode(self, frames, batch_size: int = 64) -> torch.Tensor:
+        """uint8 [T,H,W,3] (or float [T,3,H,W] in [-1,1]) -> LongTensor [T,h,w] of code indices."""
+        x = _to_float_frames(frames, self.image_size)
+        was = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        out = [self.quantize(x[i : i + batch_size].to(dev))[1].cpu() for i in range(0, len(x), batch_size)]
+        self.train(was)
+        return torch.cat(out).long() if out else torch.zeros(0, *self.grid, dtype=torch.long)
+
+    @torch.no_grad()
+    def decode(self, codes, batch_size: int = 64) -> np.ndarray:
+        """LongTensor [T,h,w] (or [h,w]) of code indices -> uint8 [T,H,W,3]."""
+        codes = torch.as_tensor(codes)
+        if codes.ndim == 2:
+            codes = codes[None]
+        if codes.ndim != 3 or tuple(codes.shape[1:]) != self.grid:
+            raise ValueError(f"codes: expected shape [T,{self.grid[0]},{self.grid[1]}], got {tuple(codes.shape)}")
+        if codes.is_floating_point():
+            raise ValueError(f"codes: expected integer indices, got {codes.dtype}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(
+                f"codes: indices must lie in [0, {self.codebook_size}), got range [{int(codes.min())}, {int(codes.max())}]"
+            )
+        was = self.training
+        self.eval()
+        dev = next(self.parameters()).device
+        out = [_to_uint8(self.decode_latent(codes[i : i + batch_size].to(dev)).cpu()) for i in range(0, len(codes), batch_size)]
+        self.train(was)
+        s = self.image_size
+        return np.concatenate(out) if out else np.zeros((0, s, s, 3), np.uint8)
+
+    @torch.no_grad()
+    def reconstruct(self, frames, batch_size: int = 64) -> np.ndarray:
+        """uint8 [T,H,W,3] -> uint8 [T,H,W,3] through the codes."""
+        return self.decode(self.encode(frames, batch_size), batch_size)
+
+    # -- persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each file atomically)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.tmp-", dir=d)
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"format": "pt", "kind": "unified_wm.video_tokenizer"})
+            os.replace(tmp, d / WEIGHTS_NAME)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        meta = {
+            "tokenizer_type": "video",
+            "format_version": FORMAT_VERSION,
+            "codebook_size": self.codebook_size,
+            "grid": list(self.grid),
+            "tokens_per_frame": self.tokens_per_frame,
+            "image_size": self.image_size,
+            "config": to_dict(self.config),
+        }
+        write_json(d / CONFIG_NAME, meta)
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "VideoTokenizer":
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"video tokenizer folder '{d}' does not exist (expected a folder written by save_pretrained)")
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"video tokenizer folder '{d}' has no '{name}' (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+        meta = json.loads((d / CONFIG_NAME).read_text())
+        if meta.get("tokenizer_type") != "video" or "config" not in meta:
+            raise ValueError(f"'{d / CONFIG_NAME}' is not a video tokenizer config (tokenizer_type={meta.get('tokenizer_type')!r})")
+        cfg = from_dict(VideoTokenizerConfig, meta["config"], source=str(d / CONFIG_NAME))
+        model = cls(cfg)
+        state = load_file(str(d / WEIGHTS_NAME), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"'{d / WEIGHTS_NAME}' does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.eval()
+        return model
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def psnr(a, b, data_range: float = 255.0) -> torch.Tensor:
+    """Per-image PSNR in dB between two batches ([N,...], same shape); identical images give +inf."""
+    a = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).double()
+    b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).double()
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.ndim == 3:
+        a, b = a[None], b[None]
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(g**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a, b, data_range: float = 255.0, win_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004): gaussian window, valid convolution, averaged over channels.
+
+    ``a``, ``b``: uint8/float images [N,H,W,3] (channels last) or [H,W,3].
+    """
+    a = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).double()
+    b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).double()
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.ndim == 3:
+        a, b = a[None], b[None]
+    x, y = a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2)
+    c = x.shape[1]
+    win = min(win_size, x.shape[-1], x.shape[-2])
+    g = _gaussian_window(win, sigma)
+    kh = g.view(1, 1, win, 1).repeat(c, 1, 1, 1)
+    kw = g.view(1, 1, 1, win).repeat(c, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(x), blur(y)
+    sxx = blur(x * x) - mx * mx
+    syy = blur(y * y) - my * my
+    sxy = blur(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+def code_usage(indices: torch.Tensor, codebook_size: int) -> dict:
+    """Share of codes used and codebook perplexity of a batch of indices."""
+    counts = torch.bincount(indices.flatten().long(), minlength=codebook_size).double()
+    p = counts / counts.sum().clamp_min(1)
+    nz = p[p > 0]
+    perplexity = float(torch.exp(-(nz * nz.log()).sum())) if len(nz) else 0.0
+    used = int((counts > 0).sum())
+    return {"codes_used": used, "usage": used / codebook_size, "perplexity": perplexity}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """Center-crop uint8 [T,H,W,3] frames to a square, then resize to ``size`` (PIL bicubic)."""
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames: expected [T,H,W,3], got shape {frames.shape}")
+    t, h, w, _ = frames.shape
+    if h == size and w == size:
+        return frames.astype(np.uint8, copy=False)
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    out = np.empty((t, size, size, 3), np.uint8)
+    for i in range(t):
+        im = Image.fromarray(np.ascontiguousarray(frames[i, top : top + s, left : left + s]).astype(np.uint8))
+        out[i] = np.asarray(im.resize((size, size), Image.BICUBIC))
+    return out
+
+
+def _is_heldout_split(split: str) -> bool:
+    return split in ("val", "valid", "validation", "test") or split.startswith("probe")
+
+
+def load_frames(data_dir: str | os.PathLike, image_size: int, which: Literal["train", "eval"], max_frames: int) -> tuple[np.ndarray, str]:
+    """All frames of an episode dataset as uint8 [N,S,S,3], plus a note on which splits were used.
+
+    ``train``: every episode whose split is not val/test/probe*. ``eval``: the val/test episodes
+    if the dataset has any, otherwise every non-probe episode (a dataset kept apart for eval).
+    """
+    from unified_wm.data.episodes import get_episode, load_episodes
+
+    ds = load_episodes(data_dir)
+    splits = list(ds["split"]) if "split" in ds.column_names else ["train"] * len(ds)
+    if which == "train":
+        rows = [i for i, s in enumerate(splits) if not _is_heldout_split(s)]
+        note = "non-held-out splits: " + ",".join(sorted({splits[i] for i in rows}))
+    else:
+        rows = [i for i, s in enumerate(splits) if s in ("val", "valid", "validation", "test")]
+        note = "held-out splits: " + ",".join(sorted({splits[i] for i in rows}))
+        if not rows:
+            rows = [i for i, s in enumerate(splits) if not s.startswith("probe")]
+            note = "all non-probe episodes (dataset has no val/test split)"
+    if not rows:
+        raise ValueError(f"episode dataset '{data_dir}' has no {which} episodes (splits present: {sorted(set(splits))})")
+    chunks, n = [], 0
+    for i in rows:
+        f = get_episode(ds, i)["frames"]
+        f = resize_frames(f, image_size)
+        if which == "eval":
+            f = f[: max_frames - n]
+        chunks.append(f)
+        n += len(f)
+        if n >= max_frames:
+            break
+    frames = np.concatenate(chunks)[:max_frames]
+    return frames, note
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    prog = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def _recon_loss(rec: torch.Tensor, x: torch.Tensor, tc: TrainConfig) -> torch.Tensor:
+    if tc.loss == "l1":
+        loss = (rec - x).abs().mean()
+    elif tc.loss == "mse":
+        loss = (rec - x).pow(2).mean()
+    else:
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+    if tc.grad_loss_weight > 0:
+        dxr, dxx = rec[..., :, 1:] - rec[..., :, :-1], x[..., :, 1:] - x[..., :, :-1]
+        dyr, dyx = rec[..., 1:, :] - rec[..., :-1, :], x[..., 1:, :] - x[..., :-1, :]
+        loss = loss + tc.grad_loss_weight * ((dxr - dxx).abs().mean() + (dyr - dyx).abs().mean())
+    return loss
+
+
+_CKPT_RE = re.compile(r"^step_(\d+)$")
+
+
+def _list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    if not ckpt_root.is_dir():
+        return []
+    out = []
+    for p in ckpt_root.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "train_state.pt").is_file() and (p / WEIGHTS_NAME).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _save_checkpoint(ckpt_root: Path, step: int, model: VideoTokenizer, opt: torch.optim.Optimizer, gen: torch.Generator, keep: int) -> Path:
+    from unified_wm.utils import atomic_dir
+
+    final = ckpt_root / f"step_{step:08d}"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": opt.state_dict(), "generator": gen.get_state()}, tmp / "train_state.pt")
+    for _, old in _list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def train_video_tokenizer(
+    config_path: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    config: VideoTokenizerConfig | None = None,
+) -> dict:
+    """Train a video tokenizer on the frames of an episode dataset; returns a summary dict.
+
+    ``out_dir`` receives ``metrics.jsonl``, ``checkpoints/step_N/`` (weights + optimizer) and,
+    at the end, the final ``config.json`` + ``model.safetensors`` (``from_pretrained(out_dir)``).
+    ``max_steps`` stops early at that global step (the LR schedule still follows
+    ``train.steps``); ``resume`` continues from the newest checkpoint in ``out_dir``.
+    ``config`` may be passed instead of reading ``config_path`` (tests, sweeps).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config if config is not None else load_config(VideoTokenizerConfig, config_path)
+    cfg.validate()
+    tc = cfg.train
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    out = Path(out_dir)
+    ckpt_root = out / "checkpoints"
+    if not resume and _list_checkpoints(ckpt_root):
+        raise FileExistsError(f"output folder '{out}' already holds checkpoints; pass resume=True (--resume) or choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    frames_np, note = load_frames(data_dir, cfg.image_size, "train", tc.max_frames)
+    frames = torch.from_numpy(frames_np)  # uint8 [N,S,S,3]
+    n = len(frames)
+
+    torch.manual_seed(tc.seed)
+    model = VideoTokenizer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(tc.seed)
+    step = 0
+    if resume:
+        ckpts = _list_checkpoints(ckpt_root)
+        if not ckpts:
+            raise FileNotFoundError(f"resume requested but '{ckpt_root}' holds no checkpoint (expected step_N folders)")
+        step, path = ckpts[-1]
+        saved = VideoTokenizer.from_pretrained(path)
+        if to_dict(saved.config) | {"train": None} != to_dict(cfg) | {"train": None}:
+            raise ConfigError(f"checkpoint '{path}' was trained with a different model config than '{config_path}'")
+        model.load_state_dict(saved.state_dict())
+        st = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        step = int(st["step"])
+    total = tc.steps if max_steps is None else min(tc.steps, max_steps)
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    if step == 0:
+        metrics.write(event="start", frames=n, data=str(data_dir), splits=note, params=sum(p.numel() for p in model.parameters()),
+                      codebook_size=model.codebook_size, tokens_per_frame=model.tokens_per_frame, config=to_dict(cfg))
+    else:
+        metrics.write(event="resume", step=step, frames=n, data=str(data_dir))
+
+    model.train()
+    t0 = time.time()
+    start_step = step
+    win_loss, win_mse, win_n = 0.0, 0.0, 0
+    win_idx: list[torch.Tensor] = []
+    last_psnr = float("nan")
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="video tokenizer", unit="step", dynamic_ncols=True)
+    while step < total:
+        bi = torch.randint(0, n, (tc.batch_size,), generator=gen)
+        x = frames[bi].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, tc)
+        rec, idx, aux = model(x)
+        loss = _recon_loss(rec, x, tc) + aux
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"video tokenizer loss became {float(loss)} at step {step}; lower train.lr in '{config_path}'")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            win_mse += float((rec.detach().clamp(-1, 1) - x).pow(2).mean())
+        win_loss += float(loss.detach())
+        win_n += 1
+        win_idx.append(idx.detach().flatten())
+        bar.update(1)
+        if step % tc.log_every == 0 or step == total:
+            last_psnr = 10 * math.log10(4.0 / max(win_mse / win_n, 1e-12))
+            use = code_usage(torch.cat(win_idx), model.codebook_size)
+            rec_ = dict(step=step, loss=win_loss / win_n, psnr=last_psnr, lr=_lr_at(step - 1, tc), code_usage=use["usage"],
+                        perplexity=use["perplexity"], seconds=time.time() - t0)
+            metrics.write(**rec_)
+            bar.set_postfix(loss=f"{rec_['loss']:.4f}", psnr=f"{last_psnr:.2f}", usage=f"{use['usage']:.2f}")
+            win_loss, win_mse, win_n, win_idx = 0.0, 0.0, 0, []
+        if step % tc.checkpoint_every == 0 or step == total:
+            _save_checkpoint(ckpt_root, step, model, opt, gen, tc.keep_checkpoints)
+    bar.close()
+    seconds = time.time() - t0
+    model.save_pretrained(out)
+    summary = {
+        "steps": step,
+        "steps_this_run": step - start_step,
+        "seconds": seconds,
+        "final_train_psnr": last_psnr,
+        "frames": n,
+        "splits": note,
+        "codebook_size": model.codebook_size,
+        "tokens_per_frame": model.tokens_per_frame,
+        "out_dir": str(out),
+    }
+    metrics.write(event="end", **summary)
+    write_json(out / "train_summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _reconstruction_report(tok: VideoTokenizer, frames: np.ndarray) -> tuple[dict, np.ndarray]:
+    codes = tok.encode(frames)
+    rec = tok.decode(codes)
+    p = psnr(frames, rec)
+    p = p.clamp(max=100.0)
+    s = ssim(frames, rec)
+    use = code_usage(codes, tok.codebook_size)
+    rep = {
+        "frames": int(len(frames)),
+        "psnr": float(p.mean()),
+        "psnr_min": float(p.min()),
+        "ssim": float(s.mean()),
+        "code_usage": use["usage"],
+        "codes_used": use["codes_used"],
+        "perplexity": use["perplexity"],
+        "codebook_size": tok.codebook_size,
+        "tokens_per_frame": tok.tokens_per_frame,
+        "grid": list(tok.grid),
+        "image_size": tok.image_size,
+        "bits_per_frame": tok.tokens_per_frame * math.log2(tok.codebook_size),
+    }
+    return rep, rec
+
+
+def save_side_by_side(originals: np.ndarray, recons: np.ndarray, path: str | os.PathLike, n: int = 8, scale: int = 2) -> Path:
+    """PNG: a row of originals over a row of their reconstructions (atomically written)."""
+    from PIL import Image
+
+    k = min(n, len(originals))
+    top = np.concatenate(list(originals[:k]), axis=1)
+    bot = np.concatenate(list(recons[:k]), axis=1)
+    grid = np.concatenate([top, bot], axis=0)
+    im = Image.fromarray(grid)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        im.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def evaluate_video_tokenizer(tok_dir: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
+                             max_frames: int = 512) -> dict:
+    """PSNR / SSIM / code usage of a trained tokenizer on held-out frames of an episode dataset."""
+    tok = VideoTokenizer.from_pretrained(tok_dir)
+    frames, note = load_frames(data_dir, tok.image_size, "eval", max_frames)
+    t0 = time.time()
+    rep, rec = _reconstruction_report(tok, frames)
+    rep.update(seconds=time.time() - t0, tokenizer=str(tok_dir), data=str(data_dir), splits=note)
+    if out_dir is not None:
+        o = Path(out_dir)
+        idx = np.linspace(0, len(frames) - 1, num=min(8, len(frames))).astype(int)
+        rep["side_by_side"] = str(save_side_by_side(frames[idx], rec[idx], o / "video_tokenizer_recon.png"))
+        write_json(o / "video_tokenizer_eval.json", rep)
+    return rep
+
+
+def read_video_frames(video_path: str | os.PathLike, image_size: int, max_frames: int = 256) -> np.ndarray:
+    """Decode up to ``max_frames`` frames of a video file with ``av``; center-crop + resize."""
+    import av
+
+    p = Path(video_path)
+    if not p.is_file():
+        raise FileNotFoundError(f"video file '{p}' does not exist")
+    out = []
+    with av.open(str(p)) as container:
+        if not container.streams.video:
+            raise ValueError(f"'{p}' has no video stream")
+        for frame in container.decode(video=0):
+            out.append(frame.to_ndarray(format="rgb24"))
+            if len(out) >= max_frames:
+                break
+    if not out:
+        raise ValueError(f"'{p}': no frames could be decoded")
+    return resize_frames(np.stack(out), image_size)
+
+
+def evaluate_on_video_file(tok_dir: str | os.PathLike, video_path: str | os.PathLike, max_frames: int = 256,
+                           out_dir: str | os.PathLike | None = None) -> dict:
+    """PSNR / SSIM of a trained tokenizer on the frames of a real video file."""
+    tok = VideoTokenizer.from_pretrained(tok_dir)
+    frames = read_video_frames(video_path, tok.image_size, max_frames)
+    rep, rec = _reconstruction_report(tok, frames)
+    rep.update(tokenizer=str(tok_dir), video=str(video_path))
+    if out_dir is not None:
+        o = Path(out_dir)
+        idx = np.linspace(0, len(frames) - 1, num=min(8, len(frames))).astype(int)
+        rep["side_by_side"] = str(save_side_by_side(frames[idx], rec[idx], o / f"{Path(video_path).stem}_recon.png"))
+        write_json(o / f"{Path(video_path).stem}_eval.json", rep)
+    return rep
+
+
+# ----------------------------------------------------------------------------- CLI entry points
+
+
+def main_train(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="uwm tokenizer train-video", description="Train the discrete video tokenizer (FSQ/VQ autoencoder).")
+    ap.add_argument("--config", required=True, help="tokenizer YAML, e.g. tokenizers/video_fsq_tiny.yaml")
+    ap.add_argument("--data", required=True, help="episode dataset folder")
+    ap.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, final model)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop at this global step")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    a = ap.parse_args(argv)
+    summary = train_video_tokenizer(a.config, a.data, a.out, max_steps=a.max_steps, resume=a.resume, progress=not a.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main_eval(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="uwm tokenizer eval-video", description="Measure reconstruction PSNR/SSIM and code usage.")
+    ap.add_argument("--model", required=True, help="trained tokenizer folder")
+    ap.add_argument("--data", default=None, help="episode dataset folder (val/test episodes are used if present)")
+    ap.add_argument("--video", action="append", default=[], help="a video file to measure on (repeatable)")
+    ap.add_argument("--out", default=None, help="folder for the JSON report and side-by-side PNG")
+    ap.add_argument("--max-frames", type=int, default=512)
+    a = ap.parse_args(argv)
+    if a.data is None and not a.video:
+        ap.error("give --data and/or --video")
+    report: dict = {}
+    if a.data is not None:
+        report["dataset"] = evaluate_video_tokenizer(a.model, a.data, a.out, max_frames=a.max_frames)
+    for v in a.video:
+        report[f"video:{v}"] = evaluate_on_video_file(a.model, v, a.max_frames, out_dir=a.out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+__all__ = [
+    "VideoTokenizerConfig", "FSQConfig", "VQConfig", "QuantizerConfig", "TrainConfig",
+    "FSQ", "EMAVectorQuantizer", "VideoTokenizer",
+    "psnr", "ssim", "code_usage", "resize_frames", "load_frames", "read_video_frames",
+    "train_video_tokenizer", "evaluate_video_tokenizer", "evaluate_on_video_file", "save_side_by_side",
+    "main_train", "main_eval",
+]
