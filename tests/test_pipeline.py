@@ -1,0 +1,187 @@
+"""The walking skeleton end to end, with real parts: the deepspeed launcher on 2 CPU ranks
+(ZeRO-2), export to a Hugging Face folder, rollout to a video file, the eval suite; and
+the clear errors that bad input gets."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+DEEPSPEED = str(Path(PY).parent / "deepspeed")
+
+
+def uwm(*args, check=True, timeout=600):
+    r = subprocess.run([PY, "-m", "unified_wm.cli", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"uwm {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokens_dir, processor_dir):
+    """A tiny model trained by the real deepspeed launcher on 2 CPU ranks with ZeRO-2, then exported."""
+    d = tmp_path_factory.mktemp("ds")
+    recipe = {
+        "output_dir": str(d / "run"),
+        "data": {"tokens": str(tokens_dir), "processor": str(processor_dir)},
+        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 2048},
+        "tasks": {"interleaved": {"weight": 0.8}, "caption": {"weight": 0.1}, "inverse": {"weight": 0.1}},
+        "train": {"seq_len": 640, "micro_batch_size": 1, "max_steps": 6, "lr": 3e-3, "warmup_steps": 2,
+                  "log_every": 2, "save_every": 3, "keep_checkpoints": 1, "torch_threads": 1},
+    }
+    rp = d / "recipe.yaml"
+    rp.write_text(yaml.safe_dump(recipe))
+    r = subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "unified_wm.train",
+                        "--recipe", str(rp), "--deepspeed", str(ROOT / "ds_configs/zero2.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    run = d / "run"
+    uwm("export", "--checkpoint", run / "checkpoints", "--out", d / "hf")
+    return {"run": run, "hf": d / "hf", "log": r.stdout + r.stderr}
+
+
+def test_deepspeed_two_ranks_zero2_logs_per_modality_losses(trained):
+    run = trained["run"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 4, 6]
+    for key in ("loss", "loss_video", "loss_text", "loss_action", "lr", "grad_norm", "tokens_per_s"):
+        assert key in lines[-1], key
+    assert all(np.isfinite(x["loss"]) for x in lines)
+    info = json.loads((run / "recipe.json").read_text())
+    assert info["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert info["deepspeed"]["train_batch_size"] == 2  # 1 per rank x 2 ranks, filled from "auto"
+    assert "world size 2" in trained["log"]
+    # rotation kept only the newest checkpoint, and 'latest' points at it
+    tags = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step6"] and (run / "checkpoints" / "latest").read_text().strip() == "step6"
+
+
+def test_exported_folder_loads_with_auto_classes(trained):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import unified_wm  # noqa: F401
+    from unified_wm.tokenization.processor import UnifiedProcessor
+
+    hf = trained["hf"]
+    for name in ("config.json", "model.safetensors", "processor_config.json", "text.model", "README.md", "training_seeds.json"):
+        assert (hf / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(hf).eval()
+    proc = UnifiedProcessor.from_pretrained(hf)
+    proc.check_model(model.config)
+    ids = torch.tensor([[1, 7] + list(range(proc.video_offset, proc.video_offset + 64))])
+    a = model.generate(ids, max_new_tokens=70, do_sample=False, use_cache=True)
+    b = model.generate(ids, max_new_tokens=70, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_rollout_writes_readable_video_gif_and_contact_sheet(trained, tmp_path):
+    import av
+    from PIL import Image
+
+    out = tmp_path / "roll" / "out.mp4"
+    r = uwm("rollout", "--model", trained["hf"], "--prompt", "a red car drives right", "--actions", "right,right,stay",
+            "--frames", "5", "--out", out)
+    assert "wrote 5 frames" in r.stdout
+    with av.open(str(out)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 5 and frames[0].shape == (64, 64, 3)
+    gif = Image.open(out.with_suffix(".gif"))
+    assert gif.n_frames == 5
+    assert Image.open(out.with_suffix(".png")).size[0] > 64
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_python_rollout_is_deterministic_per_seed(trained):
+    from unified_wm.rollout import WorldModel
+
+    wm = WorldModel.from_pretrained(trained["hf"])
+    a = wm.rollout(text="a blue ball", actions=["left", "stay"], frames=2, seed=3)
+    b = wm.rollout(text="a blue ball", actions=["left", "stay"], frames=2, seed=3)
+    assert a.dtype == np.uint8 and a.shape == (2, 64, 64, 3) and np.array_equal(a, b)
+
+
+def test_eval_suite_writes_json_and_table(trained, val_data, tmp_path):
+    suite = yaml.safe_load((ROOT / "eval/quick.yaml").read_text())
+    suite.update(n_episodes=2, rollout={"context_frames": 1, "horizon": 2, "temperature": 0.0, "seed": 0})
+    sp = tmp_path / "suite.yaml"
+    sp.write_text(yaml.safe_dump(suite))
+    r = uwm("eval", "--model", trained["hf"], "--suite", sp, "--data", val_data, "--out", tmp_path / "ev")
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["nll"]["interleaved"]["nll_video"] > 0
+    assert len(res["rollout"]["psnr_by_step"]) == 2
+    assert "| rollout | psnr_mean |" in r.stdout
+
+
+def test_eval_refuses_training_episodes(trained, world_data, tmp_path):
+    r = uwm("eval", "--model", trained["hf"], "--suite", ROOT / "eval/quick.yaml", "--data", world_data, check=False)
+    assert r.returncode == 2 and "shares" in r.stderr and "held-out" in r.stderr
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_recipe_key_names_key_and_file(tiny_recipe):
+    data = yaml.safe_load(tiny_recipe.read_text())
+    data["train"]["learning_rate"] = 1.0
+    tiny_recipe.write_text(yaml.safe_dump(data))
+    r = uwm("train", "--recipe", tiny_recipe, check=False)
+    assert r.returncode == 2
+    assert "unknown key 'train.learning_rate'" in r.stderr and str(tiny_recipe) in r.stderr
+
+
+def test_ds_config_contradicting_recipe_is_refused(tiny_recipe, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    r = uwm("train", "--recipe", tiny_recipe, "--deepspeed", ds, check=False)
+    assert r.returncode == 2 and "train_micro_batch_size_per_gpu" in r.stderr and str(ds) in r.stderr
+
+
+def test_recipe_pointing_at_missing_data_is_refused(tiny_recipe, tmp_path):
+    r = uwm("train", "--recipe", tiny_recipe, "--set", f"data.tokens={tmp_path / 'nope'}", check=False)
+    assert r.returncode == 2 and "data.tokens" in r.stderr and "nope" in r.stderr
+
+
+def test_single_process_uwm_train_and_resume(tiny_recipe):
+    """`uwm train` (one process), then --resume latest continues from the saved step."""
+    r = uwm("train", "--recipe", tiny_recipe, "--max-steps", "3")
+    assert '"step": 3' in r.stdout
+    run = Path(yaml.safe_load(tiny_recipe.read_text())["output_dir"])
+    r2 = uwm("train", "--recipe", tiny_recipe, "--max-steps", "5", "--resume", "latest")
+    assert "resumed from step 3" in r2.stdout and '"step": 5' in r2.stdout
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 5
+
+
+def test_missing_model_folder(tmp_path):
+    r = uwm("rollout", "--model", tmp_path / "no_model", "--out", tmp_path / "x.mp4", check=False)
+    assert r.returncode == 2 and "no_model" in r.stderr and "does not exist" in r.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_unknown_action_name(trained, tmp_path):
+    r = uwm("rollout", "--model", trained["hf"], "--actions", "left,teleport", "--out", tmp_path / "x.mp4", check=False)
+    assert r.returncode == 2 and "unknown action name 'teleport'" in r.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_prompt_longer_than_context(trained, tmp_path):
+    long_prompt = " ".join(["a red car enters from the left"] * 400)
+    r = uwm("rollout", "--model", trained["hf"], "--prompt", long_prompt, "--frames", "2", "--out", tmp_path / "x.mp4", check=False)
+    assert r.returncode == 2 and "more than the model's context of 2048 tokens" in r.stderr
+    assert not list(tmp_path.iterdir())
