@@ -292,7 +292,7 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
     from tqdm import tqdm
 
     from unified_wm.data.tokenize import load_token_documents
-    from unified_wm.model.modeling_uwm import stream_layout
+    from unified_wm.model.modeling_uwm import stream_layout, summarize_routing
     from unified_wm.tokenization.processor import UnifiedProcessor
 
     recipe = load_recipe(recipe_path, overrides)
@@ -349,16 +349,23 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
               f"{len(docs)} documents, seq_len {t.seq_len}, ZeRO stage {ds_cfg['zero_optimization'].get('stage', 0)}", flush=True)
     bar = tqdm(total=t.max_steps, initial=start_step, desc="train", disable=not (progress and rank == 0), dynamic_ncols=True)
     engine.train()
-    t0, tokens_since, last = time.time(), 0, {}
+    t0, tokens_since, last, routing = time.time(), 0, {}, {}
+    zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
+    plain_grad_norm = None
     step = start_step
     while step < t.max_steps:
         agg = torch.zeros(2 + 2 * len(MODALITY_KEYS))  # loss sum, count, per-modality (sum, count)
+        log_step = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps or step == start_step
         for micro in range(t.grad_accum):
             ids, mask, task, _ = batches.batch(step * t.grad_accum + micro)
             _, modality = stream_layout(ids, engine.module.config)
             weights = token_weights(ids, mask, task, modality, recipe, task_names)
             labels = torch.where(weights > 0, ids, torch.full_like(ids, -100))
-            out_ = engine(input_ids=ids.to(engine.device), labels=labels.to(engine.device), loss_weights=weights.to(engine.device))
+            want_stats = log_step and micro == 0
+            out_ = engine(input_ids=ids.to(engine.device), labels=labels.to(engine.device), loss_weights=weights.to(engine.device),
+                          return_routing_stats=want_stats)
+            if want_stats and out_.routing_stats:
+                routing = summarize_routing(out_.routing_stats)
             loss = out_.loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -366,6 +373,10 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
                     f"The last good checkpoint is in '{ckpt_dir}'"
                 )
             engine.backward(loss)
+            if log_step and zero_stage == 0 and micro == t.grad_accum - 1:
+                # DeepSpeed only tracks the global grad norm under ZeRO; without it, measure it here
+                grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+                plain_grad_norm = float(torch.stack(grads).norm()) if grads else None
             engine.step()
             agg[0] += loss.item()
             agg[1] += 1
@@ -387,17 +398,18 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
         for i, m in enumerate(MODALITY_KEYS):
             if agg[3 + 2 * i] > 0:
                 last[f"loss_{m}"] = float(agg[2 + 2 * i] / agg[3 + 2 * i])
-        if step % t.log_every == 0 or step == t.max_steps or step == start_step + 1:
+        if log_step:
             dt = time.time() - t0
-            gn = engine.get_global_grad_norm()
+            gn = engine.get_global_grad_norm() if zero_stage > 0 else plain_grad_norm
             last.update(lr=float(sched.get_last_lr()[0]), grad_norm=float(gn) if gn is not None else None,
-                        tokens_per_s=tokens_total / max(dt, 1e-9))
+                        tokens_per_s=tokens_total / max(dt, 1e-9), **routing)
             if rank == 0:
                 metrics.write(**last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", video=f"{last.get('loss_video', float('nan')):.3f}")
                 mods = " ".join(f"{m}={last[f'loss_{m}']:.3f}" for m in MODALITY_KEYS if f"loss_{m}" in last)
+                moc = f" | sparsity {last['moc_sparsity']:.2f}" if "moc_sparsity" in last else ""
                 tqdm.write(f"step {step:5d} loss {last['loss']:.4f} | {mods} | lr {last['lr']:.2e} | "
-                           f"{last['tokens_per_s']:.0f} tok/s")
+                           f"{last['tokens_per_s']:.0f} tok/s{moc}")
             t0, tokens_since = time.time(), 0
         if t.save_every and (step % t.save_every == 0 or step == t.max_steps):
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})

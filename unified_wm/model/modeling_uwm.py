@@ -262,7 +262,7 @@ class UnifiedWMOutput(CausalLMOutputWithPast):
     """Causal-LM output plus the mean loss of each modality (``{"video": tensor, ...}``)."""
 
     modality_losses: dict | None = None
-    routing_stats: dict | None = None
+    routing_stats: dict | None = None  # {"layer0": {...}, ...} from unified_wm.model.attention (MoC only)
 
 
 class UnifiedWMPreTrainedModel(PreTrainedModel):
@@ -344,8 +344,8 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(q_meta.pos_in_doc, self.config.head_dim, self.config.rope_theta, x.dtype)
         stats: dict | None = {} if return_routing_stats else None
-        for layer in self.layers:
-            x = layer(x, cos, sin, q_meta, k_meta, cache, stats)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, q_meta, k_meta, cache, None if stats is None else stats.setdefault(f"layer{i}", {}))
         x = self.norm(x)
         if logits_to_keep and labels is None:
             x = x[:, -logits_to_keep:]
@@ -393,6 +393,23 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         if kwargs.get("use_cache", True) and kwargs.get("cache") is None:
             kwargs["cache"] = DynamicCache(config=self.config)
         return super().generate(inputs, logits_processor=procs, **kwargs)
+
+
+def summarize_routing(stats: dict) -> dict:
+    """Flatten per-layer routing statistics: overall sparsity, share of selections by chunk
+    kind (previous frame, sink, text, far past) and the selection entropy of each layer."""
+    layers = [v for k, v in sorted(stats.items()) if k.startswith("layer") and v.get("moc_causal_pairs")]
+    if not layers:
+        return {}
+    routed = sum(v["moc_routed_pairs"] for v in layers)
+    causal = sum(v["moc_causal_pairs"] for v in layers)
+    out = {"moc_sparsity": 1.0 - routed / max(causal, 1.0)}
+    total = sum(v.get("moc_sel_total", 0.0) for v in layers)
+    for kind in ("prev", "sink", "text", "far"):
+        out[f"moc_share_{kind}"] = sum(v.get(f"moc_sel_{kind}", 0.0) for v in layers) / max(total, 1.0)
+    for i, v in enumerate(layers):
+        out[f"moc_entropy_layer{i}"] = v.get("moc_selection_entropy", 0.0)
+    return out
 
 
 def new_decode_states(cfg: UnifiedWMConfig):
