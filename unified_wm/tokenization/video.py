@@ -21,7 +21,6 @@ Pixels enter the network as float in [-1, 1]; ``encode`` accepts uint8 ``[T, H, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
