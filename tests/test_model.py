@@ -1,6 +1,7 @@
 """The model: stream layout, save/load, KV cache, grammar-constrained generation, packing."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import unified_wm  # noqa: F401  (registers the Auto classes)
@@ -44,13 +45,16 @@ def test_save_load_round_trip_with_auto_classes(tmp_path):
     assert m2.lm_head.weight.data_ptr() == m2.embed_tokens.weight.data_ptr()  # tied
 
 
-def test_incremental_decoding_matches_full_forward():
+@pytest.mark.parametrize("cache_kind", ["uwm", "hf_dynamic"])
+def test_incremental_decoding_matches_full_forward(cache_kind):
     from transformers import DynamicCache
+
+    from unified_wm.model.modeling_uwm import UWMCache
 
     m = model()
     ids = torch.tensor([DOC])
     full = m(ids).logits
-    cache = DynamicCache(config=m.config)
+    cache = UWMCache(m.config) if cache_kind == "uwm" else DynamicCache(config=m.config)
     steps = [m(ids[:, :5], cache=cache, use_cache=True).logits]
     for i in range(5, ids.shape[1]):
         steps.append(m(ids[:, i:i + 1], cache=cache, use_cache=True).logits)
@@ -130,24 +134,34 @@ def test_per_modality_losses_and_loss_weights():
     assert torch.allclose(out_w.loss, ce[5:9].mean(), atol=1e-5)
 
 
-def test_bad_head_config_is_refused():
-    import pytest
+def test_growing_cache_buffers_are_reused():
+    from unified_wm.model.modeling_uwm import UWMCache
 
+    m = model()
+    cache = UWMCache(m.config)
+    m(torch.tensor([DOC[:5]]), cache=cache, use_cache=True)
+    layer = cache.layers[0]
+    buf = layer._kbuf.data_ptr()
+    for t in DOC[5:]:
+        m(torch.tensor([[t]]), cache=cache, use_cache=True)
+    assert layer._kbuf.data_ptr() == buf  # appended in place, no copy per token
+    assert cache.get_seq_length() == len(DOC) and layer.keys.shape[-2] == len(DOC)
+
+
+def test_bad_head_config_is_refused():
     with pytest.raises(ValueError, match="num_key_value_heads"):
         UnifiedWMConfig(**{**CFG, "num_attention_heads": 4, "num_key_value_heads": 3})
 
 
 def test_moc_model_decodes_like_full_forward_and_trains():
     """The model with Mixture-of-Contexts attention: cached sparse decoding == teacher forcing."""
-    from transformers import DynamicCache
-
-    from unified_wm.model.modeling_uwm import summarize_routing
+    from unified_wm.model.modeling_uwm import UWMCache, summarize_routing
 
     doc = [1, 3, 20, 21, 4] + sum(([7, 50, 51, 52, 53, 5, 41, 6] for _ in range(6)), []) + [2]
     m = model(attn_backend="moc", moc_top_k=2, max_chunk_len=4)
     ids = torch.tensor([doc])
     out = m(ids, return_routing_stats=True)
-    cache = DynamicCache(config=m.config)
+    cache = UWMCache(m.config)
     steps = [m(ids[:, :6], cache=cache, use_cache=True).logits]
     for i in range(6, ids.shape[1]):
         steps.append(m(ids[:, i:i + 1], cache=cache, use_cache=True).logits)

@@ -7,7 +7,7 @@
   uwm export                                DeepSpeed checkpoint -> Hugging Face folder
   uwm rollout                               text + actions -> video, GIF, contact sheet
   uwm eval                                  run an evaluation suite
-  uwm bench attention                       Mixture-of-Contexts vs dense attention
+  uwm bench attention | rollout             Mixture-of-Contexts vs dense: attention, decoding
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("demo",): "unified_wm.demo:main",
     ("data", "gen-world"): "unified_wm.data.world:main",
     ("data", "gen-atari"): "unified_wm.data.atari:main",
+    ("data", "gen-doom"): "unified_wm.data.doom:main",
     ("data", "tokenize"): "unified_wm.data.tokenize:main",
     ("tokenizer", "train-text"): "unified_wm.tokenization.text:main_train",
     ("tokenizer", "train-video"): "unified_wm.tokenization.video:main_train",
@@ -29,6 +30,9 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("rollout",): "unified_wm.rollout:main",
     ("eval",): "unified_wm.eval.runner:main",
     ("bench", "attention"): "unified_wm.bench_attention:main",
+    ("bench", "rollout"): "unified_wm.bench_rollout:main",
+    ("bench", "train"): "unified_wm.bench_train:main",
+    ("bench", "data"): "unified_wm.bench_data:main",
 }
 
 

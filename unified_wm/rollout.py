@@ -95,12 +95,11 @@ class WorldModel:
 
     def _rollout(self, prompt, frames, action_ids, n_ctx, temperature, top_k, top_p, gen, on_frame, progress):
         from tqdm import tqdm
-        from transformers import DynamicCache
-
+        from unified_wm.model.modeling_uwm import UWMCache
         from unified_wm.tokenization.processor import FRAME
 
         p = self.processor
-        cache = DynamicCache(config=self.model.config)
+        cache = UWMCache(self.model.config)
         self.model(torch.tensor([prompt]), cache=cache, use_cache=True)
         out_frames = []
         bar = tqdm(total=frames, desc="rollout", unit="frame", disable=not progress)

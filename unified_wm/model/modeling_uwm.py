@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -231,6 +231,46 @@ def cache_states(cache: Cache, layer_idx: int):
     return states[layer_idx]
 
 
+class GrowingKVLayer(DynamicLayer):
+    """A KV-cache layer with amortised O(1) appends.
+
+    ``DynamicLayer`` concatenates, copying the whole history on every new token; here keys and
+    values live in a buffer that doubles when full and are handed out as views, so the cost of
+    one decoding step does not grow with the length of the video.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._kbuf = self._vbuf = None
+        n = 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+        m = n + key_states.shape[-2]
+        buf = getattr(self, "_kbuf", None)
+        if buf is None or m > buf.shape[-2] or buf.shape[:2] != key_states.shape[:2]:
+            cap = max(256, 2 * m)
+            kb = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
+            vb = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
+            if n:
+                kb[..., :n, :] = self.keys
+                vb[..., :n, :] = self.values
+            self._kbuf, self._vbuf = kb, vb
+        self._kbuf[..., n:m, :] = key_states
+        self._vbuf[..., n:m, :] = value_states
+        self.keys, self.values = self._kbuf[..., :m, :], self._vbuf[..., :m, :]
+        return self.keys, self.values
+
+
+class UWMCache(DynamicCache):
+    """The model's KV cache: ``DynamicCache`` with growing buffers (see ``GrowingKVLayer``).
+
+    The model also keeps the ids seen so far (``uwm_ids``, for the stream layout) and one
+    attention decode state per layer (``uwm_attn_states``, Mixture-of-Contexts chunk sums) on it.
+    """
+
+    def __init__(self, config: PretrainedConfig | None = None, **kwargs):
+        Cache.__init__(self, layer_class_to_replicate=GrowingKVLayer)
+
+
 # ----------------------------------------------------------------------------- 5. MLP, block
 class MLP(nn.Module):
     def __init__(self, cfg: UnifiedWMConfig):
@@ -327,7 +367,7 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         all ids seen so far, which the cache remembers.
         """
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = UWMCache(self.config)
         if cache is not None:
             prev = getattr(cache, "uwm_ids", None)
             if prev is not None and cache.get_seq_length() == 0:
@@ -391,7 +431,7 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         if constrain_grammar:
             procs.append(StreamGrammar(self.config))
         if kwargs.get("use_cache", True) and kwargs.get("cache") is None:
-            kwargs["cache"] = DynamicCache(config=self.config)
+            kwargs["cache"] = UWMCache(self.config)
         return super().generate(inputs, logits_processor=procs, **kwargs)
 
 
