@@ -118,16 +118,38 @@ def test_python_rollout_is_deterministic_per_seed(trained):
     assert a.dtype == np.uint8 and a.shape == (2, 64, 64, 3) and np.array_equal(a, b)
 
 
-def test_eval_suite_writes_json_and_table(trained, val_data, tmp_path):
+def test_eval_suite_writes_json_table_and_plots(trained, val_data, tmp_path):
+    from unified_wm.data.world import generate_world
+
+    probes = tmp_path / "probes"
+    generate_world(ROOT / "recipes/data/world_tiny.yaml", probes, n_episodes=2, split="probe_offscreen", progress=False)
     suite = yaml.safe_load((ROOT / "eval/quick.yaml").read_text())
-    suite.update(n_episodes=2, rollout={"context_frames": 1, "horizon": 2, "temperature": 0.0, "seed": 0})
+    suite.update(n_episodes=2, n_probes=2, rollout={"context_frames": 1, "horizon": 2, "temperature": 0.0, "seed": 0})
     sp = tmp_path / "suite.yaml"
     sp.write_text(yaml.safe_dump(suite))
-    r = uwm("eval", "--model", trained["hf"], "--suite", sp, "--data", val_data, "--out", tmp_path / "ev")
+    r = uwm("eval", "--model", trained["hf"], "--suite", sp, "--data", val_data, "--offscreen-data", probes,
+            "--out", tmp_path / "ev")
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert res["nll"]["interleaved"]["nll_video"] > 0
     assert len(res["rollout"]["psnr_by_step"]) == 2
     assert "| rollout | psnr_mean |" in r.stdout
+    off = res["offscreen"]
+    if "error" not in off:  # the detector finds the object in the real frames: the test is measurable
+        assert off["overall"]["real"]["found_rate"] > 0
+        assert 0.0 <= off["overall"]["model"]["success_rate"] <= 1.0
+    assert (tmp_path / "ev" / "rollout_psnr.png").stat().st_size > 1000
+    # compare two runs side by side
+    c = uwm("eval", "compare", tmp_path / "ev", tmp_path / "ev")
+    assert "rollout/psnr_mean" in c.stdout and "+0.0000" in c.stdout
+
+
+def test_unknown_eval_task_lists_valid_names(trained, tmp_path):
+    suite = yaml.safe_load((ROOT / "eval/quick.yaml").read_text())
+    suite["tasks"] = ["nll", "fvd_magic"]
+    sp = tmp_path / "suite.yaml"
+    sp.write_text(yaml.safe_dump(suite))
+    r = uwm("eval", "--model", trained["hf"], "--suite", sp, check=False)
+    assert r.returncode == 2 and "unknown task 'fvd_magic'" in r.stderr and "offscreen" in r.stderr
 
 
 def test_eval_refuses_training_episodes(trained, world_data, tmp_path):

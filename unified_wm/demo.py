@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     run(uwm + ["data", "gen-world", "--config", "recipes/data/world_tiny.yaml", "--out", str(w / "data")], log)
     run(uwm + ["data", "gen-world", "--config", "recipes/data/world_tiny.yaml", "--out", str(w / "data_val"),
                "--episodes", "16", "--seed", "0", "--split", "val"], log)
+    run(uwm + ["data", "gen-world", "--config", "recipes/data/world_tiny.yaml", "--out", str(w / "probe_offscreen"),
+               "--episodes", "8", "--split", "probe_offscreen"], log)
     run(uwm + ["tokenizer", "train-text", "--config", "tokenizers/text_captions.yaml", "--data", str(w / "data"),
                "--out", str(w / "tokenizers" / "text.model")], log)
     run(uwm + ["tokenizer", "train-video", "--config", "tokenizers/video_fsq_tiny.yaml", "--data", str(w / "data"),
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     run(uwm + ["rollout", "--model", str(w / "hf"), "--prompt", "a red car drives right", "--actions", "right,right,stay",
                "--frames", "16", "--out", str(w / "rollout.mp4"), "--temperature", "0.8", "--top-k", "50"], log)
     run(uwm + ["eval", "--model", str(w / "hf"), "--suite", "eval/quick.yaml", "--out", str(w / "eval"),
-               "--data", str(w / "data_val")], log)
+               "--data", str(w / "data_val"), "--offscreen-data", str(w / "probe_offscreen")], log)
     total = time.time() - t_start
     summary = {"workdir": str(w), "wall_seconds": round(total, 1), "steps": log}
     (w / "demo_summary.json").write_text(json.dumps(summary, indent=2))
