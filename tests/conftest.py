@@ -76,19 +76,24 @@ def tiny_model_config(processor, **kw):
     return UnifiedWMConfig(**base, **processor.model_layout())
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path, tokens_dir, processor_dir) -> Path:
+def write_tiny_recipe(folder: Path, tokens_dir, processor_dir, **train) -> Path:
+    """A recipe for a tiny model over the session's token documents; ``train`` overrides train keys."""
     import yaml
 
     recipe = {
-        "output_dir": str(tmp_path / "run"),
+        "output_dir": str(folder / "run"),
         "data": {"tokens": str(tokens_dir), "processor": str(processor_dir)},
         "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "num_key_value_heads": 2, "max_position_embeddings": 2048},
         "tasks": {"interleaved": {"weight": 0.8}, "caption": {"weight": 0.1}, "inverse": {"weight": 0.1}},
         "train": {"seq_len": 640, "micro_batch_size": 1, "max_steps": 6, "lr": 3e-3, "warmup_steps": 2,
-                  "log_every": 2, "save_every": 3, "keep_checkpoints": 2, "torch_threads": 1},
+                  "log_every": 2, "save_every": 3, "keep_checkpoints": 2, "torch_threads": 1, **train},
     }
-    p = tmp_path / "recipe.yaml"
+    p = folder / "recipe.yaml"
     p.write_text(yaml.safe_dump(recipe))
     return p
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tokens_dir, processor_dir) -> Path:
+    return write_tiny_recipe(tmp_path, tokens_dir, processor_dir)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unified_wm.data import world as W
-from unified_wm.data.episodes import get_episode, load_episodes, save_episodes
+from unified_wm.data.episodes import get_episode, iter_episodes, load_episodes, save_episodes, stream_episodes
 from unified_wm.utils import ConfigError
 
 PAN = W.ACTION_SPACES["pan5"]
@@ -251,7 +251,7 @@ def test_recipes_load_and_cli_main(tmp_path, capsys):
     assert W.as_config(RECIPES / "world.yaml").occluder_density > 0
     assert W.main(["--config", str(RECIPES / "world_tiny.yaml"), "--out", str(tmp_path / "d"), "--episodes", "3", "--seed", "7", "--no-progress"]) == 0
     assert W.seeds_of(tmp_path / "d") == {7, 8, 9}
-    assert len(load_episodes(tmp_path / "d")[0]["frames"]) == 16
+    assert get_episode(load_episodes(tmp_path / "d"), 0)["frames"].shape[0] == 16
 
 
 # ----------------------------------------------------------------------------- Atari
@@ -284,3 +284,234 @@ def test_atari_episode():
     assert ep["frames"].std() > 1  # a real picture, not a blank
     again = atari.generate_episode(cfg, 3)
     assert np.array_equal(ep["frames"], again["frames"]) and ep["actions"] == again["actions"]
+
+
+def test_atari_unknown_game_is_named_with_the_valid_ones(tmp_path):
+    try:
+        import ale_py  # noqa: F401
+        import gymnasium  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"gymnasium/ale-py not importable ({e}); install unified_wm[atari]")
+    from unified_wm.data import atari
+
+    with pytest.raises(ValueError, match=r"unknown Atari game 'Pongg' \(config key 'game'\)\. Did you mean 'Pong'\?.*Valid games \(\d+\): .*Breakout"):
+        atari.make_env(atari.AtariConfig(game="Pongg"))
+    p = tmp_path / "a.yaml"
+    p.write_text("game: NotAGame\nframes: 4\n")
+    with pytest.raises(ValueError, match="unknown Atari game 'NotAGame'"):
+        atari.main(["--config", str(p), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out").exists()
+    assert "Pong" in atari.atari_games()
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def _tiny_episodes(n: int, T: int = 5, hw: int = 8, prefix: str = "e") -> list[dict]:
+    rng = np.random.default_rng(n)
+    return [{"episode_id": f"{prefix}{i}", "source": "synthetic", "seed": i, "split": "train", "action_space": "pan5",
+             "frames": rng.integers(0, 256, (T + i % 3, hw, hw, 3), dtype=np.uint8), "actions": ["left"] * (T + i % 3 - 1),
+             "rewards": [0.5] * (T + i % 3 - 1), "captions": [{"t": 0, "text": f"episode {i}"}, {"t": 1, "text": "then"}],
+             "state": {"frames": [], "i": i}} for i in range(n)]
+
+
+def _same(a: dict, b: dict) -> None:
+    assert np.array_equal(a["frames"], b["frames"]) and a["frames"].dtype == np.uint8
+    assert a["episode_id"] == b["episode_id"] and a["actions"] == b["actions"] and a["captions"] == b["captions"]
+    assert json.loads(a["state"]) == (b["state"] if isinstance(b["state"], dict) else json.loads(b["state"]))
+    assert a["rewards"] == pytest.approx(b["rewards"])
+
+
+def test_save_episodes_takes_a_plain_generator_and_writes_shards(tmp_path):
+    eps = _tiny_episodes(7)
+    out = save_episodes((e for e in eps), tmp_path / "d", 8, 8, max_shard_size=2000)
+    shards = sorted(p.name for p in out.glob("data-*.arrow"))
+    assert len(shards) >= 3 and shards[0] == f"data-00000-of-{len(shards):05d}.arrow"
+    ds = load_episodes(out)
+    assert len(ds) == 7 and ds["episode_id"] == [e["episode_id"] for e in eps]
+    for a, b in zip(iter_episodes(ds), eps):
+        _same(a, b)
+    _same(get_episode(ds, 4), eps[4])
+    out2 = save_episodes(eps, tmp_path / "n", 8, 8, num_shards=2)
+    assert len(list(out2.glob("data-*.arrow"))) == 2 and len(load_episodes(out2)) == 7
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_stream_episodes_reads_one_at_a_time(tmp_path):
+    eps = _tiny_episodes(6)
+    out = save_episodes(eps, tmp_path / "d", 8, 8, max_shard_size=3000)
+    got = list(stream_episodes(out))
+    assert [g["episode_id"] for g in got] == [e["episode_id"] for e in eps]
+    for a, b in zip(got, eps):
+        _same(a, b)
+    light = next(iter(stream_episodes(out, columns=["episode_id", "captions"])))
+    assert set(light) == {"episode_id", "captions"} and light["captions"][0] == {"t": 0, "text": "episode 0"}
+    parts = [[g["episode_id"] for g in stream_episodes(out, columns=["episode_id"], rank=r, world_size=2)] for r in range(2)]
+    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(e["episode_id"] for e in eps)
+    with pytest.raises(ValueError, match=r"unknown episode column\(s\) \['pixels'\]"):
+        next(stream_episodes(out, columns=["pixels"]))
+
+
+def test_storage_is_close_to_the_raw_frame_bytes(tmp_path):
+    eps = _tiny_episodes(4, T=16, hw=32)
+    out = save_episodes(eps, tmp_path / "d", 32, 32)
+    raw = sum(e["frames"].nbytes for e in eps)
+    on_disk = sum(p.stat().st_size for p in out.glob("data-*.arrow"))
+    assert raw <= on_disk < 1.1 * raw
+
+
+def test_the_older_array4d_layout_still_reads(tmp_path):
+    import datasets
+
+    eps = _tiny_episodes(3)
+    feats = datasets.Features({
+        "episode_id": datasets.Value("string"), "source": datasets.Value("string"), "seed": datasets.Value("int64"),
+        "split": datasets.Value("string"), "action_space": datasets.Value("string"),
+        "frames": datasets.Array4D(shape=(None, 8, 8, 3), dtype="uint8"),
+        "actions": datasets.Sequence(datasets.Value("string")), "rewards": datasets.Sequence(datasets.Value("float32")),
+        "captions": datasets.Sequence({"t": datasets.Value("int32"), "text": datasets.Value("string")}),
+        "state": datasets.Value("string")})
+    rows = {k: [] for k in feats}
+    for e in eps:
+        for k in feats:
+            v = e[k]
+            if k == "captions":
+                v = {"t": [c["t"] for c in v], "text": [c["text"] for c in v]}
+            elif k == "state":
+                v = json.dumps(v)
+            rows[k].append(v)
+    datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "old"))
+    ds = load_episodes(tmp_path / "old")
+    _same(get_episode(ds, 1), eps[1])
+    for a, b in zip(iter_episodes(ds), eps):
+        _same(a, b)
+    for a, b in zip(stream_episodes(tmp_path / "old"), eps):
+        _same(a, b)
+
+
+def test_save_episodes_bad_input_leaves_nothing(tmp_path):
+    eps = _tiny_episodes(3)
+    with pytest.raises(ValueError, match=r"episode e0: frames are 8x8 \(HxW\), the dataset's are 16x16"):
+        save_episodes(eps, tmp_path / "a", 16, 16)
+    with pytest.raises(ValueError, match="episode id 'e1' occurs twice"):
+        save_episodes(eps + [eps[1]], tmp_path / "b", 8, 8)
+    with pytest.raises(ValueError, match="the iterable was empty"):
+        save_episodes(iter([]), tmp_path / "c", 8, 8)
+    with pytest.raises(ValueError, match="num_shards needs an iterable with a length"):
+        save_episodes((e for e in eps), tmp_path / "d", 8, 8, num_shards=2)
+    with pytest.raises(ValueError, match="max_shard_size must be"):
+        save_episodes(eps, tmp_path / "e", 8, 8, max_shard_size="lots")
+
+    def broken():
+        yield eps[0]
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError, match="source died"):
+        save_episodes(broken(), tmp_path / "f", 8, 8)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- Doom (ViZDoom)
+
+
+def _vizdoom_or_skip():
+    try:
+        import vizdoom  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"vizdoom not importable ({type(e).__name__}: {e}); install unified_wm[3d]")
+    from unified_wm.data import doom
+
+    return doom
+
+
+@pytest.fixture(scope="module")
+def doom_game():
+    doom = _vizdoom_or_skip()
+    cfg = doom.as_config(RECIPES / "doom.yaml")
+    game = doom.make_game(cfg)
+    yield cfg, game
+    game.close()
+
+
+def test_doom_missing_dependency_is_a_clear_error(monkeypatch):
+    from unified_wm.data import doom
+
+    monkeypatch.setitem(sys.modules, "vizdoom", None)
+    with pytest.raises(doom.DoomUnavailable, match=r"pip install unified_wm\[3d\]"):
+        doom.make_game(doom.DoomConfig())
+
+
+def test_doom_episode_columns_pose_and_determinism(doom_game):
+    doom = _vizdoom_or_skip()
+    cfg, game = doom_game
+    cfg = doom.as_config({**vars(cfg), "frames": 24})
+    ep = doom.generate_episode(cfg, 5, game=game)
+    st = json.loads(ep["state"])
+    T = len(ep["frames"])
+    assert ep["frames"].shape == (T, 64, 64, 3) and T == 24 and ep["frames"].dtype == np.uint8
+    assert ep["frames"].std() > 5  # a real rendered picture
+    assert len(ep["actions"]) == T - 1 and set(ep["actions"]) <= {"stay", "left", "right", "up", "down"}
+    from unified_wm.tokenization.actions import ACTION_SETS
+
+    assert set(ep["actions"]) <= set(ACTION_SETS["pan5"]) and st["action_set"] == "pan5"
+    assert ep["source"] == ep["action_space"] == "doom:my_way_home" and len(ep["rewards"]) == T - 1
+    assert len(st["frames"]) == T and {"pos", "angle", "vel", "health", "objects"} <= set(st["frames"][0])
+    # the pose follows the actions: turns change the angle by turn_degrees, nothing else does
+    for t, a in enumerate(ep["actions"]):
+        d = (st["frames"][t + 1]["angle"] - st["frames"][t]["angle"] + 180) % 360 - 180
+        want = {"left": cfg.turn_degrees, "right": -cfg.turn_degrees}.get(a, 0.0)
+        assert d == pytest.approx(want, abs=1e-6), (t, a, d)
+    caps = {c["t"]: c["text"] for c in ep["captions"]}
+    assert caps[0].startswith("doom, my way home: the player faces ")
+    for t, text in caps.items():
+        if t and "the player turns left" in text.split("; "):
+            assert ep["actions"][t - 1] == "left"
+    again = doom.generate_episode(cfg, 5, game=game)
+    assert np.array_equal(ep["frames"], again["frames"]) and ep["actions"] == again["actions"] and ep["state"] == again["state"]
+    assert not np.array_equal(ep["frames"], doom.generate_episode(cfg, 6, game=game)["frames"])
+
+
+def test_doom_revisit_probe_returns_to_the_first_view(doom_game):
+    doom = _vizdoom_or_skip()
+    cfg, game = doom_game
+    from unified_wm.data.world import episode_seeds
+
+    for seed in episode_seeds("probe_revisit", 0, 6):
+        ep = doom.generate_episode(cfg, seed, "probe_revisit", game=game)
+        st = json.loads(ep["state"])
+        p, fr = st["probe"], st["frames"]
+        assert p["kind"] == "revisit" and p["first_visit_t"] < p["leave_t"] < p["return_t"] < cfg.probe_frames
+        assert p["N"] == p["return_t"] - p["leave_t"] and ep["split"] == "probe_revisit" and len(ep["frames"]) == cfg.probe_frames
+        first, back = fr[p["first_visit_t"]], fr[p["return_t"]]
+        assert first["pos"] == back["pos"] and first["angle"] == back["angle"]  # the same pose, exactly
+        assert all(fr[t]["angle"] != first["angle"] for t in range(p["leave_t"], p["return_t"]))  # it really looked away
+        assert p["degrees"] >= 90
+        f0, f1 = ep["frames"][p["first_visit_t"]].astype(int), ep["frames"][p["return_t"]].astype(int)
+        assert np.abs(f0 - f1).mean() < 1.0  # the real return frame is the first view again
+        away = ep["frames"][p["leave_t"] + p["N"] // 2].astype(int)
+        assert np.abs(f0 - away).mean() > 3.0
+
+
+def test_doom_config_errors(tmp_path):
+    doom = _vizdoom_or_skip()
+    p = tmp_path / "d.yaml"
+    p.write_text("scenario: my_way_home\nnum_monsters: 3\n")
+    with pytest.raises(ConfigError, match="num_monsters") as e:
+        doom.as_config(p)
+    assert str(p) in str(e.value)
+    p.write_text("turn_degrees: 20\n")
+    with pytest.raises(ConfigError, match=r"turn_degrees=20 .* not a whole number of Doom angle units"):
+        doom.as_config(p)
+    with pytest.raises(ValueError, match=r"unknown ViZDoom scenario 'my_way_hom' \(config key 'scenario'\); valid: .*my_way_home"):
+        doom.make_game(doom.DoomConfig(scenario="my_way_hom"))
+
+
+def test_doom_cli_writes_a_dataset(tmp_path):
+    doom = _vizdoom_or_skip()
+    p = tmp_path / "d.yaml"
+    p.write_text((RECIPES / "doom.yaml").read_text().replace("frames: 32\n", "frames: 8\n"))
+    assert doom.main(["--config", str(p), "--out", str(tmp_path / "d"), "--episodes", "2", "--seed", "3", "--no-progress"]) == 0
+    ds = load_episodes(tmp_path / "d")
+    assert W.seeds_of(ds) == {3, 4} and get_episode(ds, 0)["frames"].shape == (8, 64, 64, 3)
+    assert doom.main(["--config", str(p), "--out", str(tmp_path / "r"), "--episodes", "1", "--split", "probe_revisit", "--no-progress"]) == 0
+    assert json.loads(get_episode(load_episodes(tmp_path / "r"), 0)["state"])["probe"]["kind"] == "revisit"

@@ -36,18 +36,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tokens_dir, processor_dir):
     """A tiny model trained by the real deepspeed launcher on 2 CPU ranks with ZeRO-2, then exported."""
+    from tests.conftest import write_tiny_recipe
+
     d = tmp_path_factory.mktemp("ds")
-    recipe = {
-        "output_dir": str(d / "run"),
-        "data": {"tokens": str(tokens_dir), "processor": str(processor_dir)},
-        "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                  "num_key_value_heads": 2, "max_position_embeddings": 2048},
-        "tasks": {"interleaved": {"weight": 0.8}, "caption": {"weight": 0.1}, "inverse": {"weight": 0.1}},
-        "train": {"seq_len": 640, "micro_batch_size": 1, "max_steps": 6, "lr": 3e-3, "warmup_steps": 2,
-                  "log_every": 2, "save_every": 3, "keep_checkpoints": 1, "torch_threads": 1},
-    }
-    rp = d / "recipe.yaml"
-    rp.write_text(yaml.safe_dump(recipe))
+    rp = write_tiny_recipe(d, tokens_dir, processor_dir, keep_checkpoints=1)
     r = subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "unified_wm.train",
                         "--recipe", str(rp), "--deepspeed", str(ROOT / "ds_configs/zero2.json")],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)

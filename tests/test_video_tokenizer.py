@@ -186,12 +186,13 @@ def test_unknown_yaml_key_is_a_config_error(tmp_path):
         load_config(VideoTokenizerConfig, p)
 
 
-@pytest.mark.parametrize("name", ["video_fsq_tiny.yaml", "video_fsq_64.yaml", "video_vq_64.yaml"])
+@pytest.mark.parametrize("name", ["video_fsq_tiny.yaml", "video_fsq_64.yaml", "video_vq_64.yaml", "video_fsq_64_hq.yaml",
+                                  "video_fsq_64_t4.yaml"])
 def test_repo_configs_load(name):
     cfg = load_config(VideoTokenizerConfig, REPO / "tokenizers" / name)
     tok = VideoTokenizer(cfg)
     assert tok.image_size == 64 and tok.tokens_per_frame == 64
-    assert 256 <= tok.codebook_size <= 4096
+    assert 256 <= tok.codebook_size <= 16384
 
 
 def test_tokenizers_folder_is_data_only():
@@ -286,3 +287,55 @@ def test_vq_tokenizer_trains_a_few_steps(data_dir, tmp_path):
     tok = VideoTokenizer.from_pretrained(tmp_path / "vq")
     codes = tok.encode(np.zeros((2, 32, 32, 3), np.uint8))
     assert codes.shape == (2, 8, 8) and int(codes.max()) < 64
+
+
+# ----------------------------------------------------------------------------- temporal compression
+
+
+def test_group_frames_is_causal_first_frame_alone_then_groups():
+    from unified_wm.tokenization.video import group_frames, num_groups, ungroup_frames
+
+    assert [num_groups(t, 4) for t in (0, 1, 2, 5, 6, 9)] == [0, 1, 2, 2, 3, 3]
+    x = torch.arange(7.0).view(7, 1, 1, 1).expand(7, 3, 2, 2).contiguous()
+    g = group_frames(x, 3)
+    assert g.shape == (3, 9, 2, 2)
+    assert g[:, ::3, 0, 0].tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 6]]
+    assert torch.equal(ungroup_frames(g, 3, 7), x)
+    g2 = group_frames(x[:6], 3)  # the last group is padded with the last frame
+    assert g2[:, ::3, 0, 0].tolist() == [[0, 0, 0], [1, 2, 3], [4, 5, 5]]
+    assert torch.equal(ungroup_frames(g2, 3, 6), x[:6])
+    assert torch.equal(group_frames(x, 1), x)
+
+
+def test_temporal_tokenizer_codes_grids_and_causality():
+    cfg = _tiny_config()
+    cfg.temporal = 3
+    cfg.validate()
+    torch.manual_seed(0)
+    tok = VideoTokenizer(cfg)
+    frames = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    codes = tok.encode(frames)
+    assert codes.shape == (4, 8, 8)  # frame 0, then frames 1-3, 4-6, 7(+pad)
+    assert tok.decode(codes, num_frames=8).shape == (8, 32, 32, 3)
+    assert tok.decode(codes).shape == (10, 32, 32, 3)
+    changed = frames.copy()
+    changed[5] = 0  # lies in the third grid: earlier grids must not change
+    c2 = tok.encode(changed)
+    assert torch.equal(c2[:2], codes[:2]) and torch.equal(c2[3], codes[3])
+    with pytest.raises(ConfigError, match="temporal"):
+        from_dict(VideoTokenizerConfig, {"image_size": 32, "downsample": 4, "channels": [8, 16, 16], "temporal": 0})
+
+
+def test_temporal_tokenizer_trains_evaluates_and_the_processor_refuses_it(data_dir, tmp_path):
+    cfg = _tiny_config(steps=6, checkpoint_every=6, log_every=3)
+    cfg.temporal = 2
+    s = train_video_tokenizer("<test>", data_dir, tmp_path / "t2", progress=False, config=cfg)
+    assert s["steps"] == 6
+    rep = evaluate_video_tokenizer(tmp_path / "t2", data_dir, max_frames=16)
+    # two val episodes of 8 frames, each a clip: 1 + ceil(7/2) = 5 grids per 8 frames
+    assert rep["temporal"] == 2 and rep["frames"] == 16 and abs(rep["codes_per_video_frame"] - 64 * 5 / 8) < 1e-9
+    assert 0 < rep["psnr"] < 100
+    from unified_wm.tokenization.processor import UnifiedProcessor
+
+    with pytest.raises(ValueError, match="compresses time"):
+        UnifiedProcessor(REPO / "nowhere.model", [], tmp_path / "t2")
