@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from unified_wm.train import (
-    DONE_MARKER, TMP_PREFIX, Recipe, TensorBoard, complete_checkpoints, fill_ds_config, load_recipe, per_task_ce,
+    DONE_MARKER, TMP_PREFIX, TensorBoard, complete_checkpoints, fill_ds_config, load_recipe, per_task_ce,
     resolve_resume, rng_state, rotate_checkpoints, set_rng_state,
 )
 from unified_wm.utils import ConfigError

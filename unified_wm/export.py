@@ -1,11 +1,13 @@
 """Export a DeepSpeed checkpoint into a Hugging Face folder.
 
-``uwm export --checkpoint runs/x/checkpoints[/stepN] --out runs/x/hf``
+``uwm export --checkpoint runs/x/checkpoints[/stepN] --out runs/x/hf [--eval-results runs/x/eval/results.json]``
 
-Consolidates the (ZeRO 0-3) checkpoint with DeepSpeed's ``zero_to_fp32`` into fp32 weights,
-saves them as safetensors with ``save_pretrained``, copies the processor beside them, and
-writes a model card (recipe, data, final training metrics) and the training data's seeds
-(eval suites refuse held-out sets that overlap them).
+Consolidates the (ZeRO 0-3) checkpoint with DeepSpeed's ``zero_to_fp32`` into fp32 weights
+(ZeRO-3 shards of every rank are gathered), saves them as safetensors with
+``save_pretrained``, copies the processor beside them, and writes a model card (recipe,
+data, final training metrics, and the eval results when given) and the training data's
+seeds (eval suites refuse held-out sets that overlap them). Only complete checkpoints are
+exported (``complete.json`` written by ``unified_wm.train``, or the one ``latest`` names).
 """
 from __future__ import annotations
 
@@ -20,17 +22,56 @@ from unified_wm.utils import atomic_dir, write_json
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     """(checkpoints folder, tag) from either the folder (uses its ``latest``) or one ``stepN`` folder."""
+    from unified_wm.train import DONE_MARKER, TMP_PREFIX, read_latest
+
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint '{p}' does not exist")
     if (p / "latest").is_file():
-        return p, (p / "latest").read_text().strip()
-    if p.is_dir() and (p.parent / "latest").exists() or p.name.startswith("step"):
-        return p.parent, p.name
+        tag = read_latest(p)
+        if not (p / tag).is_dir():
+            raise FileNotFoundError(f"'{p}/latest' names '{tag}', which does not exist")
+        return p, tag
+    if p.name.startswith(TMP_PREFIX):
+        raise FileNotFoundError(f"'{p}' is an interrupted save (incomplete); export a stepN folder or the checkpoints folder")
+    if p.is_dir() and p.name.startswith("step"):
+        if (p / DONE_MARKER).is_file() or read_latest(p.parent) == p.name:
+            return p.parent, p.name
+        raise FileNotFoundError(f"'{p}' is not a complete checkpoint (no {DONE_MARKER}: its save was interrupted)")
     raise FileNotFoundError(f"'{p}' is not a DeepSpeed checkpoint folder (no 'latest' file and not a stepN folder)")
 
 
-def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = None) -> Path:
+def _flatten(d, prefix: str = "") -> list[tuple[str, str]]:
+    """Scalar leaves of a nested results dict as (dotted key, formatted value); lists of numbers inline."""
+    rows: list[tuple[str, str]] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            rows += _flatten(v, f"{prefix}{k}.")
+    elif isinstance(d, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d):
+        rows.append((prefix[:-1], " ".join(f"{x:.4g}" for x in d)))
+    elif isinstance(d, float):
+        rows.append((prefix[:-1], f"{d:.4f}"))
+    elif isinstance(d, (int, str, bool)) or d is None:
+        rows.append((prefix[:-1], str(d)))
+    return rows
+
+
+def eval_section(results_path: str | Path | None) -> list[str]:
+    if results_path is None:
+        return ["Run `uwm eval --model THIS_FOLDER --suite eval/quick.yaml` (or re-export with `--eval-results`).", ""]
+    p = Path(results_path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--eval-results '{p}' does not exist (expected the results.json written by `uwm eval`)")
+    try:
+        res = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--eval-results '{p}': not valid JSON: {e}") from None
+    lines = [f"From `{p}`:", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _flatten(res)]
+    return lines + [""]
+
+
+def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = None, eval_results: str | Path | None = None) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from unified_wm.data.tokenize import load_token_documents
@@ -38,14 +79,16 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
     from unified_wm.train import build_model, load_recipe
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
+    eval_lines = eval_section(eval_results)  # bad input fails before the (slow) consolidation
     run_dir = ckpt_dir.parent
     run_info = run_dir / "recipe.json"
     overrides: dict = {}
+    ds_cfg: dict = {}
     if recipe_path is None:
         if not run_info.is_file():
             raise FileNotFoundError(f"'{run_info}' is missing; pass --recipe to say which recipe trained '{checkpoint}'")
         info = json.loads(run_info.read_text())
-        recipe_path, overrides = info["recipe_file"], info.get("overrides", {})
+        recipe_path, overrides, ds_cfg = info["recipe_file"], info.get("overrides", {}), info.get("deepspeed", {})
     recipe = load_recipe(recipe_path, {**overrides, "output_dir": str(run_dir)})
     processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
     model = build_model(recipe, processor)
@@ -62,6 +105,9 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
         metrics = [json.loads(ln) for ln in mfile.read_text().splitlines() if ln.strip()]
     docs = load_token_documents(recipe.data.tokens)
     seeds = sorted({int(s) for s in docs["seed"]})
+    templates = {}
+    for name in docs["template"]:
+        templates[name] = templates.get(name, 0) + 1
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
@@ -69,19 +115,25 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
         write_json(tmp / "training_seeds.json", {"data": recipe.data.tokens, "seeds": seeds})
         last = metrics[-1] if metrics else {}
         n_params = sum(p.numel() for p in model.parameters())
+        zero = ds_cfg.get("zero_optimization", {}).get("stage", "?")
         card = [
             "---", "library_name: transformers", "tags: [unified_wm, world-model, video, mixture-of-contexts]", "---", "",
             "# unified_wm world model", "",
-            f"Exported from `{ckpt_dir}/{tag}` by `uwm export`. {n_params / 1e6:.2f}M parameters, attention "
+            f"Exported from `{ckpt_dir}/{tag}` (DeepSpeed ZeRO stage {zero}, consolidated with `zero_to_fp32`) by `uwm export`. "
+            f"{n_params / 1e6:.2f}M parameters, attention "
             f"`{model.config.attn_backend}`, vocabulary {model.config.vocab_size} (text {processor.action_offset - processor.text_offset}, "
             f"actions {len(processor.action_names)}, video codes {processor.video.codebook_size}).", "",
             "```python", "import unified_wm", "from unified_wm.rollout import WorldModel",
             f"wm = WorldModel.from_pretrained('{out}')",
             "frames = wm.rollout(text='a red car drives right', actions=['right'] * 8, frames=8)", "```", "",
-            "## Recipe", "", f"`{recipe_path}`", "", "```json", json.dumps(dataclasses.asdict(recipe), indent=1), "```", "",
-            "## Data", "", f"Token documents `{recipe.data.tokens}` ({len(docs)} documents, {len(seeds)} episode seeds).", "",
+            "## Recipe", "", f"`{recipe_path}`" + (f" with overrides `{json.dumps(overrides)}`" if overrides else ""), "",
+            "```json", json.dumps(dataclasses.asdict(recipe), indent=1), "```", "",
+            "## Data", "",
+            f"Token documents `{recipe.data.tokens}`: {len(docs)} documents "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(templates.items()))}), {len(seeds)} episode seeds; "
+            f"processor `{recipe.data.processor}`." + (f" Held-out: `{recipe.data.val_tokens}`." if recipe.data.val_tokens else ""), "",
             "## Final training metrics", "", "```json", json.dumps(last, indent=1), "```", "",
-            "## Evaluation", "", "Run `uwm eval --model THIS_FOLDER --suite eval/quick.yaml` (results are not baked in here).", "",
+            "## Evaluation", "", *eval_lines,
         ]
         (tmp / "README.md").write_text("\n".join(card))
     return out
@@ -92,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", required=True, help="checkpoints folder (uses 'latest') or one stepN folder")
     ap.add_argument("--out", required=True)
     ap.add_argument("--recipe", default=None, help="recipe that trained it (default: the one recorded in the run)")
+    ap.add_argument("--eval-results", default=None, help="results.json from `uwm eval`, listed in the model card")
     a = ap.parse_args(argv)
     try:
-        out = export(a.checkpoint, a.out, a.recipe)
+        out = export(a.checkpoint, a.out, a.recipe, a.eval_results)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,13 +1,29 @@
 """Training through DeepSpeed: ``deepspeed --num_gpus N -m unified_wm.train --recipe R --deepspeed C``.
 
-``uwm train`` runs the same loop in one process (DeepSpeed with world size 1). We use the
-DeepSpeed engine directly (not the HF Trainer): the loss is ours (per-task, per-modality
-weights over one packed stream), and the engine already gives ZeRO, checkpoint/resume of
-optimizer + scheduler, and gradient clipping with no glue code of ours.
+``uwm train`` runs the same loop in one process (DeepSpeed with world size 1). Several nodes:
+a hostfile (``node1 slots=8`` per line) and ``deepspeed --hostfile hostfile -m unified_wm.train
+--recipe R --deepspeed C`` from a checkout on a filesystem every node shares.
 
-Each step: packed rows of token documents -> weighted next-token loss -> engine.step().
-Rank 0 shows a progress bar and writes ``metrics.jsonl`` (loss, loss per modality, lr,
-grad norm, tokens/s). Checkpoints: ``<output_dir>/checkpoints/step<N>`` (DeepSpeed format).
+We use the DeepSpeed engine directly (not the HF Trainer): the loss is ours (per-task,
+per-modality weights over one packed stream), and the engine already gives ZeRO 0-3 and
+offload, checkpoint/resume of optimizer + scheduler and gradient clipping; the Trainer
+would add a second config layer and its own data/resume logic around the same engine.
+
+Each step: packed rows of token documents -> weighted next-token loss -> finite check on
+every rank -> engine.backward -> engine.step(). Rank 0 shows a progress bar and writes
+``metrics.jsonl`` and TensorBoard events (``<output_dir>/tensorboard``): loss, loss per
+modality and per task, lr, grad norm, tokens/s, routing statistics, validation loss.
+
+Checkpoints (``<output_dir>/checkpoints``): each save goes to ``tmp-step<N>`` (DeepSpeed
+files + every rank's RNG state), is verified and fsynced, gets ``complete.json``, and only
+then is renamed to ``step<N>`` and named in ``latest``. A crash mid-write leaves only a
+``tmp-`` folder, which resume ignores and the next save removes; rotation keeps the newest
+``keep_checkpoints`` complete ones and never the one ``latest`` names.
+
+Test-only hooks (environment variables, read by the loop; never set them in real runs):
+  UWM_DEBUG_NAN_AT_STEP=N[:R]   the loss of step N on rank R (default 0) becomes NaN.
+  UWM_DEBUG_STEP_SLEEP=S        sleep S seconds after every step (so a test can kill the
+                                run at a known point).
 """
 from __future__ import annotations
 
@@ -16,6 +32,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,9 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from unified_wm.sequence import MODALITY_KEYS, TEMPLATES
-from unified_wm.utils import ConfigError, MetricsWriter, deep_update, load_config
+from unified_wm.utils import ConfigError, MetricsWriter, atomic_file, deep_update, load_config, write_json
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -66,7 +84,8 @@ class TaskRecipe:
 @dataclass
 class DataRecipe:
     tokens: str = ""  # token documents (uwm data tokenize)
-    processor: str = ""  # processor folder (save_pretrained)
+    processor: str = ""  # processor folder (save_pretrained): text + video tokenizers, id space
+    val_tokens: str = ""  # optional held-out token documents: validation loss every train.eval_every steps
 
 
 @dataclass
@@ -83,8 +102,10 @@ class TrainRecipe:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
-    save_every: int = 100
-    keep_checkpoints: int = 2
+    save_every: int = 100  # checkpoint every N steps and at the last step; 0: no checkpoints
+    keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all
+    eval_every: int = 0  # validation loss on data.val_tokens every N steps (0: never)
+    eval_batches: int = 4  # micro-batches per rank in one validation pass
     torch_threads: int = 0  # 0: leave torch's default
 
 
@@ -104,8 +125,21 @@ class Recipe:
                 raise ValueError(f"tasks: unknown task template '{name}'; valid templates: {', '.join(TEMPLATES)}")
         if not self.tasks or sum(t.weight for t in self.tasks.values()) <= 0:
             raise ValueError("tasks: at least one task needs a positive weight")
-        if self.train.seq_len <= 0 or self.train.micro_batch_size <= 0 or self.train.grad_accum <= 0:
-            raise ValueError("train: seq_len, micro_batch_size and grad_accum must be positive")
+        t = self.train
+        for key in ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "log_every", "eval_batches"):
+            if getattr(t, key) <= 0:
+                raise ValueError(f"'train.{key}' must be positive, got {getattr(t, key)}")
+        for key in ("save_every", "keep_checkpoints", "eval_every", "warmup_steps", "torch_threads"):
+            if getattr(t, key) < 0:
+                raise ValueError(f"'train.{key}' must be >= 0, got {getattr(t, key)}")
+        if not (t.lr > 0 and math.isfinite(t.lr)):
+            raise ValueError(f"'train.lr' must be a positive number, got {t.lr}")
+        if len(t.betas) != 2:
+            raise ValueError(f"'train.betas' must hold two numbers, got {t.betas}")
+        if t.eval_every and not self.data.val_tokens:
+            raise ValueError("'train.eval_every' is set but 'data.val_tokens' is empty (no held-out token documents)")
+        if self.model.max_position_embeddings < t.seq_len:
+            raise ValueError(f"'train.seq_len' = {t.seq_len} exceeds 'model.max_position_embeddings' = {self.model.max_position_embeddings}")
 
 
 def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> Recipe:
@@ -114,7 +148,10 @@ def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> Recip
 
 def check_recipe_inputs(recipe: Recipe, recipe_path) -> None:
     """Fail before launch if the recipe points at data or a processor that is not there."""
-    for key, what, marker in (("tokens", "token documents", "dataset_info.json"), ("processor", "processor", "processor_config.json")):
+    checks = [("tokens", "token documents", "dataset_info.json"), ("processor", "processor", "processor_config.json")]
+    if recipe.data.val_tokens:
+        checks.append(("val_tokens", "held-out token documents", "dataset_info.json"))
+    for key, what, marker in checks:
         p = Path(getattr(recipe.data, key))
         if not getattr(recipe.data, key):
             raise ConfigError(f"{recipe_path}: 'data.{key}' is empty; it must point at the {what} folder")
@@ -132,6 +169,8 @@ def fill_ds_config(ds_cfg: dict, recipe: Recipe, world_size: int, source: str) -
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
     }
+    if not isinstance(ds_cfg, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level")
     cfg = json.loads(json.dumps(ds_cfg))
     for key, value in want.items():
         have = cfg.get(key, "auto")
@@ -145,9 +184,33 @@ def fill_ds_config(ds_cfg: dict, recipe: Recipe, world_size: int, source: str) -
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             raise ConfigError(f"{source}: '{key}' is set; the optimizer and schedule come from the recipe, remove '{key}'")
-    cfg.setdefault("zero_allow_untested_optimizer", True)
     zero = cfg.setdefault("zero_optimization", {})
-    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{source}: 'zero_optimization' must be an object")
+    stage = zero.setdefault("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: 'zero_optimization.stage' = {stage!r}; expected 0, 1, 2 or 3")
+    for key in ("offload_optimizer", "offload_param"):
+        dev = zero.get(key, {}).get("device", "none")
+        if dev not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"{source}: 'zero_optimization.{key}.device' = {dev!r}; expected none, cpu or nvme")
+    h = recipe.model.hidden_size
+    zero_auto = {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                 "stage3_param_persistence_threshold": 10 * h}  # the HF Trainer's rule for these sizes
+    for key, value in zero_auto.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    left = [f"zero_optimization.{k}" for k, v in zero.items() if v == "auto"] + [k for k, v in cfg.items() if v == "auto"]
+    if left:
+        raise ConfigError(f"{source}: '{left[0]}' is \"auto\" but the recipe cannot fill it; give a value")
+    if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
+        raise ConfigError(f"{source}: 'zero_optimization.offload_param' needs stage 3 (stage is {stage})")
+    for key in ("fp16", "bf16"):
+        if cfg.get(key, {}).get("enabled") == "auto":
+            cfg[key]["enabled"] = torch.cuda.is_available()
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    if any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param")):
+        # our optimizer is a plain torch AdamW (the recipe's); DeepSpeed's CPU Adam would need a JIT build
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
@@ -159,16 +222,18 @@ class PackedBatches:
 
     Each epoch samples documents by task weight (with replacement inside a template), then packs
     them greedily into rows of ``seq_len`` tokens; a document longer than a row is cut at the
-    row's end (its remainder is dropped). Rows are dealt to ranks round-robin.
+    row's end (its remainder is dropped). Rows are dealt to ranks round-robin. ``batch(i)`` is a
+    pure function of ``i``: resuming at step ``s`` continues the data order exactly.
     """
 
-    def __init__(self, docs, recipe: Recipe, rank: int, world: int, pad_id: int = 0):
+    def __init__(self, docs, recipe: Recipe, rank: int, world: int, pad_id: int = 0, source: str | None = None):
         self.docs, self.recipe, self.rank, self.world, self.pad = docs, recipe, rank, world, pad_id
         templates = np.array(docs["template"])
         self.by_task = {name: np.nonzero(templates == name)[0] for name in recipe.tasks}
         missing = [n for n, idx in self.by_task.items() if len(idx) == 0 and recipe.tasks[n].weight > 0]
         if missing:
-            raise ConfigError(f"tasks: template '{missing[0]}' has no documents in '{recipe.data.tokens}' (tokenize with it)")
+            where = source or recipe.data.tokens
+            raise ConfigError(f"tasks: template '{missing[0]}' has no documents in '{where}' (tokenize with it)")
         self.task_of = np.zeros(len(templates), dtype=np.int64)
         for i, name in enumerate(recipe.tasks):
             self.task_of[self.by_task[name]] = i
@@ -180,7 +245,7 @@ class PackedBatches:
         if epoch in self._epoch_rows:
             return self._epoch_rows[epoch]
         rng = np.random.default_rng(self.recipe.train.seed * 1000003 + epoch)
-        names = [n for n in self.recipe.tasks if len(self.by_task[n])]
+        names = [n for n in self.recipe.tasks if len(self.by_task[n]) and self.recipe.tasks[n].weight > 0]
         w = np.array([self.recipe.tasks[n].weight for n in names], dtype=float)
         n_docs = sum(len(self.by_task[n]) for n in names)
         choice = rng.choice(len(names), size=n_docs, p=w / w.sum())
@@ -228,6 +293,24 @@ def token_weights(ids, mask, task, modality, recipe: Recipe, task_names: list[st
     return mask * table[task, modality]
 
 
+def per_task_ce(logits: torch.Tensor, labels: torch.Tensor, task: torch.Tensor, n_tasks: int) -> torch.Tensor:
+    """``[2 * n_tasks]``: (sum, count) of the unweighted next-token CE over each task's loss tokens.
+
+    The task of a target is the template of the document the target token belongs to."""
+    with torch.no_grad():
+        V = logits.shape[-1]
+        lb = labels[:, 1:].to(logits.device)
+        tk = task[:, 1:].to(logits.device)
+        valid = lb != -100
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), lb.clamp(min=0).reshape(-1), reduction="none").view_as(lb)
+        out = torch.zeros(2 * n_tasks, dtype=torch.float64)
+        for i in range(n_tasks):
+            sel = valid & (tk == i)
+            out[2 * i] = float(ce[sel].sum())
+            out[2 * i + 1] = float(sel.sum())
+    return out
+
+
 # ----------------------------------------------------------------------------- distributed setup
 def setup_distributed() -> tuple[int, int]:
     """Rank and world size; a plain process becomes a world of one for DeepSpeed."""
@@ -241,6 +324,10 @@ def setup_distributed() -> tuple[int, int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        # DeepSpeed JIT-builds a C++ op at init (CPU: shared-memory comm). One build folder per
+        # environment: a folder shared by two virtual environments is rebuilt each time either runs.
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -248,9 +335,256 @@ def setup_distributed() -> tuple[int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
+def all_reduce_sum(x: torch.Tensor, world: int, device) -> torch.Tensor:
+    """Sum a small tensor over ranks (on the engine's device, so NCCL works too); a copy on CPU."""
+    if world <= 1:
+        return x.clone()
+    import torch.distributed as dist
+
+    y = x.to(device)
+    dist.all_reduce(y)
+    return y.cpu()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def default_ds_config() -> dict:
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 0}}
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG state of this process, as JSON-able lists."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": [py[0], list(py[1]), py[2]], "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+          "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+TMP_PREFIX = "tmp-"  # a save in progress (or interrupted): never resumed from, removed by the next save
+DONE_MARKER = "complete.json"  # written after every rank's files are on disk; rename + 'latest' follow
+
+
+def _step_of(p: Path) -> int | None:
+    name = p.name
+    if name.startswith("step") and name[4:].isdigit():
+        return int(name[4:])
+    return None
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint (``stepN`` with ``complete.json``), oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    out = [(_step_of(p), p) for p in d.iterdir() if p.is_dir() and _step_of(p) is not None and (p / DONE_MARKER).is_file()]
+    return sorted(out, key=lambda x: x[0])
+
+
+def read_latest(ckpt_dir: str | Path) -> str | None:
+    f = Path(ckpt_dir) / "latest"
+    return f.read_text().strip() if f.is_file() else None
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path:
+    """The complete checkpoint folder that ``--resume`` means.
+
+    ``latest``: the run's ``checkpoints/latest`` if complete, else the newest complete one.
+    A checkpoints folder: the same rule inside it. A ``stepN`` folder: itself, if complete."""
+    if resume == "latest":
+        base = Path(ckpt_dir)
+    else:
+        p = Path(resume)
+        if not p.exists():
+            raise FileNotFoundError(f"--resume '{p}': no such checkpoint")
+        if _step_of(p) is not None or p.name.startswith(TMP_PREFIX):
+            if not (p / DONE_MARKER).is_file():
+                raise FileNotFoundError(f"--resume '{p}': checkpoint is incomplete (no {DONE_MARKER}: its save was interrupted)")
+            return p
+        base = p
+    done = complete_checkpoints(base)
+    if not done:
+        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint in '{base}'")
+    tag = read_latest(base)
+    for _, p in done:
+        if p.name == tag:
+            return p
+    return done[-1][1]
+
+
+def _fsync_tree(d: Path) -> None:
+    for f in d.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_dir(p: Path) -> None:
+    """Delete a folder so that no half-deleted copy can look like a checkpoint: rename, then remove."""
+    trash = p.with_name(f".deleting-{p.name}-{os.getpid()}")
+    os.replace(p, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def verify_checkpoint_files(d: Path, world: int, zero_stage: int) -> list[str]:
+    """What is missing from a DeepSpeed save of ``world`` ranks (empty list: all there)."""
+    problems = []
+    names = {p.name for p in d.iterdir()} if d.is_dir() else set()
+    if not any(n.endswith("model_states.pt") for n in names):
+        problems.append("no *model_states.pt")
+    if zero_stage >= 1:
+        n_opt = sum(n.endswith("optim_states.pt") for n in names)
+        if n_opt != world:
+            problems.append(f"{n_opt} *optim_states.pt files for {world} ranks")
+    for r in range(world):
+        if f"rng_rank{r}.json" not in names:
+            problems.append(f"no rng_rank{r}.json")
+    return problems
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, world: int, zero_stage: int, keep: int) -> Path:
+    """Save step ``step`` so that it only ever appears complete (see the module docstring)."""
+    tmp = ckpt_dir / f"{TMP_PREFIX}step{step}"
+    final = ckpt_dir / f"step{step}"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            _remove_dir(tmp)
+    barrier(world)
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"step": step}, save_latest=False)
+    write_json(tmp / f"rng_rank{rank}.json", rng_state())
+    barrier(world)
+    problems: list[str] = []
+    if rank == 0:
+        problems = verify_checkpoint_files(tmp, world, zero_stage)
+        if not problems:
+            _fsync_tree(tmp)
+            write_json(tmp / DONE_MARKER, {"step": step, "world_size": world, "zero_stage": zero_stage, "time": time.time(),
+                                           "files": sorted(p.name for p in tmp.iterdir())})
+            if final.exists():  # a re-run of the same step (resumed from an older checkpoint)
+                _remove_dir(final)
+            os.replace(tmp, final)
+            latest_tmp = ckpt_dir / ".latest.tmp"
+            latest_tmp.write_text(final.name)
+            os.replace(latest_tmp, ckpt_dir / "latest")
+            rotate_checkpoints(ckpt_dir, keep)
+    failed = all_reduce_sum(torch.tensor([1.0 if problems else 0.0]), world, engine.device)
+    if failed.item():
+        raise RuntimeError(f"checkpoint of step {step} in '{tmp}' is incomplete ({'; '.join(problems) or 'see rank 0'}); "
+                           f"the previous checkpoint stays in 'latest'")
+    return final
+
+
+def rotate_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints (0: all) and the one ``latest`` names;
+    remove interrupted saves (``tmp-*``) and leftovers of earlier removals. Call between saves."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = read_latest(ckpt_dir)
+    done = complete_checkpoints(ckpt_dir)
+    if keep > 0:
+        for _, p in done[:-keep]:
+            if p.name != latest:
+                _remove_dir(p)
+    for p in list(ckpt_dir.iterdir()):
+        if p.is_dir() and p.name.startswith(TMP_PREFIX):
+            _remove_dir(p)
+        elif p.is_dir() and p.name.startswith(".deleting-"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_for_resume(engine, ckpt: Path, rank: int) -> int:
+    """Load model, optimizer, scheduler and this rank's RNG state; return the step to continue from."""
+    load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if load_path is None or client is None or "step" not in client:
+        raise FileNotFoundError(f"checkpoint '{ckpt}' could not be loaded by DeepSpeed (files missing or another ZeRO layout)")
+    rng_file = ckpt / f"rng_rank{rank}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    else:
+        print(f"warning: '{rng_file}' is missing (saved with fewer ranks?); RNG state of rank {rank} is not restored",
+              file=sys.stderr, flush=True)
+    return int(client["step"])
+
+
+# ----------------------------------------------------------------------------- logging
+class TensorBoard:
+    """TensorBoard event files on rank 0 (``<output_dir>/tensorboard``); a one-line notice and
+    nothing else when the ``tensorboard`` package is missing."""
+
+    GROUPS = (("val_", "val/"), ("loss_task_", "loss_task/"), ("loss_", "loss_modality/"), ("moc_", "routing/"))
+
+    def __init__(self, log_dir: Path | None):
+        self.w = None
+        if log_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            print("note: the 'tensorboard' package is not installed; no TensorBoard events (metrics.jsonl has everything)",
+                  flush=True)
+            return
+        self.w = SummaryWriter(str(log_dir))
+
+    @classmethod
+    def tag(cls, key: str) -> str:
+        if key == "loss":
+            return "loss/total"
+        for prefix, group in cls.GROUPS:
+            if key.startswith(prefix):
+                return group + key[len(prefix):]
+        return "train/" + key
+
+    def write(self, record: dict, step: int) -> None:
+        if self.w is None:
+            return
+        for k, v in record.items():
+            if k not in ("step", "time") and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                self.w.add_scalar(self.tag(k), v, step)
+        self.w.flush()
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or inf; raised on every rank at the same step."""
+
+
+def _debug_nan_at() -> tuple[int, int] | None:
+    v = os.environ.get("UWM_DEBUG_NAN_AT_STEP")
+    if not v:
+        return None
+    step, _, r = v.partition(":")
+    return int(step), int(r or 0)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -277,51 +611,110 @@ def lr_lambda(recipe: Recipe):
     return f
 
 
-def rotate_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-    for p in tags[:-keep] if keep > 0 else []:
-        import shutil
+def read_ds_config(ds_config_path: str | None) -> tuple[dict, str]:
+    if not ds_config_path:
+        return default_ds_config(), "<default ZeRO-0 config>"
+    p = Path(ds_config_path)
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config '{p}' does not exist")
+    try:
+        return json.loads(p.read_text()), str(p)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: not valid JSON: {e}") from None
 
-        shutil.rmtree(p, ignore_errors=True)
+
+class _Step:
+    """Per-step accumulators: loss, per-modality means and per-task (sum, count)."""
+
+    def __init__(self, n_tasks: int):
+        self.n_tasks = n_tasks
+        self.agg = torch.zeros(2 + 2 * len(MODALITY_KEYS), dtype=torch.float64)
+        self.tasks = torch.zeros(2 * n_tasks, dtype=torch.float64)
+
+    def add(self, loss: float, modality_losses: dict) -> None:
+        self.agg[0] += loss
+        self.agg[1] += 1
+        for i, m in enumerate(MODALITY_KEYS):
+            if m in modality_losses:
+                self.agg[2 + 2 * i] += float(modality_losses[m])
+                self.agg[3 + 2 * i] += 1
+
+    def reduce(self, world: int, device, with_tasks: bool) -> None:
+        self.agg = all_reduce_sum(self.agg, world, device)
+        if with_tasks:
+            self.tasks = all_reduce_sum(self.tasks, world, device)
+
+    def record(self, prefix: str, task_names: list[str]) -> dict:
+        out = {f"{prefix}loss": float(self.agg[0] / max(self.agg[1], 1))}
+        for i, m in enumerate(MODALITY_KEYS):
+            if self.agg[3 + 2 * i] > 0:
+                out[f"{prefix}loss_{m}"] = float(self.agg[2 + 2 * i] / self.agg[3 + 2 * i])
+        for i, n in enumerate(task_names):
+            if self.tasks[2 * i + 1] > 0:
+                out[f"{prefix}loss_task_{n}"] = float(self.tasks[2 * i] / self.tasks[2 * i + 1])
+        return out
+
+
+def prepare_batch(batches: PackedBatches, micro_step: int, config, recipe: Recipe, task_names: list[str]):
+    from unified_wm.model.modeling_uwm import stream_layout
+
+    ids, mask, task, _ = batches.batch(micro_step)
+    _, modality = stream_layout(ids, config)
+    weights = token_weights(ids, mask, task, modality, recipe, task_names)
+    labels = torch.where(weights > 0, ids, torch.full_like(ids, -100))
+    return ids, labels, weights, task
+
+
+def evaluate(engine, val: PackedBatches, recipe: Recipe, task_names: list[str], world: int) -> dict:
+    """Validation loss (total, per modality, per task) over ``eval_batches`` micro-batches per rank."""
+    acc = _Step(len(task_names))
+    engine.eval()
+    with torch.no_grad():
+        for i in range(recipe.train.eval_batches):
+            ids, labels, weights, task = prepare_batch(val, i, engine.module.config, recipe, task_names)
+            out = engine(input_ids=ids.to(engine.device), labels=labels.to(engine.device), loss_weights=weights.to(engine.device))
+            acc.add(out.loss.item(), out.modality_losses)
+            acc.tasks += per_task_ce(out.logits, labels, task, len(task_names))
+    engine.train()
+    acc.reduce(world, engine.device, with_tasks=True)
+    return acc.record("val_", task_names)
 
 
 def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | None = None,
           overrides: dict | None = None, progress: bool = True) -> dict:
     import deepspeed
-    import torch.distributed as dist
     from tqdm import tqdm
 
     from unified_wm.data.tokenize import load_token_documents
-    from unified_wm.model.modeling_uwm import stream_layout, summarize_routing
+    from unified_wm.model.modeling_uwm import summarize_routing
     from unified_wm.tokenization.processor import UnifiedProcessor
 
     recipe = load_recipe(recipe_path, overrides)
     check_recipe_inputs(recipe, recipe_path)
-    if ds_config_path:
-        p = Path(ds_config_path)
-        if not p.is_file():
-            raise ConfigError(f"DeepSpeed config '{p}' does not exist")
-        try:
-            ds_raw = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: not valid JSON: {e}") from None
-        ds_source = str(p)
-    else:
-        ds_raw, ds_source = default_ds_config(), "<default ZeRO-0 config>"
+    ds_raw, ds_source = read_ds_config(ds_config_path)
     t = recipe.train
+    fill_ds_config(ds_raw, recipe, int(os.environ.get("WORLD_SIZE", "1")), ds_source)  # bad input: fail before init
+    out = Path(recipe.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume_from = resolve_resume(resume, ckpt_dir) if resume else None  # fail before init too
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
     rank, world = setup_distributed()
     ds_cfg = fill_ds_config(ds_raw, recipe, world, ds_source)
-    random.seed(t.seed + rank)
-    np.random.seed(t.seed + rank)
-    torch.manual_seed(t.seed)  # same init on every rank
+    zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
 
     processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
+    torch.manual_seed(t.seed)  # same initial weights on every rank
     model = build_model(recipe, processor)
+    random.seed(t.seed + rank)
+    np.random.seed(t.seed + rank)
+    torch.manual_seed(t.seed * 7919 + 1 + rank)  # per-rank stream for the MoC regularisers
     docs = load_token_documents(recipe.data.tokens)
     task_names = list(recipe.tasks)
     batches = PackedBatches(docs, recipe, rank, world)
+    val = None
+    if recipe.data.val_tokens and t.eval_every:
+        val = PackedBatches(load_token_documents(recipe.data.val_tokens), recipe, rank, world, source=recipe.data.val_tokens)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -329,95 +722,100 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
 
-    out = Path(recipe.output_dir)
-    ckpt_dir = out / "checkpoints"
     start_step = 0
-    if resume:
-        load_dir, tag = (ckpt_dir, None) if resume == "latest" else (Path(resume).parent, Path(resume).name)
-        if not (load_dir / "latest").exists() and tag is None:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in '{ckpt_dir}'")
-        _, client = engine.load_checkpoint(str(load_dir), tag=tag)
-        start_step = int(client["step"])
+    if resume_from is not None:
+        start_step = load_for_resume(engine, resume_from, rank)
         if rank == 0:
-            print(f"resumed from step {start_step}", flush=True)
+            print(f"resumed from step {start_step} ({resume_from})", flush=True)
     metrics = MetricsWriter(out / "metrics.jsonl" if rank == 0 else None)
+    tb = TensorBoard(out / "tensorboard" if rank == 0 else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps({"recipe_file": str(recipe_path), "overrides": overrides or {}, "deepspeed": ds_cfg}, indent=2, default=str))
+        with atomic_file(out / "recipe.json") as f:  # what export needs to rebuild the model
+            json.dump({"recipe_file": str(recipe_path), "overrides": overrides or {}, "deepspeed": ds_cfg}, f, indent=2, default=str)
         n_params = sum(p.numel() for p in model.parameters())
+        if zero_stage == 3:
+            n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         print(f"model: {n_params / 1e6:.2f}M parameters, attention={recipe.attention.backend}, world size {world}, "
-              f"{len(docs)} documents, seq_len {t.seq_len}, ZeRO stage {ds_cfg['zero_optimization'].get('stage', 0)}", flush=True)
+              f"{len(docs)} documents, seq_len {t.seq_len}, ZeRO stage {zero_stage}", flush=True)
+    nan_at = _debug_nan_at()
+    step_sleep = float(os.environ.get("UWM_DEBUG_STEP_SLEEP", "0") or 0)
     bar = tqdm(total=t.max_steps, initial=start_step, desc="train", disable=not (progress and rank == 0), dynamic_ncols=True)
     engine.train()
     t0, tokens_since, last, routing = time.time(), 0, {}, {}
-    zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
     plain_grad_norm = None
+    last_good = read_latest(ckpt_dir)
     step = start_step
-    while step < t.max_steps:
-        agg = torch.zeros(2 + 2 * len(MODALITY_KEYS))  # loss sum, count, per-modality (sum, count)
-        log_step = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps or step == start_step
-        for micro in range(t.grad_accum):
-            ids, mask, task, _ = batches.batch(step * t.grad_accum + micro)
-            _, modality = stream_layout(ids, engine.module.config)
-            weights = token_weights(ids, mask, task, modality, recipe, task_names)
-            labels = torch.where(weights > 0, ids, torch.full_like(ids, -100))
-            want_stats = log_step and micro == 0
-            out_ = engine(input_ids=ids.to(engine.device), labels=labels.to(engine.device), loss_weights=weights.to(engine.device),
-                          return_routing_stats=want_stats)
-            if want_stats and out_.routing_stats:
-                routing = summarize_routing(out_.routing_stats)
-            loss = out_.loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at step {step + 1} (rank {rank}); stopping. "
-                    f"The last good checkpoint is in '{ckpt_dir}'"
-                )
-            engine.backward(loss)
-            if log_step and zero_stage == 0 and micro == t.grad_accum - 1:
-                # DeepSpeed only tracks the global grad norm under ZeRO; without it, measure it here
-                grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-                plain_grad_norm = float(torch.stack(grads).norm()) if grads else None
-            engine.step()
-            agg[0] += loss.item()
-            agg[1] += 1
-            for i, m in enumerate(MODALITY_KEYS):
-                if m in out_.modality_losses:
-                    agg[2 + 2 * i] += out_.modality_losses[m].item()
-                    agg[3 + 2 * i] += 1
-            tokens_since += int((ids != 0).sum())
-        step += 1
-        if world > 1:
-            dist.all_reduce(agg)
-            tok = torch.tensor([tokens_since], dtype=torch.float64)
-            dist.all_reduce(tok)
-            tokens_total = int(tok.item())
-        else:
-            tokens_total = tokens_since
-        bar.update(1)
-        last = {"step": step, "loss": float(agg[0] / agg[1])}
-        for i, m in enumerate(MODALITY_KEYS):
-            if agg[3 + 2 * i] > 0:
-                last[f"loss_{m}"] = float(agg[2 + 2 * i] / agg[3 + 2 * i])
-        if log_step:
-            dt = time.time() - t0
-            gn = engine.get_global_grad_norm() if zero_stage > 0 else plain_grad_norm
-            last.update(lr=float(sched.get_last_lr()[0]), grad_norm=float(gn) if gn is not None else None,
-                        tokens_per_s=tokens_total / max(dt, 1e-9), **routing)
-            if rank == 0:
-                metrics.write(**last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", video=f"{last.get('loss_video', float('nan')):.3f}")
-                mods = " ".join(f"{m}={last[f'loss_{m}']:.3f}" for m in MODALITY_KEYS if f"loss_{m}" in last)
-                moc = f" | sparsity {last['moc_sparsity']:.2f}" if "moc_sparsity" in last else ""
-                tqdm.write(f"step {step:5d} loss {last['loss']:.4f} | {mods} | lr {last['lr']:.2e} | "
-                           f"{last['tokens_per_s']:.0f} tok/s{moc}")
-            t0, tokens_since = time.time(), 0
-        if t.save_every and (step % t.save_every == 0 or step == t.max_steps):
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
-            if rank == 0:
-                rotate_checkpoints(ckpt_dir, t.keep_checkpoints)
-    bar.close()
-    if world > 1:
-        dist.barrier()
+    try:
+        while step < t.max_steps:
+            acc = _Step(len(task_names))
+            log_step = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps or step == start_step
+            for micro in range(t.grad_accum):
+                ids, labels, weights, task = prepare_batch(batches, step * t.grad_accum + micro, engine.module.config, recipe, task_names)
+                want_stats = log_step and micro == 0
+                out_ = engine(input_ids=ids.to(engine.device), labels=labels.to(engine.device), loss_weights=weights.to(engine.device),
+                              return_routing_stats=want_stats)
+                if want_stats and out_.routing_stats:
+                    routing = summarize_routing(out_.routing_stats)
+                loss = out_.loss
+                if nan_at is not None and nan_at == (step + 1, rank):
+                    loss = loss * float("nan")  # UWM_DEBUG_NAN_AT_STEP (tests only)
+                # every rank learns whether any rank's loss is bad BEFORE backward, so none waits in a collective
+                mine = torch.zeros(world, dtype=torch.float64)
+                mine[rank] = loss.item()
+                losses = all_reduce_sum(mine, world, engine.device)
+                if not torch.isfinite(losses).all():
+                    bad = [f"rank {r}: {losses[r].item()}" for r in range(world) if not math.isfinite(losses[r].item())]
+                    where = f"'{ckpt_dir / last_good}'" if last_good else f"none (no checkpoint was saved in '{ckpt_dir}')"
+                    raise TrainingDiverged(
+                        f"loss is not finite at step {step + 1} (micro-batch {micro}; {', '.join(bad)}); stopped before "
+                        f"updating the weights. Last good checkpoint: {where}. Resume it with --resume latest, "
+                        f"e.g. with a lower train.lr or more warmup"
+                    )
+                if log_step:
+                    acc.tasks += per_task_ce(out_.logits, labels, task, len(task_names))
+                engine.backward(loss)
+                if log_step and zero_stage == 0 and micro == t.grad_accum - 1:
+                    # DeepSpeed only tracks the global grad norm under ZeRO; without it, measure it here
+                    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+                    plain_grad_norm = float(torch.stack(grads).norm()) if grads else None
+                engine.step()
+                acc.add(loss.item(), out_.modality_losses)
+                tokens_since += int((ids != 0).sum())
+            step += 1
+            acc.reduce(world, engine.device, with_tasks=log_step)
+            bar.update(1)
+            last = {"step": step, **acc.record("", task_names if log_step else [])}
+            if log_step:
+                dt = time.time() - t0
+                tokens_total = all_reduce_sum(torch.tensor([tokens_since], dtype=torch.float64), world, engine.device).item()
+                gn = engine.get_global_grad_norm() if zero_stage > 0 else plain_grad_norm
+                gn = float(gn) if gn is not None else None
+                last.update(lr=float(sched.get_last_lr()[0]), grad_norm=gn, tokens_per_s=tokens_total / max(dt, 1e-9), **routing)
+            if val is not None and step % t.eval_every == 0:
+                last.update(evaluate(engine, val, recipe, task_names, world))
+            if log_step or "val_loss" in last:
+                if rank == 0:
+                    metrics.write(**last)
+                    tb.write(last, step)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", video=f"{last.get('loss_video', float('nan')):.3f}")
+                    mods = " ".join(f"{m}={last[f'loss_{m}']:.3f}" for m in MODALITY_KEYS if f"loss_{m}" in last)
+                    tasks = " ".join(f"{n}={last[f'loss_task_{n}']:.3f}" for n in task_names if f"loss_task_{n}" in last)
+                    moc = f" | sparsity {last['moc_sparsity']:.2f}" if "moc_sparsity" in last else ""
+                    vl = f" | val {last['val_loss']:.4f}" if "val_loss" in last else ""
+                    lr = f" | lr {last['lr']:.2e} | {last['tokens_per_s']:.0f} tok/s" if "lr" in last else ""
+                    tqdm.write(f"step {step:5d} loss {last['loss']:.4f} | {mods} | tasks {tasks}{lr}{moc}{vl}")
+                if log_step:
+                    t0, tokens_since = time.time(), 0
+            if t.save_every and (step % t.save_every == 0 or step == t.max_steps):
+                saved = save_checkpoint(engine, ckpt_dir, step, rank=rank, world=world, zero_stage=zero_stage, keep=t.keep_checkpoints)
+                last_good = saved.name
+            if step_sleep:
+                time.sleep(step_sleep)
+    finally:
+        bar.close()
+        tb.close()
+    barrier(world)
     return last
 
 
@@ -441,11 +839,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="unified_wm.train", description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", required=True, help="training recipe (YAML, recipes/)")
     ap.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (ds_configs/); default ZeRO-0")
-    ap.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (…/checkpoints/stepN)")
+    ap.add_argument("--resume", default=None,
+                    help="'latest' (this run's newest complete checkpoint), a checkpoints folder, or one …/checkpoints/stepN")
     ap.add_argument("--max-steps", type=int, default=None)
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe value, e.g. --set train.lr=3e-4 --set data.tokens=runs/x/tokens")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still print every log_every steps)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     a = ap.parse_args(argv)
     overrides: dict = {}
@@ -456,10 +856,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for item in a.set:
             overrides = deep_update(overrides, parse_override(item))
-        last = train(a.recipe, a.deepspeed, resume=a.resume, overrides=overrides)
+        last = train(a.recipe, a.deepspeed, resume=a.resume, overrides=overrides, progress=not a.no_progress)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     if int(os.environ.get("RANK", "0")) == 0:
         print("final: " + json.dumps(last), flush=True)
     return 0

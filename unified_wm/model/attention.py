@@ -1036,8 +1036,13 @@ def attend(
     statistics. Raises ValueError naming the setting for bad or unavailable settings.
     """
     if settings.backend == "dense":
+        gqa = q.shape[1] != k.shape[1]
+        if q.shape[2] == k.shape[2] and bool((k_meta.doc_ids == k_meta.doc_ids[:, :1]).all()) and bool((k_meta.doc_ids >= 0).all()):
+            # one document per row, no padding: the mask is plain causal, and the fused causal
+            # kernel skips the upper triangle instead of reading an N x N mask
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         mask = dense_mask(q_meta, k_meta)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     settings.validate()
     _check_shapes(q, k, v, q_meta, k_meta)
     backend = resolve_backend(settings, q.device)
