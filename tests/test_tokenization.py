@@ -171,7 +171,7 @@ def test_continuous_actions_in_the_processor(cont_processor, tmp_path):
     assert np.all(np.abs(back - x) <= (np.array([2.0, 10.0]) / 15) / 2 + 1e-9)
     assert p.decode_actions(ids.ravel()) == []  # bins are not action names
     assert p.decode_actions(p.encode_actions("left,stay")) == ["left", "stay"]
-    with pytest.raises(ValueError, match=r"dimension 1 = 12\.0 is outside its declared range \[0\.0, 10\.0\]"):
+    with pytest.raises(ValueError, match=r"dimension 1 at index \(0,\) = 12\.0 is outside its declared range \[0\.0, 10\.0\]"):
         p.encode_continuous_actions([[0.0, 12.0]])
     assert np.array_equal(p.encode_continuous_actions([[0.0, 12.0]], clip=True), p.encode_continuous_actions([[0.0, 10.0]]))
     with pytest.raises(ValueError, match="dimension d's bin"):

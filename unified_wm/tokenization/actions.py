@@ -49,26 +49,43 @@ def parse_actions(text: str | list[str], vocabulary: list[str]) -> list[str]:
 class ContinuousActionBinner:
     """Quantise continuous actions in [low, high] per dimension into ``bins`` bins.
 
-    ``mode='mu_law'`` spends more bins near zero (companding, as in audio codecs).
+    ``mode='uniform'``: equal-width bins; a value in range decodes to within half a bin width
+    (``(high - low) / (bins - 1) / 2``). ``mode='mu_law'`` spends more bins near the middle of
+    the range (companding, as in audio codecs); encode and decode stay monotone.
+
+    A value outside its declared range is an error naming the dimension, the value and the
+    range; ``encode(x, clip=True)`` clips instead. NaN and infinity are always errors.
     """
 
     def __init__(self, low: list[float], high: list[float], bins: int = 256, mode: str = "uniform", mu: float = 255.0):
-        if bins < 2:
-            raise ValueError(f"bins must be >= 2, got {bins}")
+        if int(bins) != bins or bins < 2:
+            raise ValueError(f"bins must be an integer >= 2, got {bins}")
         if mode not in ("uniform", "mu_law"):
             raise ValueError(f"mode must be 'uniform' or 'mu_law', got '{mode}'")
-        self.low = np.asarray(low, dtype=np.float64)
-        self.high = np.asarray(high, dtype=np.float64)
-        if self.low.shape != self.high.shape or np.any(self.high <= self.low):
-            raise ValueError(f"need low < high per dimension, got low={low} high={high}")
-        self.bins, self.mode, self.mu = bins, mode, mu
+        if not mu > 0:
+            raise ValueError(f"mu must be > 0, got {mu}")
+        self.low = np.atleast_1d(np.asarray(low, dtype=np.float64))
+        self.high = np.atleast_1d(np.asarray(high, dtype=np.float64))
+        if (self.low.ndim != 1 or self.low.shape != self.high.shape or not self.low.size
+                or not np.all(np.isfinite(self.low)) or not np.all(np.isfinite(self.high)) or np.any(self.high <= self.low)):
+            raise ValueError(f"need finite low < high per dimension (same length), got low={low} high={high}")
+        self.bins, self.mode, self.mu = int(bins), mode, float(mu)
 
     @property
     def dims(self) -> int:
         return int(self.low.shape[0])
 
+    @property
+    def bin_width(self) -> np.ndarray:
+        """Per-dimension width of a uniform bin (distance between neighbouring bin centres)."""
+        return (self.high - self.low) / (self.bins - 1)
+
+    def to_dict(self) -> dict:
+        return {"low": self.low.tolist(), "high": self.high.tolist(), "bins": self.bins, "mode": self.mode, "mu": self.mu}
+
     def _to_unit(self, x: np.ndarray) -> np.ndarray:  # [-1, 1]
-        u = 2 * (np.clip(x, self.low, self.high) - self.low) / (self.high - self.low) - 1
+        u = 2 * (x - self.low) / (self.high - self.low) - 1
+        u = np.clip(u, -1.0, 1.0)  # float rounding at the range ends
         if self.mode == "mu_law":
             u = np.sign(u) * np.log1p(self.mu * np.abs(u)) / np.log1p(self.mu)
         return u
@@ -78,15 +95,48 @@ class ContinuousActionBinner:
             u = np.sign(u) * np.expm1(np.abs(u) * np.log1p(self.mu)) / self.mu
         return (u + 1) / 2 * (self.high - self.low) + self.low
 
-    def encode(self, x) -> np.ndarray:
+    def check_range(self, x) -> np.ndarray:
+        """``x`` as float64 [..., dims]; a ValueError naming the first bad dimension, value and range."""
         x = np.asarray(x, dtype=np.float64)
-        if x.shape[-1] != self.dims:
-            raise ValueError(f"action vectors must have {self.dims} dimensions, got shape {x.shape}")
+        if x.ndim == 0 or x.shape[-1] != self.dims:
+            raise ValueError(f"action vectors must have {self.dims} dimension(s) in the last axis, got shape {x.shape}")
+        bad = ~np.isfinite(x) | (x < self.low) | (x > self.high)
+        if bad.any():
+            pos = tuple(int(i) for i in np.argwhere(bad)[0])
+            d = pos[-1]
+            where = f" at index {pos[:-1]}" if len(pos) > 1 else ""
+            if not np.isfinite(x[pos]):
+                raise ValueError(f"continuous action dimension {d}{where} = {float(x[pos])!r} is not a finite number "
+                                 f"(declared range [{float(self.low[d])!r}, {float(self.high[d])!r}])")
+            raise ValueError(
+                f"continuous action dimension {d}{where} = {float(x[pos])!r} is outside its declared range "
+                f"[{float(self.low[d])!r}, {float(self.high[d])!r}] ({int(bad.sum())} value(s) out of range); "
+                f"pass clip=True to clip into the range"
+            )
+        return x
+
+    def encode(self, x, clip: bool = False) -> np.ndarray:
+        """Float actions [..., dims] -> int64 bin indices [..., dims] in [0, bins)."""
+        if clip:
+            x = np.asarray(x, dtype=np.float64)
+            if x.ndim == 0 or x.shape[-1] != self.dims:
+                raise ValueError(f"action vectors must have {self.dims} dimension(s) in the last axis, got shape {x.shape}")
+            if not np.all(np.isfinite(x)):
+                d = int(np.argwhere(~np.isfinite(x))[0][-1])
+                raise ValueError(f"continuous action dimension {d} holds a non-finite value (NaN or inf); clip=True cannot fix that")
+            x = np.clip(x, self.low, self.high)
+        else:
+            x = self.check_range(x)
         u = self._to_unit(x)
         return np.clip(np.round((u + 1) / 2 * (self.bins - 1)), 0, self.bins - 1).astype(np.int64)
 
     def decode(self, b) -> np.ndarray:
+        """Bin indices [..., dims] -> float actions [..., dims] (bin centres)."""
         b = np.asarray(b)
-        if np.any(b < 0) or np.any(b >= self.bins):
+        if b.ndim == 0 or b.shape[-1] != self.dims:
+            raise ValueError(f"bin index vectors must have {self.dims} dimension(s) in the last axis, got shape {b.shape}")
+        if b.size and (not np.issubdtype(b.dtype, np.integer) and not np.all(b == np.round(b))):
+            raise ValueError(f"bin indices must be integers, got dtype {b.dtype}")
+        if b.size and (np.any(b < 0) or np.any(b >= self.bins)):
             raise ValueError(f"bin indices must lie in [0, {self.bins}), got {b.min()}..{b.max()}")
-        return self._from_unit(b / (self.bins - 1) * 2 - 1)
+        return self._from_unit(b.astype(np.float64) / (self.bins - 1) * 2 - 1)

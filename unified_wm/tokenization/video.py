@@ -1,8 +1,15 @@
 """Discrete video tokenizer: a convolutional autoencoder with an FSQ or VQ bottleneck.
 
-Each frame is encoded on its own (no temporal compression: every frame becomes
-``h * w`` code indices, which is what the ``<frame> v0 ... v(hw-1)`` segment of the
-stream expects). The pieces, top to bottom:
+By default (``temporal: 1``) each frame is encoded on its own: every frame becomes ``h * w``
+code indices, which is what the ``<frame> v0 ... v(hw-1)`` segment of the stream expects.
+``temporal: t > 1`` turns on a causal temporal compression: a clip of T frames is cut into
+the first frame alone, then groups of t frames (1, t, t, ..., the last group padded by
+repeating the last frame), and each group becomes one ``h * w`` code grid, so a clip costs
+``1 + ceil((T - 1) / t)`` grids instead of T. The t frames of a group enter the encoder
+stacked on the channel axis (the first frame's group is that frame repeated t times); a
+group's codes depend only on its own frames, never on later ones. The unified processor
+takes only ``temporal: 1`` tokenizers (its stream has one ``<frame>`` segment per frame).
+The pieces, top to bottom:
 
 * :class:`VideoTokenizerConfig` - the typed config, loaded from ``tokenizers/video_*.yaml``
   with :func:`unified_wm.utils.load_config` (unknown keys are errors).
@@ -123,6 +130,9 @@ class VideoTokenizerConfig:
     # width at each resolution, finest first: len = log2(downsample / patch_size) + 1
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
     res_blocks: int = 1  # residual blocks per resolution
+    # causal temporal compression: 1 = off (one code grid per frame); t > 1 = the first frame
+    # alone, then one code grid per group of t frames
+    temporal: int = 1
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -147,6 +157,8 @@ class VideoTokenizerConfig:
             raise ValueError(f"channels = {self.channels}; expected positive widths")
         if self.res_blocks < 0:
             raise ValueError(f"res_blocks = {self.res_blocks}; expected >= 0")
+        if not 1 <= self.temporal <= 16:
+            raise ValueError(f"temporal = {self.temporal}; expected 1 (off) up to 16 frames per code grid")
         self.quantizer.validate()
         self.train.validate()
 
@@ -285,7 +297,7 @@ class Encoder(nn.Module):
         ch = cfg.channels
         p = cfg.patch_size
         self.stem = nn.PixelUnshuffle(p) if p > 1 else nn.Identity()
-        self.conv_in = nn.Conv2d(3 * p * p, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(3 * cfg.temporal * p * p, ch[0], 3, padding=1)
         layers: list[nn.Module] = []
         for i in range(cfg.num_stages):
             layers += [ResBlock(ch[i]) for _ in range(cfg.res_blocks)]
@@ -311,7 +323,7 @@ class Decoder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.norm = nn.GroupNorm(_groups(ch[0]), ch[0])
         p = cfg.patch_size
-        self.conv_out = nn.Conv2d(ch[0], 3 * p * p, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], 3 * cfg.temporal * p * p, 3, padding=1)
         self.unstem = nn.PixelShuffle(p) if p > 1 else nn.Identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -322,8 +334,11 @@ def _to_float_frames(frames, image_size: int) -> torch.Tensor:
     """uint8 [T,H,W,3] (numpy/torch) -> float [T,3,H,W] in [-1,1]; float [T,3,H,W] passes through."""
     if isinstance(frames, np.ndarray):
         if frames.dtype != np.uint8:
-            raise ValueError(f"frames: numpy input must be uint8 [T,H,W,3], got dtype {frames.dtype}")
-        frames = torch.from_numpy(np.ascontiguousarray(frames))
+            raise ValueError(f"frames: numpy input must be uint8 [T,H,W,3], got dtype {frames.dtype} (shape {frames.shape})")
+        frames = np.ascontiguousarray(frames)
+        if not frames.flags.writeable:  # a read-only view (np.frombuffer, broadcast_to): torch wants its own copy
+            frames = frames.copy()
+        frames = torch.from_numpy(frames)
     if not isinstance(frames, torch.Tensor):
         raise TypeError(f"frames: expected a numpy uint8 array or a torch tensor, got {type(frames).__name__}")
     if frames.dtype == torch.uint8:
@@ -338,14 +353,57 @@ def _to_float_frames(frames, image_size: int) -> torch.Tensor:
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"frames: float input must be [T,3,H,W] in [-1,1], got shape {tuple(frames.shape)}")
         x = frames.float()
+        if x.numel():
+            if not bool(torch.isfinite(x).all()):
+                raise ValueError("frames: float input holds NaN or inf values")
+            lo, hi = float(x.min()), float(x.max())
+            if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+                raise ValueError(
+                    f"frames: float input must lie in [-1, 1] (layout [T,3,H,W]), got values in [{lo:g}, {hi:g}]; "
+                    f"pass 0..255 pixels as uint8 [T,H,W,3] instead"
+                )
     else:
-        raise ValueError(f"frames: expected uint8 or float, got {frames.dtype}")
+        raise ValueError(f"frames: expected uint8 [T,H,W,3] or float [T,3,H,W] in [-1,1], got dtype {frames.dtype}")
     if x.shape[-2:] != (image_size, image_size):
         raise ValueError(
             f"frames are {x.shape[-2]}x{x.shape[-1]}, this tokenizer expects {image_size}x{image_size} "
             f"(use unified_wm.tokenization.video.resize_frames first)"
         )
     return x
+
+
+def num_groups(num_frames: int, temporal: int) -> int:
+    """Code grids for a clip of ``num_frames`` frames: the first frame alone, then groups of ``temporal``."""
+    if num_frames <= 0:
+        return 0
+    return 1 + -(-(num_frames - 1) // temporal)
+
+
+def group_frames(x: torch.Tensor, temporal: int) -> torch.Tensor:
+    """Float frames [T,3,H,W] -> encoder inputs [G,3*temporal,H,W] (causal groups, see the module doc)."""
+    if temporal == 1:
+        return x
+    T = x.shape[0]
+    if T == 0:
+        return x.new_zeros((0, 3 * temporal, *x.shape[2:]))
+    G = num_groups(T, temporal)
+    idx = torch.zeros(G, temporal, dtype=torch.long)
+    if G > 1:
+        rest = torch.arange(1, 1 + (G - 1) * temporal).clamp(max=T - 1)  # pad by repeating the last frame
+        idx[1:] = rest.view(G - 1, temporal)
+    return x[idx.flatten()].reshape(G, temporal * 3, *x.shape[2:])
+
+
+def ungroup_frames(y: torch.Tensor, temporal: int, num_frames: int | None = None) -> torch.Tensor:
+    """Decoder outputs [G,3*temporal,H,W] -> frames [T,3,H,W]; the first group is averaged into frame 0."""
+    if temporal == 1:
+        return y if num_frames is None else y[:num_frames]
+    G = y.shape[0]
+    if G == 0:
+        return y.new_zeros((0, 3, *y.shape[2:]))
+    f = y.reshape(G, temporal, 3, *y.shape[2:])
+    out = torch.cat([f[:1].mean(1), f[1:].flatten(0, 1)])
+    return out if num_frames is None else out[:num_frames]
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -387,15 +445,20 @@ class VideoTokenizer(nn.Module):
         h, w = self.grid
         return h * w
 
+    @property
+    def temporal(self) -> int:
+        """Frames per code grid after the first frame (1 = no temporal compression)."""
+        return self.config.temporal
+
     # -- forward pieces
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B,3,H,W] in [-1,1] -> (quantized latent [B,D,h,w], indices [B,h,w], aux loss)."""
+        """x [B,3*temporal,H,W] in [-1,1] (grouped frames) -> (quantized latent [B,D,h,w], indices [B,h,w], aux loss)."""
         z = self.encoder(x).permute(0, 2, 3, 1)
         zq, idx, aux = self.quantizer(z)
         return zq.permute(0, 3, 1, 2), idx, aux
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B,3,H,W] in [-1,1] -> (reconstruction [B,3,H,W], indices [B,h,w], aux loss)."""
+        """x [B,3*temporal,H,W] in [-1,1] -> (reconstruction [B,3*temporal,H,W], indices [B,h,w], aux loss)."""
         zq, idx, aux = self.quantize(x)
         return self.decoder(zq), idx, aux
 
@@ -405,8 +468,12 @@ class VideoTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, frames, batch_size: int = 64) -> torch.Tensor:
-        """uint8 [T,H,W,3] (or float [T,3,H,W] in [-1,1]) -> LongTensor [T,h,w] of code indices."""
-        x = _to_float_frames(frames, self.image_size)
+        """uint8 [T,H,W,3] (or float [T,3,H,W] in [-1,1]) -> LongTensor [T,h,w] of code indices.
+
+        With ``temporal: t > 1`` the frames are one clip and the result is
+        ``[1 + ceil((T-1)/t), h, w]`` (see :func:`num_groups`).
+        """
+        x = group_frames(_to_float_frames(frames, self.image_size), self.temporal)
         was = self.training
         self.eval()
         dev = next(self.parameters()).device
@@ -415,8 +482,12 @@ class VideoTokenizer(nn.Module):
         return torch.cat(out).long() if out else torch.zeros(0, *self.grid, dtype=torch.long)
 
     @torch.no_grad()
-    def decode(self, codes, batch_size: int = 64) -> np.ndarray:
-        """LongTensor [T,h,w] (or [h,w]) of code indices -> uint8 [T,H,W,3]."""
+    def decode(self, codes, batch_size: int = 64, num_frames: int | None = None) -> np.ndarray:
+        """LongTensor [T,h,w] (or [h,w]) of code indices -> uint8 [T,H,W,3].
+
+        With ``temporal: t > 1``: G code grids -> ``1 + (G-1)*t`` frames, or the first
+        ``num_frames`` of them (the clip length given to ``encode``).
+        """
         codes = torch.as_tensor(codes)
         if codes.ndim == 2:
             codes = codes[None]
@@ -431,15 +502,17 @@ class VideoTokenizer(nn.Module):
         was = self.training
         self.eval()
         dev = next(self.parameters()).device
-        out = [_to_uint8(self.decode_latent(codes[i : i + batch_size].to(dev)).cpu()) for i in range(0, len(codes), batch_size)]
+        out = [self.decode_latent(codes[i : i + batch_size].to(dev)).cpu() for i in range(0, len(codes), batch_size)]
         self.train(was)
         s = self.image_size
-        return np.concatenate(out) if out else np.zeros((0, s, s, 3), np.uint8)
+        if not out:
+            return np.zeros((0, s, s, 3), np.uint8)
+        return _to_uint8(ungroup_frames(torch.cat(out), self.temporal, num_frames))
 
     @torch.no_grad()
     def reconstruct(self, frames, batch_size: int = 64) -> np.ndarray:
         """uint8 [T,H,W,3] -> uint8 [T,H,W,3] through the codes."""
-        return self.decode(self.encode(frames, batch_size), batch_size)
+        return self.decode(self.encode(frames, batch_size), batch_size, num_frames=len(frames))
 
     # -- persistence
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -464,6 +537,7 @@ class VideoTokenizer(nn.Module):
             "codebook_size": self.codebook_size,
             "grid": list(self.grid),
             "tokens_per_frame": self.tokens_per_frame,
+            "temporal": self.temporal,
             "image_size": self.image_size,
             "config": to_dict(self.config),
         }
@@ -586,6 +660,13 @@ def load_frames(data_dir: str | os.PathLike, image_size: int, which: Literal["tr
     ``train``: every episode whose split is not val/test/probe*. ``eval``: the val/test episodes
     if the dataset has any, otherwise every non-probe episode (a dataset kept apart for eval).
     """
+    frames, _, note = load_episode_frames(data_dir, image_size, which, max_frames)
+    return frames, note
+
+
+def load_episode_frames(data_dir: str | os.PathLike, image_size: int, which: Literal["train", "eval"],
+                        max_frames: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Like :func:`load_frames`, plus the start index of each episode in the frame array."""
     from unified_wm.data.episodes import get_episode, load_episodes
 
     ds = load_episodes(data_dir)
@@ -601,18 +682,46 @@ def load_frames(data_dir: str | os.PathLike, image_size: int, which: Literal["tr
             note = "all non-probe episodes (dataset has no val/test split)"
     if not rows:
         raise ValueError(f"episode dataset '{data_dir}' has no {which} episodes (splits present: {sorted(set(splits))})")
-    chunks, n = [], 0
+    chunks, starts, n = [], [], 0
     for i in rows:
         f = get_episode(ds, i)["frames"]
         f = resize_frames(f, image_size)
         if which == "eval":
             f = f[: max_frames - n]
+        starts.append(n)
         chunks.append(f)
         n += len(f)
         if n >= max_frames:
             break
     frames = np.concatenate(chunks)[:max_frames]
-    return frames, note
+    starts_arr = np.array([s for s in starts if s < len(frames)], dtype=np.int64)
+    return frames, starts_arr, note
+
+
+def _group_sampler(n_frames: int, starts: np.ndarray, temporal: int):
+    """Index tables for causal training groups: first frames (alone) and windows of ``temporal`` frames."""
+    ends = np.append(starts[1:], n_frames)
+    windows = np.concatenate([np.arange(s + 1, e - temporal + 1) for s, e in zip(starts, ends)] + [np.zeros(0, np.int64)])
+    mean_len = float(np.mean(ends - starts)) if len(starts) else 1.0
+    # the share of first-frame groups in a tiled episode: 1 of 1 + (T-1)/t
+    p_first = 1.0 / (1.0 + max(0.0, mean_len - 1) / temporal) if len(windows) else 1.0
+    return torch.from_numpy(starts.astype(np.int64)), torch.from_numpy(windows.astype(np.int64)), p_first
+
+
+def _sample_batch(frames: torch.Tensor, bs: int, gen: torch.Generator, temporal: int, sampler) -> torch.Tensor:
+    """A training batch in [-1,1]: [B,3,H,W] frames, or [B,3*t,H,W] causal groups when temporal > 1."""
+    if temporal == 1:
+        bi = torch.randint(0, len(frames), (bs,), generator=gen)
+        return frames[bi].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    firsts, windows, p_first = sampler
+    first = torch.rand(bs, generator=gen) < p_first
+    w = windows[torch.randint(0, max(1, len(windows)), (bs,), generator=gen)] if len(windows) else firsts[:1].expand(bs)
+    f = firsts[torch.randint(0, len(firsts), (bs,), generator=gen)]
+    start = torch.where(first, f, w)
+    step = torch.where(first, 0, 1)
+    idx = start[:, None] + step[:, None] * torch.arange(temporal)[None]  # [B, t]
+    x = frames[idx.flatten()].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    return x.reshape(bs, temporal * 3, *x.shape[2:])
 
 
 # ----------------------------------------------------------------------------- training
@@ -698,9 +807,10 @@ def train_video_tokenizer(
         raise FileExistsError(f"output folder '{out}' already holds checkpoints; pass resume=True (--resume) or choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    frames_np, note = load_frames(data_dir, cfg.image_size, "train", tc.max_frames)
+    frames_np, starts, note = load_episode_frames(data_dir, cfg.image_size, "train", tc.max_frames)
     frames = torch.from_numpy(frames_np)  # uint8 [N,S,S,3]
     n = len(frames)
+    sampler = _group_sampler(n, starts, cfg.temporal) if cfg.temporal > 1 else None
 
     torch.manual_seed(tc.seed)
     model = VideoTokenizer(cfg)
@@ -736,8 +846,7 @@ def train_video_tokenizer(
     last_psnr = float("nan")
     bar = tqdm(total=total, initial=step, disable=not progress, desc="video tokenizer", unit="step", dynamic_ncols=True)
     while step < total:
-        bi = torch.randint(0, n, (tc.batch_size,), generator=gen)
-        x = frames[bi].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x = _sample_batch(frames, tc.batch_size, gen, cfg.temporal, sampler)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, tc)
         rec, idx, aux = model(x)
@@ -788,9 +897,18 @@ def train_video_tokenizer(
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _reconstruction_report(tok: VideoTokenizer, frames: np.ndarray) -> tuple[dict, np.ndarray]:
-    codes = tok.encode(frames)
-    rec = tok.decode(codes)
+def _reconstruction_report(tok: VideoTokenizer, frames: np.ndarray, starts: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+    """Reconstruct ``frames``; with temporal compression each episode (from ``starts``) is one clip."""
+    if starts is None or tok.temporal == 1:
+        starts = np.zeros(1, np.int64)
+    bounds = list(zip(starts.tolist(), np.append(starts[1:], len(frames)).tolist()))
+    code_list, recs = [], []
+    for lo, hi in bounds:
+        c = tok.encode(frames[lo:hi])
+        code_list.append(c)
+        recs.append(tok.decode(c, num_frames=hi - lo))
+    codes = torch.cat(code_list)
+    rec = np.concatenate(recs)
     p = psnr(frames, rec)
     p = p.clamp(max=100.0)
     s = ssim(frames, rec)
@@ -805,6 +923,8 @@ def _reconstruction_report(tok: VideoTokenizer, frames: np.ndarray) -> tuple[dic
         "perplexity": use["perplexity"],
         "codebook_size": tok.codebook_size,
         "tokens_per_frame": tok.tokens_per_frame,
+        "temporal": tok.temporal,
+        "codes_per_video_frame": float(codes.numel()) / max(1, len(frames)),
         "grid": list(tok.grid),
         "image_size": tok.image_size,
         "bits_per_frame": tok.tokens_per_frame * math.log2(tok.codebook_size),
@@ -841,9 +961,9 @@ def evaluate_video_tokenizer(tok_dir: str | os.PathLike, data_dir: str | os.Path
                              max_frames: int = 512) -> dict:
     """PSNR / SSIM / code usage of a trained tokenizer on held-out frames of an episode dataset."""
     tok = VideoTokenizer.from_pretrained(tok_dir)
-    frames, note = load_frames(data_dir, tok.image_size, "eval", max_frames)
+    frames, starts, note = load_episode_frames(data_dir, tok.image_size, "eval", max_frames)
     t0 = time.time()
-    rep, rec = _reconstruction_report(tok, frames)
+    rep, rec = _reconstruction_report(tok, frames, starts)
     rep.update(seconds=time.time() - t0, tokenizer=str(tok_dir), data=str(data_dir), splits=note)
     if out_dir is not None:
         o = Path(out_dir)
@@ -927,7 +1047,8 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
 __all__ = [
     "VideoTokenizerConfig", "FSQConfig", "VQConfig", "QuantizerConfig", "TrainConfig",
     "FSQ", "EMAVectorQuantizer", "VideoTokenizer",
-    "psnr", "ssim", "code_usage", "resize_frames", "load_frames", "read_video_frames",
+    "psnr", "ssim", "code_usage", "resize_frames", "load_frames", "load_episode_frames", "read_video_frames",
+    "num_groups", "group_frames", "ungroup_frames",
     "train_video_tokenizer", "evaluate_video_tokenizer", "evaluate_on_video_file", "save_side_by_side",
     "main_train", "main_eval",
 ]
