@@ -445,7 +445,7 @@ def test_doom_episode_columns_pose_and_determinism(doom_game):
     doom = _vizdoom_or_skip()
     cfg, game = doom_game
     cfg = doom.as_config({**vars(cfg), "frames": 24})
-    ep = doom.generate_episode(cfg, 5, game=game)
+    ep = doom.generate_episode(cfg, 4, game=game)
     st = json.loads(ep["state"])
     T = len(ep["frames"])
     assert ep["frames"].shape == (T, 64, 64, 3) and T == 24 and ep["frames"].dtype == np.uint8
@@ -466,9 +466,27 @@ def test_doom_episode_columns_pose_and_determinism(doom_game):
     for t, text in caps.items():
         if t and "the player turns left" in text.split("; "):
             assert ep["actions"][t - 1] == "left"
-    again = doom.generate_episode(cfg, 5, game=game)
+    again = doom.generate_episode(cfg, 4, game=game)
     assert np.array_equal(ep["frames"], again["frames"]) and ep["actions"] == again["actions"] and ep["state"] == again["state"]
     assert not np.array_equal(ep["frames"], doom.generate_episode(cfg, 6, game=game)["frames"])
+    assert not st["game_over"] and st["final_step"] is None
+
+
+def test_doom_goal_ends_the_episode_and_things_in_view_are_captioned(doom_game):
+    doom = _vizdoom_or_skip()
+    cfg, game = doom_game
+    cfg = doom.as_config({**vars(cfg), "frames": 24})
+    ep = doom.generate_episode(cfg, 5, game=game)  # this seed walks to the armor of my_way_home
+    st = json.loads(ep["state"])
+    assert st["game_over"] and st["final_step"]["reward"] > 0.5 and len(ep["frames"]) < 24
+    assert len(ep["actions"]) == len(ep["frames"]) - 1 == len(st["frames"]) - 1
+    caps = {c["t"]: c["text"].split("; ") for c in ep["captions"]}
+    seen = [{o["name"] for o in f["objects"]} for f in st["frames"]]
+    entered = [t for t, ev in caps.items() if "a green armor comes into view" in ev]
+    assert entered and all("GreenArmor" in seen[t] and "GreenArmor" not in seen[t - 1] for t in entered)
+    armor = next(o for o in st["frames"][entered[0]]["objects"] if o["name"] == "GreenArmor")
+    x0, y0, x1, y1 = armor["bbox"]
+    assert 0 <= x0 < x1 and 0 <= y0 < y1 and len(armor["pos"]) == 3
 
 
 def test_doom_revisit_probe_returns_to_the_first_view(doom_game):
@@ -504,12 +522,14 @@ def test_doom_config_errors(tmp_path):
         doom.as_config(p)
     with pytest.raises(ValueError, match=r"unknown ViZDoom scenario 'my_way_hom' \(config key 'scenario'\); valid: .*my_way_home"):
         doom.make_game(doom.DoomConfig(scenario="my_way_hom"))
+    with pytest.raises(ValueError, match=r"ViZDoom scenario 'cig' .* is not supported: a multiplayer scenario.*supported: .*my_way_home"):
+        doom.make_game(doom.DoomConfig(scenario="cig"))  # refused before the engine starts (it would crash)
 
 
 def test_doom_cli_writes_a_dataset(tmp_path):
     doom = _vizdoom_or_skip()
     p = tmp_path / "d.yaml"
-    p.write_text((RECIPES / "doom.yaml").read_text().replace("frames: 32\n", "frames: 8\n"))
+    p.write_text(re.sub(r"^frames: 32$", "frames: 8", (RECIPES / "doom.yaml").read_text(), flags=re.M))
     assert doom.main(["--config", str(p), "--out", str(tmp_path / "d"), "--episodes", "2", "--seed", "3", "--no-progress"]) == 0
     ds = load_episodes(tmp_path / "d")
     assert W.seeds_of(ds) == {3, 4} and get_episode(ds, 0)["frames"].shape == (8, 64, 64, 3)

@@ -87,8 +87,30 @@ def _import_ale():
     return gymnasium
 
 
+def atari_games() -> list[str]:
+    """The ALE game names this install can make (``"Pong"``, ``"Breakout"``, ...), sorted."""
+    gym = _import_ale()
+    return sorted(k[len("ALE/"):-len("-v5")] for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5"))
+
+
+def check_game(game: str) -> None:
+    """A ValueError naming ``game`` and the close matches (and all valid names) if ALE has no such game."""
+    import difflib
+
+    games = atari_games()
+    if game in games:
+        return
+    by_lower = {g.lower(): g for g in games}
+    close = [by_lower[game.lower()]] if game.lower() in by_lower else difflib.get_close_matches(game, games, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"unknown Atari game {game!r} (config key 'game').{hint} Valid games ({len(games)}): {', '.join(games)}"
+    )
+
+
 def make_env(cfg: AtariConfig):
     gym = _import_ale()
+    check_game(cfg.game)
     env_id = f"ALE/{cfg.game}-v5"
     try:
         return gym.make(
@@ -193,8 +215,8 @@ def generate_episode(cfg: AtariConfig, seed: int, split: str = "train", env=None
 
 
 class AtariEpisodes:
-    """A re-iterable, picklable stream of episodes (``save_episodes`` hashes its input with
-    dill, which cannot pickle a generator or an env); the env is made inside ``__iter__``."""
+    """A re-iterable stream of episodes with a length; the env is made inside ``__iter__``
+    and closed when the stream ends."""
 
     def __init__(self, cfg: AtariConfig, seeds: list[int], split: str, progress: bool = True):
         self.cfg, self.seeds, self.split, self.progress = cfg, list(seeds), split, progress
@@ -217,31 +239,41 @@ def iter_atari(cfg: AtariConfig, seeds: list[int], split: str, progress: bool = 
     return AtariEpisodes(cfg, seeds, split, progress)
 
 
-def generate_atari(config, out_dir: str | os.PathLike, *, n_episodes: int | None = None, seed: int | None = None, split: str | None = None, progress: bool = True) -> Path:
-    """Write an Atari episode dataset at ``out_dir`` (atomic)."""
+def generate_atari(config, out_dir: str | os.PathLike, *, n_episodes: int | None = None, seed: int | None = None, split: str | None = None,
+                   progress: bool = True, max_shard_size: int | str = "500MB") -> Path:
+    """Write an Atari episode dataset at ``out_dir`` (atomic; Arrow shards of at most ``max_shard_size``)."""
     from unified_wm.data.episodes import save_episodes
     from unified_wm.data.world import episode_seeds
 
     cfg = as_config(config)
-    _import_ale()  # fail before creating anything
+    check_game(cfg.game)  # fail (missing packages, unknown game) before creating anything
     split = split or cfg.split
     seeds = episode_seeds(split, cfg.seed if seed is None else seed, cfg.n_episodes if n_episodes is None else n_episodes)
-    return save_episodes(iter_atari(cfg, seeds, split, progress), out_dir, cfg.height, cfg.width)
+    return save_episodes(iter_atari(cfg, seeds, split, progress=False), out_dir, cfg.height, cfg.width,
+                         max_shard_size=max_shard_size, progress=progress, desc=f"atari {cfg.game} {split}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`uwm data gen-atari --config C --out DIR [--episodes N] [--seed S] [--split train|val]`."""
+    """`uwm data gen-atari --config C --out DIR [--episodes N] [--seed S] [--split train|val]` (or `--list-games`)."""
     ap = argparse.ArgumentParser(prog="uwm data gen-atari", description="Record Atari episodes (gymnasium + ale-py) as an episode dataset.")
-    ap.add_argument("--config", required=True, help="Atari YAML (e.g. recipes/data/atari_pong.yaml)")
-    ap.add_argument("--out", required=True, help="output episode dataset folder")
+    ap.add_argument("--config", help="Atari YAML (e.g. recipes/data/atari_pong.yaml); required unless --list-games")
+    ap.add_argument("--out", help="output episode dataset folder; required unless --list-games")
     ap.add_argument("--episodes", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--split", default=None, choices=["train", "val"])
+    ap.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard, e.g. 500MB or 1GB (default 500MB)")
+    ap.add_argument("--list-games", action="store_true", help="print the valid game names and exit")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.list_games:
+        print("\n".join(atari_games()))
+        return 0
+    if not args.config or not args.out:
+        ap.error("--config and --out are required (or --list-games)")
     cfg = load_config(AtariConfig, args.config)
     t0 = time.perf_counter()
-    out = generate_atari(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=args.split, progress=not args.no_progress)
+    out = generate_atari(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=args.split, progress=not args.no_progress,
+                         max_shard_size=args.max_shard_size)
     print(f"wrote {args.episodes or cfg.n_episodes} {cfg.game} episodes to {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

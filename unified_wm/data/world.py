@@ -904,8 +904,8 @@ def episode_seeds(split: str, seed: int, n: int) -> list[int]:
 
 
 class WorldEpisodes:
-    """A re-iterable, picklable stream of episodes (``save_episodes`` hashes its input with
-    dill, which cannot pickle a generator object)."""
+    """A re-iterable stream of episodes with a length (``save_episodes`` takes any iterable;
+    this one also knows its size, for the progress bar and ``num_shards``)."""
 
     def __init__(self, cfg: WorldConfig, seeds: list[int], split: str, progress: bool = True, desc: str | None = None):
         self.cfg, self.seeds, self.split, self.progress, self.desc = cfg, list(seeds), split, progress, desc
@@ -932,20 +932,25 @@ def generate_world(
     seed: int | None = None,
     split: str = "train",
     progress: bool = True,
+    max_shard_size: int | str = "500MB",
 ) -> Path:
-    """Generate an episode dataset at ``out_dir`` (atomic; tqdm progress). Returns the path."""
+    """Generate an episode dataset at ``out_dir`` (atomic; Arrow shards of at most
+    ``max_shard_size``; tqdm progress). Returns the path."""
     from unified_wm.data.episodes import save_episodes
 
     cfg = as_config(config_path_or_cfg)
     if split in PROBE_KINDS:
-        return generate_probes(cfg, out_dir, split, n_episodes or cfg.probe_episodes, cfg.seed if seed is None else seed, progress=progress)
+        return generate_probes(cfg, out_dir, split, n_episodes or cfg.probe_episodes, cfg.seed if seed is None else seed,
+                               progress=progress, max_shard_size=max_shard_size)
     n = cfg.n_episodes if n_episodes is None else n_episodes
     s = cfg.seed if seed is None else seed
     seeds = episode_seeds(split, s, n)
-    return save_episodes(iter_world(cfg, seeds, split, progress), out_dir, cfg.view_height, cfg.view_width)
+    return save_episodes(iter_world(cfg, seeds, split, progress=False), out_dir, cfg.view_height, cfg.view_width,
+                         max_shard_size=max_shard_size, progress=progress, desc=f"world {split}")
 
 
-def generate_probes(cfg: WorldConfig | str | os.PathLike | dict | None, out_dir, kind: str, n: int, seed: int, *, progress: bool = True) -> Path:
+def generate_probes(cfg: WorldConfig | str | os.PathLike | dict | None, out_dir, kind: str, n: int, seed: int, *,
+                    progress: bool = True, max_shard_size: int | str = "500MB") -> Path:
     """Probe dataset ``kind`` ("probe_offscreen"/"offscreen" or "probe_revisit"/"revisit"), n episodes."""
     from unified_wm.data.episodes import save_episodes
 
@@ -954,7 +959,8 @@ def generate_probes(cfg: WorldConfig | str | os.PathLike | dict | None, out_dir,
     if split not in PROBE_KINDS:
         raise ValueError(f"probe kind must be one of {list(PROBE_KINDS)} (or offscreen/revisit), got {kind!r}")
     seeds = episode_seeds(split, seed, n)
-    return save_episodes(iter_world(cfg, seeds, split, progress), out_dir, cfg.view_height, cfg.view_width)
+    return save_episodes(iter_world(cfg, seeds, split, progress=False), out_dir, cfg.view_height, cfg.view_width,
+                         max_shard_size=max_shard_size, progress=progress, desc=f"world {split}")
 
 
 def seeds_of(dataset) -> set[int]:
@@ -977,11 +983,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, default=None, help="number of episodes (default: n_episodes, or probe_episodes for probes)")
     ap.add_argument("--seed", type=int, default=None, help="base seed (default: the config's seed)")
     ap.add_argument("--split", default="train", choices=list(SPLIT_SEED_OFFSETS))
+    ap.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard, e.g. 500MB or 1GB (default 500MB)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     cfg = load_config(WorldConfig, args.config)
     t0 = time.perf_counter()
-    out = generate_world(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=args.split, progress=not args.no_progress)
+    out = generate_world(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=args.split, progress=not args.no_progress,
+                         max_shard_size=args.max_shard_size)
     n = args.episodes or (cfg.probe_episodes if args.split in PROBE_KINDS else cfg.n_episodes)
     print(f"wrote {n} {args.split} episodes to {out} in {time.perf_counter() - t0:.1f}s")
     return 0
