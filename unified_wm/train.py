@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unified_wm.sequence import MODALITY_KEYS, TEMPLATES
+from unified_wm.sequence import MODALITY_KEYS, TEMPLATES, TaskWeights
 from unified_wm.utils import ConfigError, MetricsWriter, atomic_file, deep_update, load_config, write_json
 
 
@@ -67,12 +67,8 @@ class AttentionRecipe:
     drop_in: float = 0.0
 
 
-@dataclass
-class LossWeights:
-    special: float = 1.0
-    text: float = 1.0
-    action: float = 1.0
-    video: float = 1.0
+# loss weight per modality of the target token: the same four fields the templates use
+LossWeights = TaskWeights
 
 
 @dataclass
