@@ -85,26 +85,17 @@ class Suite:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 100.0 if mse == 0 else min(100.0, float(10 * np.log10(255.0**2 / mse)))  # identical frames: capped at 100 dB
+    """PSNR of two uint8 frames (the video tokenizer's definition); identical frames are capped at 100 dB."""
+    from unified_wm.tokenization.video import psnr as _psnr
+
+    return min(100.0, float(_psnr(a, b)))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM of two uint8 RGB frames (gaussian window 11, sigma 1.5, per channel)."""
-    import torch.nn.functional as F
+    """Mean SSIM of two uint8 RGB frames (the video tokenizer's definition)."""
+    from unified_wm.tokenization.video import ssim as _ssim
 
-    x = torch.from_numpy(a).permute(2, 0, 1)[None].double() / 255
-    y = torch.from_numpy(b).permute(2, 0, 1)[None].double() / 255
-    g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2))
-    g = (g / g.sum()).double()
-    win = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
-    mu_x, mu_y = F.conv2d(x, win, groups=3), F.conv2d(y, win, groups=3)
-    sxx = F.conv2d(x * x, win, groups=3) - mu_x**2
-    syy = F.conv2d(y * y, win, groups=3) - mu_y**2
-    sxy = F.conv2d(x * y, win, groups=3) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
-    return float(s.mean())
+    return float(_ssim(a, b))
 
 
 def check_held_out(model_dir: Path, ds, suite_path: str) -> None:
