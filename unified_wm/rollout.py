@@ -59,88 +59,333 @@ class WorldModel:
     def context_limit(self) -> int:
         return int(self.model.config.max_position_embeddings)
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one rollout step adds: ``<frame>`` + codes + ``<act> a </act>``."""
+        return 1 + self.processor.tokens_per_frame + 2 + self.processor.tokens_per_action
+
     def tokens_needed(self, prompt_len: int, frames: int) -> int:
-        per_step = 1 + self.processor.tokens_per_frame + 2 + self.processor.tokens_per_action
-        return prompt_len + frames * per_step
+        return prompt_len + frames * self.tokens_per_step
+
+    def action_ids(self, actions) -> list[list[int]]:
+        """Validated action ids for a list of names (or "a,b,c"); unknown names name the input."""
+        p = self.processor
+        names = list(actions) if not isinstance(actions, str) else [a for a in actions.split(",") if a]
+        return [p.encode_actions([a]) for a in names]
+
+    def default_action(self) -> list[int]:
+        p = self.processor
+        return p.encode_actions(["stay"]) if "stay" in p.action_names else [p.action_offset]
+
+    def session(self, text: str = "", context: np.ndarray | None = None, context_actions=(), **kw) -> "RolloutSession":
+        """A step-by-step rollout (``step(action)`` -> the next frames); see :class:`RolloutSession`."""
+        return RolloutSession(self, text, context, context_actions, **kw)
 
     @torch.no_grad()
     def rollout(self, text: str = "", actions: list[str] | str = (), frames: int = 16, *,
                 context: np.ndarray | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                seed: int | None = 0, on_frame=None, progress: bool = False) -> np.ndarray:
-        """Generate ``frames`` new frames (uint8 [frames, H, W, 3]) after the prompt and optional context frames."""
-        p = self.processor
+                seed: int | None = 0, batch: int = 1, cfg_text: float = 1.0, cfg_action: float = 1.0,
+                mode: str = "token", diagonals_per_pass: int = 1, window: int | None = None, on_frame=None,
+                progress: bool = False) -> np.ndarray:
+        """Generate ``frames`` new frames after the prompt and optional context frames.
+
+        Returns uint8 ``[frames, H, W, 3]``, or ``[batch, frames, H, W, 3]`` when ``batch > 1``
+        (row ``i`` is sampled with seed ``seed + i``). Action ``t`` is the action taken after
+        frame ``t`` (context frames count first); the last action is held when the list is
+        shorter. ``window=None`` refuses a rollout that does not fit the model's context;
+        ``window=N`` streams without bound, evicting old frames to stay within N tokens.
+        ``on_frame(t, frames [B,H,W,3])`` is called as each frame is made.
+        """
         if frames <= 0:
             raise ValueError(f"frames must be positive, got {frames}")
-        action_names = list(actions) if not isinstance(actions, str) else [a for a in actions.split(",") if a]
-        action_ids = [p.encode_actions([a]) for a in action_names] if action_names else [p.encode_actions(["stay"]) if "stay" in p.action_names else [p.action_offset]]
+        ids = self.action_ids(actions) or [self.default_action()]
         n_ctx = 0 if context is None else len(context)
-        ctx_ids = p.encode_frames(context) if context is not None else None
-        ctx_actions = [action_ids[min(i, len(action_ids) - 1)] for i in range(n_ctx)] if n_ctx else None
-        prompt = self.builder.prompt(text, ctx_ids, ctx_actions)
-        need = self.tokens_needed(len(prompt), frames)
-        if len(prompt) > self.context_limit or need > self.context_limit:
-            raise ValueError(
-                f"prompt ({len(prompt)} tokens) plus {frames} frames needs {need} tokens, more than the model's context "
-                f"of {self.context_limit} tokens; shorten the prompt or ask for fewer frames"
-            )
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        threads = torch.get_num_threads()
-        # token-by-token decoding of a small model is latency bound: one thread avoids
-        # the synchronisation cost (and contention) of several on tiny matrices
-        torch.set_num_threads(1)
-        try:
-            return self._rollout(prompt, frames, action_ids, n_ctx, temperature, top_k, top_p, gen, on_frame, progress)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _rollout(self, prompt, frames, action_ids, n_ctx, temperature, top_k, top_p, gen, on_frame, progress):
+        act = lambda t: ids[min(t, len(ids) - 1)]  # noqa: E731  (action after frame t)
+        sess = self.session(text, context, [act(t) for t in range(max(n_ctx - 1, 0))], temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, batch=batch, cfg_text=cfg_text,
+                            cfg_action=cfg_action, mode=mode, window=window, diagonals_per_pass=diagonals_per_pass)
+        if window is None:
+            need = sess.length + frames * self.tokens_per_step
+            if need > self.context_limit:
+                raise ValueError(
+                    f"prompt ({sess.length} tokens) plus {frames} frames needs {need} tokens, more than the model's "
+                    f"context of {self.context_limit} tokens; shorten the prompt, ask for fewer frames, or stream "
+                    f"with a window (--window) that evicts old frames"
+                )
         from tqdm import tqdm
-        from unified_wm.model.modeling_uwm import UWMCache
-        from unified_wm.tokenization.processor import FRAME
 
-        p = self.processor
-        cache = UWMCache(self.model.config)
-        self.model(torch.tensor([prompt]), cache=cache, use_cache=True)
-        out_frames = []
+        out = []
         bar = tqdm(total=frames, desc="rollout", unit="frame", disable=not progress)
         t0 = time.time()
-        for f in range(frames):
-            logits = self.model(torch.tensor([[FRAME]]), cache=cache, use_cache=True).logits[:, -1]
-            codes = []
-            for _ in range(p.tokens_per_frame):
-                tok = self._sample(logits, temperature, top_k, top_p, gen)
-                codes.append(tok)
-                logits = self.model(torch.tensor([[tok]]), cache=cache, use_cache=True).logits[:, -1]
-            frame = p.decode_frames(np.array([codes]))[0]
-            out_frames.append(frame)
-            if on_frame is not None:
-                on_frame(frame)
-            if f < frames - 1:
-                a = action_ids[min(n_ctx + f, len(action_ids) - 1)]
-                logits = self.model(torch.tensor([self.builder.act_segment(a)]), cache=cache, use_cache=True).logits[:, -1]
-            bar.update(1)
-            bar.set_postfix(fps=f"{(f + 1) / (time.time() - t0):.2f}")
+        with _one_thread():
+            for f in range(frames):
+                t = n_ctx + f - 1  # the frame before this one
+                fr = sess.step(act(t) if t >= 0 else None)
+                out.append(fr)
+                if on_frame is not None:
+                    on_frame(f, fr)
+                bar.update(1)
+                bar.set_postfix(fps=f"{(f + 1) / (time.time() - t0):.2f}")
         bar.close()
-        return np.stack(out_frames)
+        res = np.stack(out, 1)  # [B, T, H, W, 3]
+        return res[0] if batch == 1 else res
 
-    def _sample(self, logits, temperature, top_k, top_p, gen) -> int:
-        logits = logits[0].float().clone()
-        logits[~self.video_allowed[: logits.shape[-1]]] = float("-inf")
-        if temperature <= 0:
-            return int(logits.argmax())
-        logits = logits / temperature
-        if top_k and top_k > 0:
-            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits[logits < kth] = float("-inf")
+
+class _one_thread:
+    """Token-by-token decoding of a small model is latency bound: one thread avoids the
+    synchronisation cost (and contention) of several on tiny matrices."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
+class _Branch:
+    """One stream of a rollout with its own KV cache: the conditional stream, or one of the
+    unconditional streams of classifier-free guidance (without the text / without actions)."""
+
+    def __init__(self, name: str, prompt: list[int], batch: int, with_actions: bool, cfg):
+        from unified_wm.model.modeling_uwm import UWMCache
+
+        self.name, self.with_actions = name, with_actions
+        self.cache = UWMCache(cfg)
+        self.prompt = prompt
+        self.batch = batch
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+
+class RolloutSession:
+    """Rollout one frame at a time: ``step(action)`` appends the action (after the previous
+    frame) and generates the next frame for every row of the batch.
+
+    Sampling: ``temperature`` (0 = greedy), ``top_k``, ``top_p``; row ``i`` uses its own
+    generator seeded ``seed + i``. Logits are masked to video codes inside a frame (the
+    stream grammar), so every frame is a whole grid of codes.
+
+    Classifier-free guidance: ``cfg_text`` / ``cfg_action`` > 1 run extra streams without the
+    text prompt / without the action segments (the model learns both forms in training:
+    ``train.text_dropout`` / ``train.action_dropout``, and the ``t2v`` template) and combine
+    ``l = l_c + (s_t - 1)(l_c - l_no_text) + (s_a - 1)(l_c - l_no_action)`` on the logits.
+
+    ``mode='diagonal'``: parallel decoding of a frame along anti-diagonals of its code grid
+    (as MineWorld does): all codes (i, j) with i + j = d are sampled in one forward pass, in
+    which the codes not yet sampled hold placeholders (the same code in the previous frame).
+    An 8x8 grid takes 15 passes instead of 64; the cost in quality is measured by
+    ``uwm bench rollout``.
+
+    ``window=N`` (tokens): unbounded streaming. Before a frame that would not fit in N tokens,
+    the cache evicts old frames (with their actions) without re-encoding anything: it keeps the
+    prompt up to the first frame (``<bos>``, text: the attention sink and the text links), the
+    ``recent`` newest frames, and the older frames Mixture-of-Contexts routing selected most
+    often (``MoCDecodeState.selection_counts``); it frees a quarter of the window at once.
+    """
+
+    def __init__(self, wm: "WorldModel", text: str = "", context: np.ndarray | None = None, context_actions=(), *,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = 0, batch: int = 1,
+                 cfg_text: float = 1.0, cfg_action: float = 1.0, mode: str = "token", window: int | None = None,
+                 recent: int = 4, diagonals_per_pass: int = 1):
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        if mode not in ("token", "diagonal"):
+            raise ValueError(f"mode must be 'token' or 'diagonal', got '{mode}'")
+        if cfg_text < 0 or cfg_action < 0:
+            raise ValueError(f"guidance scales must be >= 0 (1 = off), got cfg_text={cfg_text}, cfg_action={cfg_action}")
+        if cfg_text != 1.0 and not text:
+            raise ValueError("cfg_text needs a text prompt to guide with (got an empty prompt)")
+        if temperature < 0 or not (0 < top_p <= 1) or top_k < 0:
+            raise ValueError(f"sampling settings out of range: temperature {temperature} (>= 0), top_k {top_k} (>= 0), "
+                             f"top_p {top_p} (0 < top_p <= 1)")
+        self.wm, self.model, self.p = wm, wm.model, wm.processor
+        cfg = self.model.config
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.cfg_text, self.cfg_action, self.mode, self.recent = cfg_text, cfg_action, mode, recent
+        if diagonals_per_pass < 1:
+            raise ValueError(f"diagonals_per_pass must be >= 1, got {diagonals_per_pass}")
+        self.diagonals_per_pass = diagonals_per_pass
+        self.B = batch
+        self.gens = [torch.Generator().manual_seed(seed + i) if seed is not None else None for i in range(batch)]
+        self.allowed = wm.video_allowed
+        ctx_ids = self.p.encode_frames(context) if context is not None else None
+        ctx_actions = [list(a) for a in context_actions] if len(context_actions) else None
+        self.n_frames = 0 if ctx_ids is None else len(ctx_ids)
+        self.prev_codes = None if ctx_ids is None else torch.as_tensor(ctx_ids[-1]).expand(batch, -1).clone()
+        b = wm.builder
+        specs = [("cond", text, True)]
+        if cfg_text != 1.0:
+            specs.append(("no_text", "", True))
+        if cfg_action != 1.0:
+            specs.append(("no_action", text, False))
+        self.branches = []
+        for name, txt, with_act in specs:
+            prompt = b.prompt(txt, ctx_ids, ctx_actions if with_act else None)
+            self.branches.append(_Branch(name, prompt, batch, with_act, cfg))
+        self.length = len(self.branches[0].prompt)
+        min_window = self.length + (recent + 1) * wm.tokens_per_step
+        if window is not None and window < min_window:
+            raise ValueError(f"window of {window} tokens is too small: the prompt ({self.length} tokens) and "
+                             f"{recent} recent frames plus the next need {min_window}")
+        if window is not None and window > wm.context_limit:
+            raise ValueError(f"window of {window} tokens exceeds the model's context of {wm.context_limit} tokens")
+        if self.length > wm.context_limit:
+            raise ValueError(f"the prompt and context ({self.length} tokens) do not fit the model's context of "
+                             f"{wm.context_limit} tokens; shorten the prompt or give fewer context frames")
+        self.window = window
+        self.evictions = 0
+        with _one_thread():
+            for br in self.branches:
+                self._feed(br, torch.tensor([br.prompt] * batch))
+
+    # -- model calls -------------------------------------------------------------------
+    def _feed(self, br: _Branch, ids: torch.Tensor, at: list[int] | None = None) -> torch.Tensor:
+        """Feed ``ids`` [B, n]; logits [B, V] of the last token, or [B, len(at), V] at positions ``at``."""
+        keep = 1 if at is None else torch.tensor(at)
+        out = self.model(ids, cache=br.cache, use_cache=True, logits_to_keep=keep)
+        return out.logits[:, -1] if at is None else out.logits
+
+    def _combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        """Guided logits from the branches' logits (same order as ``self.branches``)."""
+        l_c = logits[0]
+        out = l_c.clone()
+        for br, l_u in zip(self.branches[1:], logits[1:]):
+            s = self.cfg_text if br.name == "no_text" else self.cfg_action
+            out += (s - 1.0) * (l_c - l_u)
+        return out
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row from logits [B, V] restricted to video codes."""
+        logits = logits.float().masked_fill(~self.allowed[: logits.shape[-1]], float("-inf"))
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, -1)
-        if top_p < 1.0:
-            sp, si = probs.sort(descending=True)
-            keep = sp.cumsum(0) - sp < top_p
-            mask = torch.zeros_like(probs, dtype=torch.bool)
-            mask[si[keep]] = True
-            probs = torch.where(mask, probs, torch.zeros_like(probs))
-            probs = probs / probs.sum()
-        return int(torch.multinomial(probs, 1, generator=gen))
+        if self.top_p < 1.0:
+            sp, si = probs.sort(-1, descending=True)
+            drop = (sp.cumsum(-1) - sp) >= self.top_p
+            probs = probs.masked_fill(torch.zeros_like(drop).scatter(-1, si, drop), 0.0)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return torch.cat([torch.multinomial(probs[i], 1, generator=self.gens[i]) for i in range(self.B)])
+
+    # -- one step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, action=None) -> np.ndarray:
+        """Append ``action`` (a name or ids; ignored before the first frame; None holds
+        "stay") and generate the next frame: uint8 ``[B, H, W, 3]``."""
+        from unified_wm.tokenization.processor import FRAME
+
+        if self.n_frames > 0:
+            a = self.wm.default_action() if action is None else (
+                self.p.encode_actions([action]) if isinstance(action, str) else list(action))
+            seg = torch.tensor([self.wm.builder.act_segment(a)] * self.B)
+        need = self.wm.tokens_per_step
+        if self.window is not None and self.branches[0].length + need > self.window:
+            self._evict()
+        with _one_thread():
+            if self.n_frames > 0:
+                for br in self.branches:
+                    if br.with_actions:
+                        self._feed(br, seg)
+            frame_tok = torch.full((self.B, 1), FRAME)
+            first = [self._feed(br, frame_tok) for br in self.branches]
+            codes = self._frame_diagonal(first) if self.mode == "diagonal" else self._frame_tokens(first)
+        self.prev_codes = codes
+        self.n_frames += 1
+        self.length = self.branches[0].length
+        return self.p.decode_frames(codes.numpy())
+
+    def _frame_tokens(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        T = self.p.tokens_per_frame
+        if self.window is None and self.branches[0].length + T > self.wm.context_limit:
+            raise ValueError(f"the rollout reached the model's context of {self.wm.context_limit} tokens; "
+                             f"stream with a window to evict old frames")
+        codes = []
+        for t in range(T):
+            tok = self._sample(self._combine(logits))
+            codes.append(tok)
+            logits = [self._feed(br, tok[:, None]) for br in self.branches]
+        return torch.stack(codes, 1)
+
+    def _frame_diagonal(self, first: list[torch.Tensor]) -> torch.Tensor:
+        h, w = self.p.grid
+        T = h * w
+        guess = self.prev_codes.clone() if self.prev_codes is not None else None
+        snaps = [br.cache.snapshot() for br in self.branches]
+        G = torch.full((self.B, T), self.p.video_offset, dtype=torch.long)  # placeholder: code 0
+        step = self.diagonals_per_pass
+        for d0 in range(0, h + w - 1, step):
+            d = d0 + step - 1  # this pass samples diagonals d0..d
+            P = [i * w + (e - i) for e in range(d0, min(d, h + w - 2) + 1) for i in range(h) if 0 <= e - i < w]
+            P.sort()
+            m = max(P)
+            if m == 0:
+                logits = [{0: l} for l in first]  # noqa: E741
+            else:
+                fill = G.clone()
+                if guess is not None:  # codes not sampled yet hold the previous frame's code
+                    done = torch.zeros(T, dtype=torch.bool)
+                    done[[i * w + j for i in range(h) for j in range(w) if i + j < d0]] = True
+                    fill[:, ~done] = guess[:, ~done]
+                logits = []
+                later = [t for t in P if t > 0]
+                for br, snap, l0 in zip(self.branches, snaps, first):
+                    br.cache.restore(snap)
+                    out = self._feed(br, fill[:, :m], at=[t - 1 for t in later])  # input t-1 predicts code t
+                    logits.append({0: l0, **{t: out[:, i] for i, t in enumerate(later)}})
+            for t in P:
+                G[:, t] = self._sample(self._combine([lg[t] for lg in logits]))
+        for br, snap in zip(self.branches, snaps):
+            br.cache.restore(snap)
+            self._feed(br, G)
+        return G
+
+    # -- unbounded streaming -----------------------------------------------------------
+    def _evict(self) -> None:
+        from unified_wm.model.modeling_uwm import stream_layout
+        from unified_wm.tokenization.processor import FRAME
+
+        cfg = self.model.config
+        target = self.window - max(self.window // 4, self.wm.tokens_per_step)
+        for br in self.branches:
+            ids = br.cache.uwm_ids[0]
+            N = ids.shape[0]
+            starts = torch.nonzero(ids == FRAME).flatten().tolist()
+            if not starts:
+                continue
+            prefix = starts[0]
+            units = [(s, starts[i + 1] if i + 1 < len(starts) else N) for i, s in enumerate(starts)]
+            keep_units = set(range(max(0, len(units) - self.recent), len(units)))
+            budget = target - prefix - sum(units[i][1] - units[i][0] for i in keep_units)
+            # older frames by how often routing selected them (summed over layers and rows)
+            meta, _ = stream_layout(br.cache.uwm_ids[:1], cfg)
+            chunk_of = meta.chunk_ids[0]
+            score = torch.zeros(N)
+            for st in getattr(br.cache, "uwm_attn_states", None) or []:
+                if st is None:
+                    continue
+                cids, counts = st.selection_counts()
+                if cids.numel():
+                    lookup = dict(zip(cids.flatten().tolist(), counts.flatten().tolist()))
+                    score += torch.tensor([lookup.get(int(c), 0.0) for c in chunk_of.tolist()])
+            old = [i for i in range(len(units)) if i not in keep_units]
+            old.sort(key=lambda i: -float(score[units[i][0]:units[i][1]].sum()))
+            for i in old:
+                size = units[i][1] - units[i][0]
+                if size <= budget and float(score[units[i][0]:units[i][1]].sum()) > 0:
+                    keep_units.add(i)
+                    budget -= size
+            keep = list(range(prefix))
+            for i in sorted(keep_units):
+                keep += list(range(*units[i]))
+            br.cache.keep_tokens(torch.tensor(keep), cfg)
+        self.evictions += 1
 
 
 # ----------------------------------------------------------------------------- writers
@@ -201,26 +446,14 @@ def contact_sheet(frames: np.ndarray, cols: int = 8, scale: int = 2, pad: int = 
 
 def write_outputs(frames: np.ndarray, out: str | os.PathLike, fps: int = 8) -> dict:
     """Write the mp4, a GIF and a PNG contact sheet next to it (atomically)."""
-    from PIL import Image
-
-    from unified_wm.utils import atomic_file
-
-    out = Path(out)
-    w = VideoWriter(out, fps)
+    so = StreamingOutputs(out, 1, fps)
     try:
-        for f in frames:
-            w.write(f)
-        w.close()
+        for t, f in enumerate(frames):
+            so(t, f[None])
+        return so.close()[0]
     except BaseException:
-        w.abort()
+        so.abort()
         raise
-    gif, png = out.with_suffix(".gif"), out.with_suffix(".png")
-    imgs = [Image.fromarray(f).resize((f.shape[1] * 2, f.shape[0] * 2), Image.NEAREST) for f in frames]
-    with atomic_file(gif, "wb") as fh:
-        imgs[0].save(fh, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-    with atomic_file(png, "wb") as fh:
-        contact_sheet(frames).save(fh, format="PNG")
-    return {"video": str(out), "gif": str(gif), "contact_sheet": str(png)}
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
@@ -238,36 +471,128 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
         return np.stack([fr.to_ndarray(format="rgb24") for fr in c.decode(video=0)])
 
 
+def load_episode_prompt(spec: str, n_context: int):
+    """``DATASET:INDEX`` -> (caption, first ``n_context`` frames, logged action names)."""
+    from unified_wm.data.episodes import get_episode, load_episodes
+
+    path, sep, idx = spec.rpartition(":")
+    if not sep or not path or not idx.isdigit():
+        raise ValueError(f"--episode '{spec}' must be DATASET:INDEX (an episode folder and a 0-based episode number)")
+    ds = load_episodes(path)
+    i = int(idx)
+    if i >= len(ds):
+        raise ValueError(f"--episode '{spec}': the dataset has {len(ds)} episodes (0..{len(ds) - 1})")
+    ep = get_episode(ds, i)
+    frames = np.asarray(ep["frames"])
+    if n_context < 1 or n_context > len(frames):
+        raise ValueError(f"--context-frames must be in 1..{len(frames)} for episode {i}, got {n_context}")
+    caps = [c["text"] for c in ep.get("captions") or [] if int(c.get("t", 0)) == 0]
+    actions = [str(a) for a in ep.get("actions", [])]
+    return (caps[0] if caps else ""), frames[:n_context], actions
+
+
+class StreamingOutputs:
+    """Writes each row's frames to its mp4 as they are made; GIF and contact sheet at the end.
+
+    Files appear under their final names only when complete (a crash leaves nothing that looks
+    finished). One row: ``out.mp4``; several: ``out-0.mp4``, ``out-1.mp4``, ...
+    """
+
+    def __init__(self, out: str | os.PathLike, rows: int, fps: int = 8):
+        out = Path(out)
+        self.paths = [out] if rows == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(rows)]
+        self.fps = fps
+        self.writers = [VideoWriter(p, fps) for p in self.paths]
+        self.frames: list[list[np.ndarray]] = [[] for _ in range(rows)]
+
+    def __call__(self, t: int, frames: np.ndarray) -> None:
+        for w, acc, f in zip(self.writers, self.frames, frames):
+            w.write(f)
+            acc.append(f)
+
+    def close(self) -> list[dict]:
+        from PIL import Image
+
+        from unified_wm.utils import atomic_file
+
+        done = []
+        for w, p, acc in zip(self.writers, self.paths, self.frames):
+            w.close()
+            frames = np.stack(acc)
+            gif, png = p.with_suffix(".gif"), p.with_suffix(".png")
+            imgs = [Image.fromarray(f).resize((f.shape[1] * 2, f.shape[0] * 2), Image.NEAREST) for f in frames]
+            with atomic_file(gif, "wb") as fh:
+                imgs[0].save(fh, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / self.fps), loop=0)
+            with atomic_file(png, "wb") as fh:
+                contact_sheet(frames).save(fh, format="PNG")
+            done.append({"video": str(p), "gif": str(gif), "contact_sheet": str(png)})
+        return done
+
+    def abort(self) -> None:
+        for w in self.writers:
+            w.abort()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="uwm rollout", description="Roll out video from a text + action prompt.")
     ap.add_argument("--model", required=True, help="exported model folder (uwm export)")
-    ap.add_argument("--prompt", default="", help="text prompt")
-    ap.add_argument("--actions", default="", help="comma-separated action names, or a file with one per line")
+    ap.add_argument("--prompt", default=None, help="text prompt (default: the episode's caption with --episode)")
+    ap.add_argument("--actions", default="", help="comma-separated action names, or a file with one per line "
+                                                   "(default: the episode's logged actions with --episode)")
     ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--context", default=None, help="a video or image whose frames start the rollout")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--context", default=None, help="a video or image whose frames start the rollout")
+    src.add_argument("--episode", default=None, help="DATASET:INDEX: start from an episode's caption, first frames and actions")
+    ap.add_argument("--context-frames", type=int, default=1, help="frames of --episode used as context")
     ap.add_argument("--out", required=True, help="output .mp4 (a .gif and a .png contact sheet are written beside it)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=1, help="rollouts sampled together (seeds seed..seed+batch-1)")
+    ap.add_argument("--cfg-text", type=float, default=1.0, help="classifier-free guidance scale on the text (1 = off)")
+    ap.add_argument("--cfg-action", type=float, default=1.0, help="classifier-free guidance scale on the actions (1 = off)")
+    ap.add_argument("--mode", choices=("token", "diagonal"), default="token",
+                    help="token: one code per step; diagonal: a whole anti-diagonal of the code grid per step (faster)")
+    ap.add_argument("--diagonals-per-pass", type=int, default=1, help="with --mode diagonal: diagonals sampled per pass")
+    ap.add_argument("--window", type=int, default=None,
+                    help="stream without bound: keep the cache within this many tokens by evicting old frames")
     ap.add_argument("--fps", type=int, default=8)
     a = ap.parse_args(argv)
     try:
-        actions = a.actions
-        if actions and Path(actions).is_file():
-            actions = ",".join(ln.strip() for ln in Path(actions).read_text().splitlines() if ln.strip())
         wm = WorldModel.from_pretrained(a.model)
         from unified_wm.tokenization.actions import parse_actions
 
-        names = parse_actions(actions, wm.processor.action_names) if actions else []
-        context = read_video(a.context) if a.context else None
+        prompt, context, logged = a.prompt, None, []
+        if a.episode:
+            cap, context, logged = load_episode_prompt(a.episode, a.context_frames)
+            prompt = cap if prompt is None else prompt
+        elif a.context:
+            context = read_video(a.context)
+            size = wm.processor.video.image_size
+            if context.shape[1:] != (size, size, 3):
+                raise ValueError(f"--context '{a.context}' has {context.shape[2]}x{context.shape[1]} frames; this model's "
+                                 f"video tokenizer takes {size}x{size} RGB frames (resize the video first)")
+        actions = a.actions
+        if actions and Path(actions).is_file():
+            actions = ",".join(ln.strip() for ln in Path(actions).read_text().splitlines() if ln.strip())
+        names = parse_actions(actions, wm.processor.action_names) if actions else \
+            parse_actions(logged, wm.processor.action_names) if logged else []
+        out = StreamingOutputs(a.out, a.batch, a.fps)
         t0 = time.time()
-        frames = wm.rollout(a.prompt, names, a.frames, context=context, temperature=a.temperature, top_k=a.top_k,
-                            top_p=a.top_p, seed=a.seed, progress=True)
-        paths = write_outputs(frames, a.out, a.fps)
+        try:
+            frames = wm.rollout(prompt or "", names, a.frames, context=context, temperature=a.temperature,
+                                top_k=a.top_k, top_p=a.top_p, seed=a.seed, batch=a.batch, cfg_text=a.cfg_text,
+                                cfg_action=a.cfg_action, mode=a.mode, window=a.window, on_frame=out, progress=True,
+                                diagonals_per_pass=a.diagonals_per_pass)
+            dt = time.time() - t0
+            paths = out.close()
+        except BaseException:
+            out.abort()
+            raise
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dt = time.time() - t0
-    print(f"wrote {len(frames)} frames in {dt:.1f}s ({len(frames) / dt:.2f} frames/s): " + ", ".join(paths.values()))
+    n = frames.shape[-4] * a.batch
+    print(f"wrote {n} frames in {dt:.1f}s ({n / dt:.2f} frames/s): " + "; ".join(", ".join(p.values()) for p in paths))
     return 0

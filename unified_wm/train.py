@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from unified_wm.sequence import MODALITY_KEYS, TEMPLATES, TaskWeights
+from unified_wm.tokenization.processor import ACT_CLOSE, ACT_OPEN, TEXT_CLOSE, TEXT_OPEN
 from unified_wm.utils import ConfigError, MetricsWriter, atomic_file, deep_update, load_config, write_json
 
 
@@ -102,6 +103,11 @@ class TrainRecipe:
     keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all
     eval_every: int = 0  # validation loss on data.val_tokens every N steps (0: never)
     eval_batches: int = 4  # micro-batches per rank in one validation pass
+    # condition dropout, so classifier-free guidance has its unconditional streams: the share of
+    # documents whose text segments (interleaved, dynamics, t2v) / action segments
+    # (interleaved, dynamics) are removed before packing (uwm rollout --cfg-text / --cfg-action)
+    text_dropout: float = 0.0
+    action_dropout: float = 0.0
     torch_threads: int = 0  # 0: leave torch's default
 
 
@@ -130,6 +136,9 @@ class Recipe:
                 raise ValueError(f"'train.{key}' must be >= 0, got {getattr(t, key)}")
         if not (t.lr > 0 and math.isfinite(t.lr)):
             raise ValueError(f"'train.lr' must be a positive number, got {t.lr}")
+        for key in ("text_dropout", "action_dropout"):
+            if not 0.0 <= getattr(t, key) < 1.0:
+                raise ValueError(f"'train.{key}' must be in [0, 1), got {getattr(t, key)}")
         if len(t.betas) != 2:
             raise ValueError(f"'train.betas' must hold two numbers, got {t.betas}")
         if t.eval_every and not self.data.val_tokens:
@@ -247,9 +256,20 @@ class PackedBatches:
         choice = rng.choice(len(names), size=n_docs, p=w / w.sum())
         order = [int(self.by_task[names[c]][rng.integers(len(self.by_task[names[c]]))]) for c in choice]
         L = self.recipe.train.seq_len
+        tr = self.recipe.train
+        # a separate generator: the document order does not change when dropout is switched on
+        drop_rng = np.random.default_rng([tr.seed, epoch, 7])
+        task_names = list(self.recipe.tasks)
         rows, cur_ids, cur_mask, cur_task = [], [], [], []
         for d in order:
             ids, mask = list(self.ids[d]), list(self.masks[d])
+            if tr.text_dropout or tr.action_dropout:
+                name = task_names[int(self.task_of[d])]
+                u_text, u_act = drop_rng.random(2)
+                if name in TEXT_DROPPABLE and u_text < tr.text_dropout:
+                    ids, mask = drop_segments(ids, mask, TEXT_OPEN, TEXT_CLOSE)
+                if name in ACTION_DROPPABLE and u_act < tr.action_dropout:
+                    ids, mask = drop_segments(ids, mask, ACT_OPEN, ACT_CLOSE)
             if cur_ids and len(cur_ids) + len(ids) > L:
                 rows.append((cur_ids, cur_mask, cur_task))
                 cur_ids, cur_mask, cur_task = [], [], []
@@ -281,6 +301,25 @@ class PackedBatches:
             mask[j, :len(r_mask)] = torch.tensor(r_mask, dtype=torch.float32)
             task[j, :len(r_task)] = torch.tensor(r_task)
         return ids, mask, task, epoch
+
+
+# templates whose text / action segments are conditions (not the only target) and may be dropped
+TEXT_DROPPABLE = ("interleaved", "dynamics", "t2v")
+ACTION_DROPPABLE = ("interleaved", "dynamics")
+
+
+def drop_segments(ids: list[int], mask: list, open_id: int, close_id: int) -> tuple[list[int], list]:
+    """``ids``/``mask`` without every ``open_id ... close_id`` segment (markers included)."""
+    out_ids, out_mask, inside = [], [], False
+    for t, m in zip(ids, mask):
+        if t == open_id:
+            inside = True
+        if not inside:
+            out_ids.append(t)
+            out_mask.append(m)
+        if t == close_id:
+            inside = False
+    return out_ids, out_mask
 
 
 def token_weights(ids, mask, task, modality, recipe: Recipe, task_names: list[str]) -> torch.Tensor:

@@ -80,6 +80,11 @@ MOC_BACKENDS = ("reference", "gather", "flex", "flash", "moc")
 _BIG = torch.iinfo(torch.int64).max // 4
 # Decode path (per-token gather) is used for at most this many new queries per call.
 DECODE_MAX_QUERIES = 16
+# Cached calls with more queries (a frame decoded in parallel) but at most this many
+# query x key pairs per row and head use the decode state's routing with a routed boolean
+# mask over the cache (one fused kernel; the same semantics as ``reference``) instead of
+# re-planning the chunk tiles of the training path.
+DECODE_MASKED_MAX_PAIRS = 1 << 21
 # ``gather`` on CPU runs its tiles through PyTorch's fused flash-attention CPU kernels
 # (set False to use the plain bmm/softmax tile loop, which is also what runs on CUDA).
 GATHER_FUSED_CPU = True
@@ -862,6 +867,33 @@ class MoCDecodeState:
         self.n_seen = 0
         self.batch = None
 
+    _TENSORS = ("cid", "doc", "start", "length", "mand_count", "sink_count", "sums", "mand_idx", "sel_count")
+
+    def snapshot(self) -> dict:
+        """Copies of everything :meth:`update`/:meth:`attend` change (see :meth:`restore`)."""
+        if self.batch is None:
+            return {"batch": None}
+        snap = {name: getattr(self, name).clone() for name in self._TENSORS}
+        snap.update(batch=self.batch, n_seen=self.n_seen, n_chunks=list(self.n_chunks), n_mand=list(self.n_mand),
+                    lmax=self.lmax)
+        return snap
+
+    def restore(self, snap: dict) -> None:
+        if snap.get("batch") is None:
+            self.reset()
+            return
+        for name in self._TENSORS:
+            setattr(self, name, snap[name].clone())
+        self.batch, self.n_seen, self.lmax = snap["batch"], snap["n_seen"], snap["lmax"]
+        self.n_chunks, self.n_mand = list(snap["n_chunks"]), list(snap["n_mand"])
+
+    def selection_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chunk ids [B, C], how often routing selected each chunk since the state was built)."""
+        C = max(self.n_chunks) if self.batch is not None and self.n_chunks else 0
+        if C == 0:
+            return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0)
+        return self.cid[:, :C], self.sel_count[:, :C]
+
     def _alloc(self, B: int, Hkv: int, D: int, device) -> None:
         cap = 16
         L = lambda fill: torch.full((B, cap), fill, dtype=torch.long, device=device)  # noqa: E731
@@ -871,6 +903,7 @@ class MoCDecodeState:
         self.sums = torch.zeros(B, Hkv, cap, D, dtype=torch.float32, device=device)
         self.n_chunks = [0] * B
         self.mand_idx = torch.full((B, cap), -1, dtype=torch.long, device=device)
+        self.sel_count = torch.zeros(B, cap, dtype=torch.float32, device=device)
         self.n_mand = [0] * B
         self.lmax = 0
 
@@ -915,7 +948,8 @@ class MoCDecodeState:
             base = nc - 1 if last is not None and int(uniq[0]) == last else nc
             slots = base + inv
             n_new = base + len(uniq)
-            for name, fill in (("cid", _BIG), ("doc", -2), ("start", _BIG), ("length", 0), ("mand_count", 0), ("sink_count", 0), ("sums", 0.0)):
+            for name, fill in (("cid", _BIG), ("doc", -2), ("start", _BIG), ("length", 0), ("mand_count", 0), ("sink_count", 0), ("sums", 0.0),
+                               ("sel_count", 0.0)):
                 self._grow(name, n_new, fill)
             self.cid[b].scatter_(0, slots, cidv)
             self.doc[b].scatter_(0, slots, new_meta.doc_ids[b][valid].long())
@@ -987,8 +1021,55 @@ class MoCDecodeState:
         if stats is not None:
             full = _chunk_table_lite(t, k_meta, self.n_sink)
             _accumulate_stats(stats, sel, full, qslot, q_meta, q_index, _mand_before(full, qslot, q_meta, q_index))
+        if W:  # how often each chunk is selected: unbounded streaming keeps the popular ones
+            flat = sel.reshape(B, -1)
+            self.sel_count[:, :t.C].scatter_add_(1, flat.clamp(min=0), (flat >= 0).float())
         r = _Routing(t, qslot, qdoc, sel, q_index)
         return _with_padding(out, v, r)
+
+    def attend_masked(self, q, k, v, q_meta, k_meta, settings, stats=None) -> torch.Tensor:
+        """Many new queries at once (parallel decoding of a frame): route with the decode state's
+        chunk sums, then attend to the whole cache under the routed boolean mask."""
+        B, Hq, Nq, D = q.shape
+        Nk = k.shape[2]
+        t = self.table()
+        qslot, qdoc = _query_slots(t, q_meta)
+        sel = _route(q, t, qslot, qdoc, settings, False)  # [B, Hq, Nq, W]
+        key = (id(k_meta), t.C, Nk)
+        memo = q_meta.__dict__.get("_masked_memo")
+        if memo is None or memo[0] != key:  # the layout part is the same for every layer of a call
+            kslot, kdoc = _query_slots(t, k_meta)  # slot of every key's chunk
+            kmand = _key_mandatory(k_meta, self.n_sink)
+            own_start = t.start.gather(1, qslot.clamp(min=0)) if t.C else torch.zeros_like(qslot)
+            kpos, qpos = k_meta.positions, q_meta.positions
+            same_doc = (kdoc[:, None, :] == qdoc[:, :, None]) & (kdoc >= 0)[:, None, :] & (qslot >= 0)[:, :, None]
+            own = (kslot[:, None, :] == qslot[:, :, None]) & (kpos[:, None, :] <= qpos[:, :, None])
+            mand = kmand[:, None, :] & (torch.arange(Nk, device=q.device)[None, None, :] < own_start[:, :, None])
+            base = (own | mand) & same_doc  # [B, Nq, Nk]
+            # a key's chunk slot, with chunks the query may not route to (other documents,
+            # mandatory-only keys handled by ``base``) sent to a dummy slot C
+            kslot_r = torch.where(same_doc, kslot[:, None, :], torch.full_like(base, t.C, dtype=torch.long))
+            memo = q_meta.__dict__["_masked_memo"] = (key, base, kslot_r)
+        _, base, kslot_r = memo
+        if sel.shape[-1]:
+            picked = torch.zeros(B, Hq, Nq, t.C + 1, dtype=torch.bool, device=q.device)
+            picked.scatter_(-1, torch.where(sel >= 0, sel, torch.full_like(sel, t.C)), True)
+            picked[..., t.C] = False
+            if B == 1 and bool((kslot_r[0] == kslot_r[0, :1]).all()):  # one layout for all queries
+                mask = picked.index_select(-1, kslot_r[0, 0]) | base[:, None]
+            else:
+                mask = picked.gather(-1, kslot_r[:, None].expand(B, Hq, Nq, Nk)) | base[:, None]
+        else:
+            mask = base[:, None].expand(B, Hq, Nq, Nk)
+        if sel.shape[-1]:
+            flat = sel.reshape(B, -1)
+            self.sel_count[:, :t.C].scatter_add_(1, flat.clamp(min=0), (flat >= 0).float())
+        if stats is not None:
+            full = _chunk_table_lite(t, k_meta, self.n_sink)
+            q_index = torch.arange(Nk - Nq, Nk, device=q.device).expand(B, Nq)
+            _accumulate_stats(stats, sel, full, qslot, q_meta, q_index, _mand_before(full, qslot, q_meta, q_index))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != k.shape[1])
+        return out
 
 
 def _chunk_table_lite(t: _ChunkTable, k_meta: StreamMeta, n_sink: int) -> _ChunkTable:
@@ -1052,4 +1133,6 @@ def attend(
         state.update(k, k_meta)
         if q.shape[2] <= DECODE_MAX_QUERIES:
             return state.attend(q, k, v, q_meta, k_meta, settings, training=training, stats=stats)
+        if q.shape[2] * k.shape[2] <= DECODE_MASKED_MAX_PAIRS and not training:
+            return state.attend_masked(q, k, v, q_meta, k_meta, settings, stats=stats)
     return _MOC_IMPL[backend](q, k, v, q_meta, k_meta, settings, training, stats)

@@ -270,6 +270,48 @@ class UWMCache(DynamicCache):
     def __init__(self, config: PretrainedConfig | None = None, **kwargs):
         Cache.__init__(self, layer_class_to_replicate=GrowingKVLayer)
 
+    # -- rollback and eviction (used by parallel decoding and unbounded streaming) --------
+    def snapshot(self) -> dict:
+        """A restore point: the current length, the ids and copies of the decode states."""
+        states = getattr(self, "uwm_attn_states", None) or []
+        return {"n": self.get_seq_length(), "ids": getattr(self, "uwm_ids", None),
+                "states": [None if s is None else s.snapshot() for s in states]}
+
+    def restore(self, snap: dict) -> None:
+        """Go back to ``snap``: tokens fed after it are forgotten (the snapshot stays reusable)."""
+        n = snap["n"]
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys is not None and layer.keys.shape[-2] > n:
+                layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        self.uwm_ids = snap["ids"]
+        for s, saved in zip(getattr(self, "uwm_attn_states", None) or [], snap["states"]):
+            if s is not None and saved is not None:
+                s.restore(saved)
+
+    def keep_tokens(self, keep: torch.Tensor, cfg: "UnifiedWMConfig") -> None:
+        """Keep only the cached tokens at sorted indices ``keep`` [n] (the same for every row).
+
+        Keys were rotated (RoPE) at their old position in the document; the kept tokens get
+        contiguous new positions, so each key is rotated once more by (new - old): rotations
+        compose, and no pixel or token is re-encoded. The attention decode states rebuild
+        from the kept keys on the next step.
+        """
+        ids = self.uwm_ids
+        old_meta, _ = stream_layout(ids, cfg)
+        new_ids = ids[:, keep]
+        new_meta, _ = stream_layout(new_ids, cfg)
+        delta = new_meta.pos_in_doc - old_meta.pos_in_doc[:, keep]
+        for layer in self.layers:
+            k, v = layer.keys[..., keep, :], layer.values[..., keep, :]
+            cos, sin = rope_cos_sin(delta, cfg.head_dim, cfg.rope_theta, torch.float32)
+            k = apply_rope(k.float(), cos, sin).to(v.dtype)
+            layer._kbuf = layer._vbuf = None
+            layer.keys, layer.values = k.contiguous(), v.contiguous()
+        self.uwm_ids = new_ids
+        for s in getattr(self, "uwm_attn_states", None) or []:
+            if s is not None:
+                s.reset()
+
 
 # ----------------------------------------------------------------------------- 5. MLP, block
 class MLP(nn.Module):
@@ -355,7 +397,7 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         loss_weights: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         return_routing_stats: bool = False,
         **kwargs,
     ) -> UnifiedWMOutput:
@@ -387,7 +429,9 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, q_meta, k_meta, cache, None if stats is None else stats.setdefault(f"layer{i}", {}))
         x = self.norm(x)
-        if logits_to_keep and labels is None:
+        if isinstance(logits_to_keep, torch.Tensor) and labels is None:
+            x = x[:, logits_to_keep]  # logits at these positions only (transformers' convention)
+        elif logits_to_keep and labels is None:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x).float()
 
