@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -76,14 +78,96 @@ def time_frames(backend: str, early: int, late: int, top_k: int, repeats: int = 
 
 
 @torch.no_grad()
-def model_fps(model_dir: str, frames: int) -> dict:
-    from unified_wm.rollout import WorldModel
+def model_fps(wm, frames: int, modes: list[tuple[str, int]], batches: list[int]) -> list[dict]:
+    """Frames per second of the real model's rollout (``WorldModel.rollout``, as ``uwm rollout``)."""
+    rows = []
+    for mode, per_pass in modes:
+        for B in batches:
+            wm.rollout("a red car drives right", ["right"], 2, mode=mode, diagonals_per_pass=per_pass, batch=B)  # warm-up
+            t = time.perf_counter()
+            wm.rollout(text="a red car drives right", actions=["right", "right", "stay"], frames=frames, temperature=0.8,
+                       top_k=50, mode=mode, diagonals_per_pass=per_pass, batch=B)
+            dt = time.perf_counter() - t
+            rows.append({"mode": _mode_name(mode, per_pass), "batch": B, "frames": frames * B, "seconds": dt,
+                         "fps": frames * B / dt})
+    return rows
 
-    wm = WorldModel.from_pretrained(model_dir)
-    t = time.perf_counter()
-    wm.rollout(text="a red car drives right", actions=["right", "right", "stay"], frames=frames, temperature=0.8, top_k=50)
-    dt = time.perf_counter() - t
-    return {"model": model_dir, "attention": wm.model.config.attn_backend, "frames": frames, "seconds": dt, "fps": frames / dt}
+
+def _mode_name(mode: str, per_pass: int) -> str:
+    return mode if mode == "token" else f"diagonal x{per_pass}"
+
+
+@torch.no_grad()
+def model_quality(wm, data: str, modes: list[tuple[str, int]], episodes: int, context: int, horizon: int,
+                  cfg_actions: list[float]) -> list[dict]:
+    """Greedy rollouts from real context under the logged actions: PSNR against the real frames
+    (mean over the horizon) for each decoding mode, next to repeating the last context frame."""
+    from unified_wm.data.episodes import get_episode, load_episodes
+    from unified_wm.tokenization.video import psnr
+
+    ds = load_episodes(data)
+    eps = [get_episode(ds, i) for i in range(min(episodes, len(ds)))]
+    rows = []
+    settings = [(m, pp, 1.0) for m, pp in modes] + [("token", 1, c) for c in cfg_actions if c != 1.0]
+    for mode, per_pass, cfg_a in settings:
+        vals, copy, secs = [], [], 0.0
+        for ep in eps:
+            fr = np.asarray(ep["frames"])
+            caps = [c["text"] for c in ep["captions"] if int(c["t"]) == 0]
+            t = time.perf_counter()
+            gen = wm.rollout(caps[0] if caps else "", [str(a) for a in ep["actions"]], horizon, context=fr[:context],
+                             temperature=0.0, mode=mode, diagonals_per_pass=per_pass, cfg_action=cfg_a)
+            secs += time.perf_counter() - t
+            real = fr[context:context + horizon]
+            vals.append(float(psnr(torch.from_numpy(gen[:len(real)]), torch.from_numpy(real)).mean()))
+            copy.append(float(psnr(torch.from_numpy(np.repeat(fr[context - 1:context], len(real), 0)),
+                                   torch.from_numpy(real)).mean()))
+        rows.append({"mode": _mode_name(mode, per_pass), "cfg_action": cfg_a, "psnr": float(np.mean(vals)),
+                     "copy_last_psnr": float(np.mean(copy)), "episodes": len(eps), "horizon": horizon,
+                     "fps": len(eps) * horizon / secs})
+    return rows
+
+
+def _histogram(frames: np.ndarray, bins: int = 8) -> np.ndarray:
+    q = (frames.reshape(-1, 3).astype(np.int64) * bins) // 256
+    h = np.bincount(q[:, 0] * bins * bins + q[:, 1] * bins + q[:, 2], minlength=bins ** 3).astype(float)
+    return h / h.sum()
+
+
+@torch.no_grad()
+def long_stream(wm, data: str, frames: int, window: int, mode: str, per_pass: int, span: int = 32) -> dict:
+    """One rollout many times longer than the context, streaming with eviction. Per span of
+    frames: seconds per frame, the mean absolute change between consecutive frames, and the
+    colour-histogram distance (L1, 0..2) to real frames of the data. A rollout that stays
+    coherent keeps both statistics near those of its first span (inside the context) and of
+    real video; one that falls apart drifts to noise (large change, far histogram) or freezes."""
+    from unified_wm.data.episodes import get_episode, load_episodes
+
+    ds = load_episodes(data)
+    real = np.concatenate([np.asarray(get_episode(ds, i)["frames"]) for i in range(min(8, len(ds)))])
+    real_hist = _histogram(real)
+    real_change = float(np.abs(np.diff(real.astype(np.int16), axis=0)).mean())
+    stamps = [time.perf_counter()]
+    sess_frames = []
+
+    def on_frame(t, fr):
+        stamps.append(time.perf_counter())
+        sess_frames.append(fr[0])
+
+    actions = (["right"] * 12 + ["stay"] * 4 + ["left"] * 12 + ["stay"] * 4)
+    wm.rollout("a red car drives right", actions * (frames // len(actions) + 1), frames, temperature=1.0, top_k=50,
+               seed=0, mode=mode, diagonals_per_pass=per_pass, window=window, on_frame=on_frame)
+    dt = np.diff(stamps)
+    gen = np.stack(sess_frames)
+    spans = []
+    for s0 in range(0, frames, span):
+        g = gen[s0:s0 + span]
+        spans.append({"frames": f"{s0}-{s0 + len(g) - 1}", "s_per_frame": float(dt[s0:s0 + span].mean()),
+                      "change": float(np.abs(np.diff(g.astype(np.int16), axis=0)).mean()) if len(g) > 1 else 0.0,
+                      "hist_l1_to_real": float(np.abs(_histogram(g) - real_hist).sum())})
+    return {"mode": _mode_name(mode, per_pass), "frames": frames, "window": window, "spans": spans,
+            "s_per_frame_16": float(dt[15]), "s_per_frame_last": float(dt[-8:].mean()),
+            "real_change": real_change, "frames_array": gen}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,23 +177,66 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2, help="frames timed at each point (min is reported)")
     ap.add_argument("--backends", default="moc,dense")
-    ap.add_argument("--model", default=None, help="also time a real exported model's rollout")
-    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--model", default=None, help="also measure a real exported model (fps, quality per mode, long streaming)")
+    ap.add_argument("--data", default=None, help="with --model: held-out episodes for quality and long-stream statistics")
+    ap.add_argument("--frames", type=int, default=16, help="frames per fps measurement")
+    ap.add_argument("--batches", default="1,4", help="rollouts per batch for the fps table")
+    ap.add_argument("--episodes", type=int, default=4)
+    ap.add_argument("--long", type=int, default=256, help="frames of the long streaming rollout (0: skip)")
+    ap.add_argument("--window", type=int, default=1100, help="token window of the long streaming rollout")
+    ap.add_argument("--skip-decode", action="store_true", help="skip part 1 (random-weight decode cost)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    rows = [time_frames(b, a.early, a.late, a.top_k, a.repeats) for b in a.backends.split(",")]
-    print(f"decoding one 64x64 frame (64 codes + action) with the KV cache, demo-sized model, {a.threads} thread(s)")
-    print(f"{'backend':>8} {'frame':>6} {'s/frame':>8} {'frame':>6} {'ctx tok':>8} {'s/frame':>8} {'ratio':>6}")
-    for r in rows:
-        print(f"{r['backend']:>8} {r['early_frame']:>6} {r['s_per_frame_early']:8.3f} {r['late_frame']:>6} "
-              f"{r['context_tokens_late']:>8} {r['s_per_frame_late']:8.3f} {r['ratio']:6.2f}")
-    result = {"decode": rows, "threads": a.threads}
+    result = {"threads": a.threads}
+    if not a.skip_decode:
+        rows = [time_frames(b, a.early, a.late, a.top_k, a.repeats) for b in a.backends.split(",")]
+        print(f"decoding one 64x64 frame (64 codes + action) with the KV cache, demo-sized model, {a.threads} thread(s)")
+        print(f"{'backend':>8} {'frame':>6} {'s/frame':>8} {'frame':>6} {'ctx tok':>8} {'s/frame':>8} {'ratio':>6}")
+        for r in rows:
+            print(f"{r['backend']:>8} {r['early_frame']:>6} {r['s_per_frame_early']:8.3f} {r['late_frame']:>6} "
+                  f"{r['context_tokens_late']:>8} {r['s_per_frame_late']:8.3f} {r['ratio']:6.2f}")
+        result["decode"] = rows
     if a.model:
-        fps = model_fps(a.model, a.frames)
-        result["rollout"] = fps
-        print(f"rollout of {fps['model']} ({fps['attention']}): {fps['frames']} frames in {fps['seconds']:.1f}s = {fps['fps']:.2f} frames/s")
+        from unified_wm.rollout import WorldModel
+
+        wm = WorldModel.from_pretrained(a.model)
+        modes = [("token", 1), ("diagonal", 1), ("diagonal", 2), ("diagonal", 4)]
+        fps = model_fps(wm, a.frames, modes, [int(b) for b in a.batches.split(",")])
+        result["rollout_fps"] = fps
+        print(f"\nrollout speed of {a.model} ({wm.model.config.attn_backend}), {a.frames} frames per row, 64x64:")
+        print(f"{'mode':>12} {'batch':>5} {'frames/s':>9}")
+        for r in fps:
+            print(f"{r['mode']:>12} {r['batch']:>5} {r['fps']:9.2f}")
+        if a.data:
+            q = model_quality(wm, a.data, modes, a.episodes, 2, 8, [2.0])
+            result["quality"] = q
+            print(f"\nquality: greedy 8-step rollouts from 2 real frames under the logged actions, {a.episodes} episodes")
+            print(f"{'mode':>12} {'cfg_act':>7} {'PSNR':>7} {'copy-last':>9} {'frames/s':>9}")
+            for r in q:
+                print(f"{r['mode']:>12} {r['cfg_action']:7.1f} {r['psnr']:7.2f} {r['copy_last_psnr']:9.2f} {r['fps']:9.2f}")
+            if a.long:
+                result["long"] = []
+                for mode, pp in (("token", 1), ("diagonal", 2)):
+                    lg = long_stream(wm, a.data, a.long, a.window, mode, pp)
+                    gen = lg.pop("frames_array")
+                    result["long"].append(lg)
+                    print(f"\nstreaming {a.long} frames ({lg['mode']}) in a {a.window}-token window "
+                          f"(model context {wm.context_limit}): frame 16 {lg['s_per_frame_16']:.3f} s, "
+                          f"last frames {lg['s_per_frame_last']:.3f} s; real video change {lg['real_change']:.1f}")
+                    print(f"{'frames':>9} {'s/frame':>8} {'change':>7} {'hist L1':>8}")
+                    for sp in lg["spans"]:
+                        print(f"{sp['frames']:>9} {sp['s_per_frame']:8.3f} {sp['change']:7.1f} {sp['hist_l1_to_real']:8.3f}")
+                    if a.out:
+                        from PIL import Image
+
+                        from unified_wm.rollout import contact_sheet
+
+                        sheet = contact_sheet(gen[::8], cols=8, scale=1)
+                        png = Path(a.out).with_name(Path(a.out).stem + f"_long_{mode}.png")
+                        Image.fromarray(np.asarray(sheet)).save(png)
+                        print(f"every 8th frame: {png}")
     if a.out:
         from unified_wm.utils import write_json
 

@@ -281,6 +281,12 @@ def _route(q: torch.Tensor, table: _ChunkTable, qslot: torch.Tensor, qdoc: torch
     slots = torch.arange(C, device=q.device)
     elig = (table.candidates()[:, None, :] & (table.doc[:, None, :] == qdoc[:, :, None])
             & (slots[None, None, :] < qslot[:, :, None]) & (qslot >= 0)[:, :, None])
+    if not (training and (settings.drop_off > 0 or settings.drop_in > 0)):
+        # all heads in one matmul: [B, Hkv, G*Nq, D] x [B, Hkv, D, C]
+        s = torch.matmul(q.detach().float().reshape(B, Hkv, G * Nq, -1), desc.transpose(-1, -2)).view(B, Hq, Nq, C)
+        s = s.masked_fill(~elig[:, None], float("-inf"))
+        val, idx = s.topk(kk, dim=-1)
+        return torch.where(val > float("-inf"), idx, torch.full_like(idx, -1))
     out = []
     for h in range(Hq):
         s = torch.matmul(q[:, h].detach().float(), desc[:, h // G].transpose(-1, -2))
