@@ -130,6 +130,7 @@ def test_diagonal_mode_leaves_the_cache_as_if_the_frame_was_fed_token_by_token(p
     for a in ("left", "right", "right"):
         f = s.step(a)
         assert f.shape == (1, 64, 64, 3)
+    s.flush()
     cache = s.branches[0].cache
     ids = cache.uwm_ids
     v0 = processor.video_offset
@@ -159,7 +160,7 @@ def test_streaming_outgrows_the_context_and_keeps_the_prompt(processor, backend)
     first_prompt = s.branches[0].cache.uwm_ids[0, :prompt_len].tolist()
     for t in range(20):  # 20 x 68 tokens: more than twice the window
         s.step("right")
-        seen.append(s.branches[0].length)
+        seen.append(s.length)
     assert s.evictions >= 2
     assert max(seen) <= 600
     assert s.branches[0].cache.uwm_ids[0, :prompt_len].tolist() == first_prompt

@@ -237,6 +237,7 @@ class RolloutSession:
                              f"{wm.context_limit} tokens; shorten the prompt or give fewer context frames")
         self.window = window
         self.evictions = 0
+        self.pending: torch.Tensor | None = None  # codes sampled but not yet fed to the caches
         with _one_thread():
             for br in self.branches:
                 self._feed(br, torch.tensor([br.prompt] * batch))
@@ -281,25 +282,40 @@ class RolloutSession:
         "stay") and generate the next frame: uint8 ``[B, H, W, 3]``."""
         from unified_wm.tokenization.processor import FRAME
 
+        seg = []
         if self.n_frames > 0:
             a = self.wm.default_action() if action is None else (
                 self.p.encode_actions([action]) if isinstance(action, str) else list(action))
-            seg = torch.tensor([self.wm.builder.act_segment(a)] * self.B)
-        need = self.wm.tokens_per_step
-        if self.window is not None and self.branches[0].length + need > self.window:
+            seg = self.wm.builder.act_segment(a)
+        if self.window is not None and self.branches[0].length + self._pending_len() + self.wm.tokens_per_step > self.window:
+            self.flush()
             self._evict()
         with _one_thread():
-            if self.n_frames > 0:
-                for br in self.branches:
-                    if br.with_actions:
-                        self._feed(br, seg)
-            frame_tok = torch.full((self.B, 1), FRAME)
-            first = [self._feed(br, frame_tok) for br in self.branches]
+            # the previous frame's unfed codes, the action and <frame> go in one forward pass
+            first = []
+            for br in self.branches:
+                ids = torch.tensor([(seg if br.with_actions else []) + [FRAME]] * self.B)
+                if self.pending is not None:
+                    ids = torch.cat([self.pending, ids], 1)
+                first.append(self._feed(br, ids))
+            self.pending = None
             codes = self._frame_diagonal(first) if self.mode == "diagonal" else self._frame_tokens(first)
         self.prev_codes = codes
         self.n_frames += 1
-        self.length = self.branches[0].length
+        self.length = self.branches[0].length + self._pending_len()
         return self.p.decode_frames(codes.numpy())
+
+    def _pending_len(self) -> int:
+        return 0 if self.pending is None else self.pending.shape[1]
+
+    def flush(self) -> None:
+        """Feed the codes of the last frame that are not in the caches yet (they ride along
+        with the next step's first forward pass otherwise)."""
+        if self.pending is not None:
+            with _one_thread():
+                for br in self.branches:
+                    self._feed(br, self.pending)
+            self.pending = None
 
     def _frame_tokens(self, logits: list[torch.Tensor]) -> torch.Tensor:
         T = self.p.tokens_per_frame
@@ -310,7 +326,9 @@ class RolloutSession:
         for t in range(T):
             tok = self._sample(self._combine(logits))
             codes.append(tok)
-            logits = [self._feed(br, tok[:, None]) for br in self.branches]
+            if t < T - 1:
+                logits = [self._feed(br, tok[:, None]) for br in self.branches]
+        self.pending = codes[-1][:, None]
         return torch.stack(codes, 1)
 
     def _frame_diagonal(self, first: list[torch.Tensor]) -> torch.Tensor:
@@ -343,7 +361,7 @@ class RolloutSession:
                 G[:, t] = self._sample(self._combine([lg[t] for lg in logits]))
         for br, snap in zip(self.branches, snaps):
             br.cache.restore(snap)
-            self._feed(br, G)
+        self.pending = G  # fed with the next step's first pass (or flush())
         return G
 
     # -- unbounded streaming -----------------------------------------------------------
