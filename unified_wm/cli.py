@@ -6,6 +6,7 @@
   uwm train                                 one process (multi-rank: deepspeed -m unified_wm.train)
   uwm export                                DeepSpeed checkpoint -> Hugging Face folder
   uwm rollout                               text + actions -> video, GIF, contact sheet
+  uwm play                                  play the model in the browser (a local page)
   uwm eval                                  run an evaluation suite
   uwm bench attention | rollout             Mixture-of-Contexts vs dense: attention, decoding
 """
@@ -28,6 +29,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("train",): "unified_wm.train:main",
     ("export",): "unified_wm.export:main",
     ("rollout",): "unified_wm.rollout:main",
+    ("play",): "unified_wm.play:main",
     ("eval",): "unified_wm.eval.runner:main",
     ("bench", "attention"): "unified_wm.bench_attention:main",
     ("bench", "rollout"): "unified_wm.bench_rollout:main",

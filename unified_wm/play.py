@@ -1,0 +1,671 @@
+"""Play a world model in the browser: ``uwm play --model DIR``.
+
+    uwm play --model runs/demo/hf                 # prints http://127.0.0.1:PORT/ ; open it
+    uwm play --model runs/demo/hf --port 8765 --prompt "a red car drives right" --mode diagonal
+
+A local page shows the newest generated frame (scaled up, pixelated), the frame counter and
+frames/s, an editable prompt (restart with it) and a button per action of the model's action
+set; the arrow keys drive ``left/right/up/down`` and space ``fire`` (or ``stay``) where the
+model has those names (held arrows combine into ``upright``, ``downleftfire`` ... when the set
+has them).
+
+Server: the standard library only (``http.server`` with a thread per connection). Each page
+session owns one :class:`unified_wm.rollout.RolloutSession`, stepped by its own worker thread;
+all model calls go through one lock, so several pages share the CPU one frame at a time. The
+session streams with a token window (``--window``), so play goes on without bound.
+
+Protocol (JSON in, JSON out; frames come back as Server-Sent Events):
+
+  GET  /                       the page
+  GET  /api/info               action names, limits and settings
+  POST /api/session            {"prompt": str, "session": id?}  new session, or restart one
+  POST /api/action             {"session": id, "action": name, "phase": "tap"|"hold"|"release"}
+  POST /api/run                {"session": id, "running": bool}  run continuously, or one frame per action
+  GET  /api/stream?session=id  text/event-stream: "frame" events (raw RGB, base64) and "status"
+
+Why Server-Sent Events: frames only flow server -> page, and the page's messages are rare
+small requests, which as ordinary POSTs get ordinary status codes (a bad message is an HTTP
+400 with a JSON error naming the field). SSE is one long plain-HTTP response written with
+``wfile.write``; the browser's ``EventSource`` reconnects by itself. A WebSocket would need a
+hand-written handshake and frame (un)masking on top of ``http.server``; long-polling a request
+per frame and a cursor per client.
+
+Bad messages (unknown action or field, malformed JSON, missing fields, wrong types, an
+over-long prompt) get ``400 {"error": ..., "field": ..., "expected": ...}``; the server keeps
+serving. POSTs must say ``Content-Type: application/json`` (so another web site cannot post
+to it without a CORS preflight, which this server never grants), and the ``Host`` header must
+name the loopback address (against DNS rebinding) unless ``--allow-remote`` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import ipaddress
+import json
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+MAX_PROMPT_CHARS = 1000
+MAX_BODY_BYTES = 16 * 1024
+MAX_QUEUED_ACTIONS = 16
+DEFAULT_WINDOW = 1100
+RECENT_FRAMES = 4  # frames a windowed session always keeps (RolloutSession's ``recent``)
+IDLE_SECONDS = 60.0  # a session with no page attached for this long ends
+HEARTBEAT_SECONDS = 10.0
+PHASES = ("tap", "hold", "release")
+
+
+class BadRequest(Exception):
+    """A message the server refuses: 400 with the field and what was expected."""
+
+    def __init__(self, field: str, error: str, expected: str, status: int = 400):
+        super().__init__(error)
+        self.field, self.error, self.expected, self.status = field, error, expected, status
+
+    def body(self) -> dict:
+        return {"error": self.error, "field": self.field, "expected": self.expected}
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback address."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+# ----------------------------------------------------------------------------- sessions
+class PlaySession:
+    """One page session: a RolloutSession, the actions the page sent, the newest frame.
+
+    ``cond`` guards the fields below; the model (``Game.model_lock``) is only touched by the
+    worker thread and by :meth:`Game.restart`, always with the model lock held.
+    """
+
+    def __init__(self, game: "Game", sid: str, prompt: str, rollout):
+        self.game, self.id = game, sid
+        self.cond = threading.Condition()
+        self.prompt = prompt
+        self.rollout = rollout
+        self.epoch = 0  # bumped on every restart
+        self.n = 0  # frames made in this epoch
+        self.queue: collections.deque[str] = collections.deque(maxlen=MAX_QUEUED_ACTIONS)
+        self.held: str | None = None
+        self.running = True
+        self.applied: collections.Counter = collections.Counter()
+        self.latest: bytes | None = None  # the newest "frame" event, ready to write
+        self.seq = 0  # bumped with every new event
+        self.status: bytes | None = None
+        self.subscribers = 0
+        self.last_seen = time.monotonic()
+        self.closed = False
+        self.thread = threading.Thread(target=self._work, name=f"uwm-play-{sid[:6]}", daemon=True)
+
+    # -- called by request handlers -----------------------------------------------------
+    def action(self, name: str | None, phase: str) -> dict:
+        with self.cond:
+            if phase == "tap":
+                self.queue.append(name)
+            elif phase == "hold":
+                if self.held != name:
+                    self.queue.append(name)  # a short press still makes one frame with it
+                self.held = name
+            else:  # release
+                self.held = None
+            self.last_seen = time.monotonic()
+            self.cond.notify_all()
+            return {"queued": len(self.queue), "held": self.held}
+
+    def set_running(self, running: bool) -> dict:
+        with self.cond:
+            self.running = running
+            self.last_seen = time.monotonic()
+            self.cond.notify_all()
+            return {"running": self.running}
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    # -- the worker ---------------------------------------------------------------------
+    def _wants_frame(self) -> bool:
+        if self.subscribers == 0:
+            return False
+        return self.n == 0 or self.running or bool(self.queue)
+
+    def _work(self) -> None:
+        game = self.game
+        while True:
+            with self.cond:
+                while not self.closed and not game.stopping.is_set() and not self._wants_frame():
+                    if self.subscribers == 0 and time.monotonic() - self.last_seen > game.idle_seconds:
+                        self.closed = True
+                        break
+                    self.cond.wait(timeout=1.0)
+                if self.closed or game.stopping.is_set():
+                    break
+            with game.model_lock:
+                with self.cond:
+                    if self.closed or not self._wants_frame():
+                        continue
+                    if self.n == 0:
+                        action = None  # the first frame has no previous frame to act after
+                    elif self.queue:
+                        action = self.queue.popleft()
+                    else:
+                        action = self.held  # None: the model's default ("stay")
+                    rollout, epoch = self.rollout, self.epoch
+                t0 = time.perf_counter()
+                try:
+                    frame = rollout.step(action)[0]
+                    tokens, evictions = int(rollout.length), int(getattr(rollout, "evictions", 0))
+                except Exception as e:  # noqa: BLE001  (shown on the page; the server goes on)
+                    self._publish_status(f"generation failed: {type(e).__name__}: {e}", error=True)
+                    with self.cond:
+                        self.running = False
+                        self.queue.clear()
+                        self.held = None
+                    continue
+                gen_ms = (time.perf_counter() - t0) * 1000
+            rgb = base64.b64encode(np.ascontiguousarray(frame, dtype=np.uint8).tobytes()).decode("ascii")
+            with self.cond:
+                if epoch != self.epoch:  # restarted meanwhile: this frame belongs to the old prompt
+                    continue
+                first = self.n == 0 and game.context is None  # no previous frame: no action
+                shown = None if first else (action or game.idle_action)
+                self.n += 1
+                if shown is not None:
+                    self.applied[shown] += 1
+                event = {
+                    "n": self.n, "epoch": self.epoch, "action": shown, "gen_ms": round(gen_ms, 1), "tokens": tokens,
+                    "evictions": evictions, "applied": dict(self.applied), "queued": len(self.queue),
+                    "held": self.held, "running": self.running, "prompt": self.prompt,
+                    "h": int(frame.shape[0]), "w": int(frame.shape[1]), "rgb": rgb,
+                }
+                self.latest = sse("frame", event)
+                self.seq += 1
+                self.cond.notify_all()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        game.forget(self)
+
+    def _publish_status(self, message: str, error: bool = False) -> None:
+        with self.cond:
+            self.status = sse("status", {"message": message, "error": error, "epoch": self.epoch})
+            self.seq += 1
+            self.cond.notify_all()
+
+
+class FairLock:
+    """A lock granted in the order it was asked for, so pages that run continuously take turns
+    with the model (a plain Lock lets the thread that just released it take it again)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next = self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+def sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class Game:
+    """The model, its settings and the page sessions."""
+
+    def __init__(self, wm, *, prompt: str = "", context: np.ndarray | None = None, window: int | None = None,
+                 mode: str = "token", temperature: float = 1.0, seed: int = 0, max_sessions: int = 4,
+                 idle_seconds: float = IDLE_SECONDS):
+        self.wm = wm
+        self.names = list(wm.processor.action_names)
+        self.idle_action = "stay" if "stay" in self.names else self.names[0]
+        self.context = context
+        n_ctx = 0 if context is None else len(context)
+        self.context_actions = [wm.default_action()] * max(n_ctx - 1, 0)
+        self.window = min(DEFAULT_WINDOW, wm.context_limit) if window is None else int(window)
+        if self.window > wm.context_limit:
+            raise ValueError(f"--window {self.window} exceeds the model's context of {wm.context_limit} tokens")
+        self.mode, self.temperature, self.seed = mode, float(temperature), int(seed)
+        self.default_prompt = prompt
+        self.max_sessions, self.idle_seconds = max_sessions, idle_seconds
+        self.model_lock = FairLock()  # every model call holds it: one frame at a time
+        self.lock = threading.Lock()  # guards self.sessions
+        self.sessions: dict[str, PlaySession] = {}
+        self.workers: list[threading.Thread] = []
+        self.stopping = threading.Event()
+
+    def new_rollout(self, prompt: str):
+        """A RolloutSession for ``prompt`` (call with the model lock held); ValueError when it does not fit."""
+        return self.wm.session(text=prompt, context=self.context, context_actions=self.context_actions,
+                               temperature=self.temperature, seed=self.seed, mode=self.mode, window=self.window,
+                               recent=RECENT_FRAMES)
+
+    def check_prompt(self, prompt) -> str:
+        if not isinstance(prompt, str):
+            raise BadRequest("prompt", f"prompt must be a string, got {type(prompt).__name__}", "a string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise BadRequest("prompt", f"prompt is {len(prompt)} characters long, more than {MAX_PROMPT_CHARS}",
+                             f"at most {MAX_PROMPT_CHARS} characters")
+        return prompt
+
+    def _rollout_or_400(self, prompt: str):
+        try:
+            return self.new_rollout(prompt)
+        except ValueError as e:  # the prompt (with the context) does not fit the window
+            raise BadRequest("prompt", f"prompt does not fit: {e}",
+                             f"a shorter prompt (the session window is {self.window} tokens)") from None
+
+    def create(self, prompt: str) -> PlaySession:
+        prompt = self.check_prompt(prompt)
+        with self.lock:
+            if len(self.sessions) >= self.max_sessions:
+                idle = [s for s in self.sessions.values() if s.subscribers == 0]
+                if not idle:
+                    raise BadRequest("session", f"all {self.max_sessions} play sessions are in use",
+                                     "fewer open pages (or a larger --max-sessions)", status=503)
+                oldest = min(idle, key=lambda s: s.last_seen)
+                oldest.close()
+                self.sessions.pop(oldest.id, None)
+        with self.model_lock:
+            rollout = self._rollout_or_400(prompt)
+        sess = PlaySession(self, secrets.token_urlsafe(12), prompt, rollout)
+        with self.lock:
+            self.sessions[sess.id] = sess
+            self.workers = [t for t in self.workers if t.is_alive()] + [sess.thread]
+        sess.thread.start()
+        return sess
+
+    def restart(self, sess: PlaySession, prompt: str) -> None:
+        prompt = self.check_prompt(prompt)
+        with self.model_lock:
+            rollout = self._rollout_or_400(prompt)
+            with sess.cond:
+                sess.rollout, sess.prompt = rollout, prompt
+                sess.epoch += 1
+                sess.n = 0
+                sess.queue.clear()
+                sess.held = None
+                sess.applied.clear()
+                sess.latest = None
+                sess.running = True
+                sess.last_seen = time.monotonic()
+                sess.cond.notify_all()
+
+    def get(self, sid) -> PlaySession:
+        if not isinstance(sid, str) or not sid:
+            raise BadRequest("session", f"session must be a non-empty string, got {sid!r}",
+                             "the id returned by POST /api/session")
+        with self.lock:
+            sess = self.sessions.get(sid)
+        if sess is None or sess.closed:
+            raise BadRequest("session", f"unknown session '{sid[:64]}'",
+                             f"the id returned by POST /api/session (a session ends {self.idle_seconds:.0f} s "
+                             f"after its page disconnects)")
+        return sess
+
+    def forget(self, sess: PlaySession) -> None:
+        with self.lock:
+            if self.sessions.get(sess.id) is sess:
+                del self.sessions[sess.id]
+
+    def info(self) -> dict:
+        p = self.wm.processor
+        return {
+            "actions": self.names, "idle_action": self.idle_action, "prompt": self.default_prompt,
+            "max_prompt_chars": MAX_PROMPT_CHARS, "mode": self.mode, "temperature": self.temperature,
+            "seed": self.seed, "window": self.window, "context_frames": 0 if self.context is None else len(self.context),
+            "frame_size": [int(p.video.image_size), int(p.video.image_size)], "tokens_per_frame": int(p.tokens_per_frame),
+            "phases": list(PHASES),
+        }
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """End every session and wait for the workers: a daemon thread still inside torch when the
+        interpreter exits aborts the process."""
+        self.stopping.set()
+        with self.lock:
+            sessions, workers = list(self.sessions.values()), list(self.workers)
+        for s in sessions:
+            s.close()
+        deadline = time.monotonic() + timeout
+        for t in workers:
+            if t.is_alive():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+
+# ----------------------------------------------------------------------------- HTTP
+def _fields(body: dict, required: dict, optional: dict) -> dict:
+    """Check a message's fields: name -> (types, expected description)."""
+    known = {**required, **optional}
+    for k in body:
+        if k not in known:
+            raise BadRequest(k, f"unknown field '{k}'", f"only the fields {', '.join(known)}")
+    for k, (types, expected) in known.items():
+        if k not in body:
+            if k in required:
+                raise BadRequest(k, f"missing field '{k}'", expected)
+            continue
+        v = body[k]
+        if not isinstance(v, types):
+            raise BadRequest(k, f"field '{k}' has the wrong type ({type(v).__name__})", expected)
+    return body
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "uwm-play/1"
+    game: Game = None  # set on the subclass made by make_server
+    page: bytes = b""
+    check_host: bool = True
+    allowed_hosts: frozenset = frozenset()
+    quiet: bool = True
+
+    # -- plumbing -------------------------------------------------------------------------
+    def log_message(self, fmt, *args):  # noqa: D102
+        if not self.quiet:
+            super().log_message(fmt, *args)
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: dict) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _host_ok(self) -> bool:
+        if not self.check_host:
+            return True
+        host = (self.headers.get("Host") or "").lower()
+        if host not in self.allowed_hosts:
+            self._json(403, {"error": f"Host '{host[:100]}' is not this server's loopback address",
+                             "field": "Host", "expected": " or ".join(sorted(self.allowed_hosts))})
+            return False
+        return True
+
+    def _body(self) -> dict:
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise BadRequest("Content-Type", f"Content-Type is '{ctype or '(none)'}'", "application/json")
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise BadRequest("Content-Length", "missing or malformed Content-Length header",
+                             "the body's length in bytes") from None
+        if n < 0 or n > MAX_BODY_BYTES:
+            raise BadRequest("body", f"body of {n} bytes", f"at most {MAX_BODY_BYTES} bytes", status=413)
+        raw = self.rfile.read(n)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadRequest("body", f"malformed JSON: {e}", "a JSON object") from None
+        if not isinstance(body, dict):
+            raise BadRequest("body", f"the body is a JSON {type(body).__name__}, not an object", "a JSON object")
+        return body
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except BadRequest as e:
+            self._json(e.status, e.body())
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    # -- routes ---------------------------------------------------------------------------
+    def do_GET(self):  # noqa: N802
+        if not self._host_ok():
+            return
+        url = urlsplit(self.path)
+        if url.path in ("/", "/index.html"):
+            self._send(200, self.page, "text/html; charset=utf-8")
+        elif url.path == "/api/info":
+            self._json(200, self.game.info())
+        elif url.path == "/api/stream":
+            self._guard(lambda: self._stream(parse_qs(url.query).get("session", [""])[0]))
+        elif url.path == "/favicon.ico":
+            self._send(204, b"", "image/x-icon")
+        else:
+            self._json(404, {"error": f"no such page '{url.path[:200]}'", "field": "path",
+                             "expected": "/, /api/info or /api/stream?session=ID"})
+
+    def do_POST(self):  # noqa: N802
+        if not self._host_ok():
+            return
+        path = urlsplit(self.path).path
+        routes = {"/api/session": self._post_session, "/api/action": self._post_action, "/api/run": self._post_run}
+        if path not in routes:
+            self._json(404, {"error": f"no such endpoint '{path[:200]}'", "field": "path",
+                             "expected": "POST /api/session, /api/action or /api/run"})
+            return
+        self._guard(lambda: routes[path](self._body()))
+
+    def do_PUT(self):  # noqa: N802
+        self._json(405, {"error": f"method {self.command} not allowed", "field": "method", "expected": "GET or POST"})
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _post_session(self, body: dict) -> None:
+        game = self.game
+        _fields(body, {}, {"prompt": ((str,), f"a string of at most {MAX_PROMPT_CHARS} characters"),
+                           "session": ((str,), "the id of the session to restart")})
+        prompt = body.get("prompt", game.default_prompt)
+        if "session" in body:
+            sess = game.get(body["session"])
+            game.restart(sess, prompt)
+        else:
+            sess = game.create(prompt)
+        self._json(200, {"session": sess.id, "prompt": sess.prompt, "epoch": sess.epoch})
+
+    def _post_action(self, body: dict) -> None:
+        game = self.game
+        _fields(body, {"session": ((str,), "the id returned by POST /api/session")},
+                {"action": ((str,), f"one of: {', '.join(game.names)}"),
+                 "phase": ((str,), "one of: " + ", ".join(PHASES))})
+        phase = body.get("phase", "tap")
+        if phase not in PHASES:
+            raise BadRequest("phase", f"unknown phase '{phase[:50]}'", "one of: " + ", ".join(PHASES))
+        if phase != "release" and "action" not in body:
+            raise BadRequest("action", "missing field 'action'", f"one of: {', '.join(game.names)}")
+        name = None
+        if "action" in body:
+            from unified_wm.tokenization.actions import ALIASES
+
+            raw = body["action"]
+            name = ALIASES.get(raw.strip().lower(), raw.strip().lower())
+            if name not in game.names:
+                raise BadRequest("action", f"unknown action name '{raw[:50]}'", f"one of: {', '.join(game.names)}")
+        sess = game.get(body["session"])
+        self._json(200, sess.action(name, phase))
+
+    def _post_run(self, body: dict) -> None:
+        _fields(body, {"session": ((str,), "the id returned by POST /api/session"),
+                       "running": ((bool,), "true (run continuously) or false (one frame per action)")}, {})
+        self._json(200, self.game.get(body["session"]).set_running(body["running"]))
+
+    def _stream(self, sid: str) -> None:
+        sess = self.game.get(sid)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Accel-Buffering", "no")
+        self.end_headers()
+        self.close_connection = True
+        with sess.cond:
+            sess.subscribers += 1
+            sess.last_seen = time.monotonic()
+            sess.cond.notify_all()
+        seen = -1
+        last_write = time.monotonic()
+        try:
+            self.wfile.write(b"retry: 1000\n\n")
+            self.wfile.flush()
+            while not self.game.stopping.is_set():
+                with sess.cond:
+                    if sess.seq == seen and not sess.closed:
+                        sess.cond.wait(timeout=1.0)
+                    if sess.closed:
+                        break
+                    out = b""
+                    if sess.seq != seen:
+                        seen = sess.seq
+                        out = (sess.status or b"") + (sess.latest or b"")
+                        sess.status = None
+                if out:
+                    self.wfile.write(out)
+                    self.wfile.flush()
+                    last_write = time.monotonic()
+                elif time.monotonic() - last_write > HEARTBEAT_SECONDS:
+                    self.wfile.write(b": ping\n\n")  # finds pages that went away
+                    self.wfile.flush()
+                    last_write = time.monotonic()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        finally:
+            with sess.cond:
+                sess.subscribers -= 1
+                sess.last_seen = time.monotonic()
+                sess.cond.notify_all()
+
+
+class PlayServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def load_page() -> bytes:
+    res = resources.files("unified_wm").joinpath("play_static/index.html")
+    try:
+        return res.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the play page '{res}' is missing from the installed package "
+                                f"(reinstall with `pip install -e .`)") from None
+
+
+def check_address(host: str, port: int, allow_remote: bool = False) -> None:
+    if not allow_remote and not is_loopback(host):
+        raise ValueError(f"--host '{host}' is not a loopback address; the play server has no authentication, so it "
+                         f"binds loopback only (127.0.0.1, ::1, localhost). Pass --allow-remote to serve '{host}' "
+                         f"anyway, on a network you trust")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be 0 (any free port) or 1..65535, got {port}")
+
+
+def make_server(game: Game, host: str = "127.0.0.1", port: int = 0, allow_remote: bool = False,
+                quiet: bool = True) -> PlayServer:
+    """Bind the page's server (not yet serving); loopback only unless ``allow_remote``."""
+    check_address(host, port, allow_remote)
+    bind = host.strip("[]")
+    cls = type("PlayServerV6", (PlayServer,), {"address_family": socket.AF_INET6}) if ":" in bind else PlayServer
+    try:
+        server = cls((bind, port), type("PlayHandler", (Handler,), {}))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    real_port = server.server_address[1]
+    names = {"localhost", f"[{bind}]", "[::1]"} if ":" in bind else {"localhost", bind, "127.0.0.1"}
+    h = server.RequestHandlerClass
+    h.game, h.page, h.quiet = game, load_page(), quiet
+    h.check_host = not allow_remote
+    h.allowed_hosts = frozenset(f"{n.lower()}:{real_port}" for n in names)
+    return server
+
+
+def url_of(server: PlayServer) -> str:
+    host, port = server.server_address[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="uwm play", description="Play a world model in the browser (a local page).")
+    ap.add_argument("--model", required=True, help="exported model folder (uwm export)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only unless --allow-remote)")
+    ap.add_argument("--port", type=int, default=0, help="port (0: any free port; the URL is printed)")
+    ap.add_argument("--prompt", default="", help="the text prompt a new page starts with (editable on the page)")
+    ap.add_argument("--context", default=None, help="a video or image whose frames start every session")
+    ap.add_argument("--window", type=int, default=None,
+                    help=f"tokens a session keeps before it evicts old frames (default: {DEFAULT_WINDOW}, "
+                         "or the model's context if smaller)")
+    ap.add_argument("--mode", choices=("token", "diagonal"), default="token",
+                    help="decoding: code by code, or parallel along anti-diagonals (faster)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-sessions", type=int, default=4, help="page sessions served at once")
+    ap.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (no authentication!)")
+    ap.add_argument("--verbose", action="store_true", help="log every request")
+    a = ap.parse_args(argv)
+    if len(a.prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"--prompt is {len(a.prompt)} characters long, more than {MAX_PROMPT_CHARS}")
+    if a.max_sessions < 1:
+        raise ValueError(f"--max-sessions must be >= 1, got {a.max_sessions}")
+    check_address(a.host, a.port, a.allow_remote)  # before loading anything
+    if a.allow_remote and not is_loopback(a.host):
+        print(f"\n*** WARNING: serving on '{a.host}', beyond this machine, with NO authentication: anyone who can "
+              f"reach it can drive the model and use this CPU. ***\n", file=sys.stderr, flush=True)
+    from unified_wm.rollout import WorldModel, read_video
+
+    wm = WorldModel.from_pretrained(a.model)
+    context = read_video(a.context) if a.context else None
+    if context is not None:
+        try:
+            wm.processor.encode_frames(context)
+        except ValueError as e:
+            raise ValueError(f"--context '{a.context}': {e}") from None
+    game = Game(wm, prompt=a.prompt, context=context, window=a.window, mode=a.mode,
+                temperature=a.temperature, seed=a.seed, max_sessions=a.max_sessions)
+    with game.model_lock:  # the defaults must make a session: bad flags fail here, not on the page
+        try:
+            game.new_rollout(a.prompt)
+        except ValueError as e:
+            raise ValueError(f"--prompt/--window: {e}") from None
+    server = make_server(game, a.host, a.port, allow_remote=a.allow_remote, quiet=not a.verbose)
+
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)  # stop as on Ctrl-C: end the sessions, join their workers
+    url = url_of(server)
+    print(f"uwm play: serving {Path(a.model)} at {url}  (actions: {', '.join(game.names)}; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        game.stop()
+        server.server_close()
+    print("uwm play: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
