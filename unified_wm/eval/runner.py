@@ -22,6 +22,22 @@ A suite (YAML in ``eval/``) names held-out episode data and the tasks to run:
   revisit             on ``probe_revisit`` episodes (a static scene the camera leaves and
                       comes back to): PSNR/SSIM of the generated return frame against the real
                       one, next to repeating the last context frame.
+  controllability     (MineWorld-style) a small CNN inverse-dynamics probe, trained on real
+                      transitions of ``train_data``, reads the action back from two frames:
+                      accuracy and macro-F1 on held-out real transitions, on the same through
+                      the tokenizer (ceiling), on the model's transitions rolled out from real
+                      context under given actions, and on a frozen-frame baseline. See
+                      ``unified_wm/eval/controllability.py``.
+  caption             the model captions real frames (``caption`` template: the scene; the
+                      ``interleaved`` template: the events), grammar-constrained and greedy;
+                      exact match and object / event hit rates against the ground truth, next
+                      to the most frequent training caption. See ``unified_wm/eval/captioning.py``.
+  fvd                 (``metrics`` extra) FVD of 16-frame windows (real context + rollout under
+                      the logged actions) against the real windows, with the sample count, next
+                      to copy-last and tokenizer-reconstruction baselines. Stable from ~256 videos.
+
+Frame metrics (``metrics:``) for the rollout curves and revisit: ``psnr`` and ``ssim`` (always
+computed) and ``lpips`` (``metrics`` extra: ``pip install -e .[metrics]``, JAX imported lazily).
 
 Held-out only: the suite refuses data whose episode seeds overlap the model's training seeds.
 Output: ``results.json`` (every figure), ``results.md`` (the table), ``*.png`` plots (metric vs
@@ -43,7 +59,9 @@ import torch
 from unified_wm.sequence import MODALITY_KEYS, TEMPLATES
 from unified_wm.utils import ConfigError, load_config, write_json
 
-TASKS = ("nll", "rollout", "action_sensitivity", "offscreen", "revisit")
+TASKS = ("nll", "rollout", "action_sensitivity", "offscreen", "revisit", "controllability", "caption", "fvd")
+METRICS = ("psnr", "ssim", "lpips")  # frame metrics; lpips needs the metrics extra
+CONTROL_ACTIONS = ("logged", "uniform")
 
 
 @dataclass
@@ -52,6 +70,28 @@ class RolloutSettings:
     horizon: int = 8
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
+
+
+@dataclass
+class ControllabilitySettings:
+    actions: str = "logged"  # logged: the episode's own actions; uniform: drawn uniformly from the probe's classes
+    probe_transitions: int = 4000  # real transitions the probe learns from (at most)
+    epochs: int = 6  # raised on small data so that the probe gets at least 400 optimizer steps
+    time_limit_s: float = 60.0  # the probe stops training after this, whatever the epochs
+    downsample: int = 2  # average-pool frames by this before the probe's CNN (1 = full resolution)
+    seed: int = 0
+
+
+@dataclass
+class CaptionSettings:
+    max_events_per_episode: int = 4  # event captions asked per episode (besides its scene caption)
+    max_new_tokens: int = 96
+
+
+@dataclass
+class FVDSettings:
+    frames: int = 16  # window length (16 is the standard FVD window)
+    n_videos: int = 0  # 0 = every evaluated episode long enough; 256+ for a stable figure
 
 
 @dataclass
@@ -68,12 +108,30 @@ class Suite:
     revisit_data: str = ""  # probe_revisit episodes
     n_probes: int = 8
     offscreen_threshold_px: float = 8.0
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    # episodes the controllability probe and the caption baseline learn from (normally the
+    # model's training episodes); empty = the held-out episodes after the first n_episodes
+    train_data: str = ""
+    train_episodes: int = 300  # read at most this many of them
+    controllability: ControllabilitySettings = field(default_factory=ControllabilitySettings)
+    caption: CaptionSettings = field(default_factory=CaptionSettings)
+    fvd: FVDSettings = field(default_factory=FVDSettings)
     description: str = ""
 
     def validate(self) -> None:
         for t in self.tasks:
             if t not in TASKS:
                 raise ValueError(f"tasks: unknown task '{t}'; valid tasks: {', '.join(TASKS)}")
+        for m in self.metrics:
+            if m not in METRICS:
+                raise ValueError(f"metrics: unknown metric '{m}'; valid metrics: {', '.join(METRICS)}")
+        if self.controllability.actions not in CONTROL_ACTIONS:
+            raise ValueError(f"controllability.actions: unknown value '{self.controllability.actions}'; "
+                             f"valid values: {', '.join(CONTROL_ACTIONS)}")
+        if "fvd" in self.tasks and self.fvd.frames < 9:
+            raise ValueError(f"fvd.frames: {self.fvd.frames} frames is too short for I3D; use 16 (the standard window), at least 9")
+        if "fvd" in self.tasks and self.fvd.frames <= self.rollout.context_frames:
+            raise ValueError(f"fvd.frames ({self.fvd.frames}) must exceed rollout.context_frames ({self.rollout.context_frames})")
         for t in self.templates:
             if t not in TEMPLATES:
                 raise ValueError(f"templates: unknown template '{t}'; valid templates: {', '.join(TEMPLATES)}")
@@ -149,37 +207,81 @@ def eval_nll(wm, episodes, suite: Suite) -> dict:
     return res
 
 
-def eval_rollout(wm, episodes, suite: Suite) -> dict:
+class Rollouts:
+    """``wm.rollout`` with a memory, so that tasks rolling out the same episode from the same
+    context under the same actions (rollout, controllability, fvd) share one rollout. A longer
+    rollout answers a shorter request: decoding is causal and the sampler draws in order, so
+    its first frames are exactly what the shorter rollout would have produced."""
+
+    def __init__(self, wm, rs: RolloutSettings):
+        self.wm, self.rs = wm, rs
+        self._memo: dict = {}
+        self.calls = 0
+
+    @staticmethod
+    def _effective(actions, n: int) -> tuple:
+        return tuple(actions[min(i, len(actions) - 1)] for i in range(n)) if len(actions) else ()
+
+    def __call__(self, ep: dict, n_ctx: int, actions, frames: int) -> np.ndarray:
+        actions = [str(a) for a in actions]
+        key = (ep.get("episode_id"), int(ep.get("seed", -1)), n_ctx)
+        need = n_ctx + frames - 1  # action positions the rollout reads
+        hit = self._memo.get(key)
+        if hit is not None and len(hit[1]) >= frames and self._effective(hit[0], need) == self._effective(actions, need):
+            return hit[1][:frames]
+        self.calls += 1
+        out = self.wm.rollout(_caption0(ep), actions, frames, context=ep["frames"][:n_ctx],
+                              temperature=self.rs.temperature, seed=self.rs.seed)
+        if hit is None or len(out) >= len(hit[1]):
+            self._memo[key] = (actions, out)
+        return out
+
+
+def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> dict:
     rs = suite.rollout
     p = wm.processor
     H = rs.horizon
+    roll = roll or Rollouts(wm, rs)
+    use_lpips = "lpips" in suite.metrics
     model_psnr, model_ssim = [[] for _ in range(H)], [[] for _ in range(H)]
     copy_psnr, recon_psnr = [[] for _ in range(H)], [[] for _ in range(H)]
+    lp = {k: [[] for _ in range(H)] for k in ("model", "copy", "recon")}
     for ep, fids in episodes:
         frames = ep["frames"]
         c = rs.context_frames
         if len(frames) < c + H:
             continue
-        caption = next((x["text"] for x in ep["captions"] if int(x["t"]) == 0), "")
         actions = list(ep["actions"][: c + H - 1])
-        gen = wm.rollout(caption, actions, H, context=frames[:c], temperature=rs.temperature, seed=rs.seed)
+        gen = roll(ep, c, actions, H)
         recon = p.decode_frames(fids[c:c + H])
+        real = frames[c:c + H]
         for h in range(H):
-            real = frames[c + h]
-            model_psnr[h].append(psnr(gen[h], real))
-            model_ssim[h].append(ssim(gen[h], real))
-            copy_psnr[h].append(psnr(frames[c - 1], real))
-            recon_psnr[h].append(psnr(recon[h], real))
+            model_psnr[h].append(psnr(gen[h], real[h]))
+            model_ssim[h].append(ssim(gen[h], real[h]))
+            copy_psnr[h].append(psnr(frames[c - 1], real[h]))
+            recon_psnr[h].append(psnr(recon[h], real[h]))
+        if use_lpips:
+            from unified_wm.eval.learned import lpips
+
+            copy = np.repeat(frames[c - 1:c], H, axis=0)
+            for k, x in (("model", gen), ("copy", copy), ("recon", recon)):
+                for h, v in enumerate(lpips(x, real)):
+                    lp[k][h].append(float(v))
     if not model_psnr[0]:
         return {"error": f"no episode has {rs.context_frames + H} frames"}
     mean = lambda xs: [float(np.mean(x)) for x in xs]  # noqa: E731
-    return {
+    out = {
         "n_episodes": len(model_psnr[0]),
         "psnr_by_step": mean(model_psnr), "ssim_by_step": mean(model_ssim),
         "copy_last_psnr_by_step": mean(copy_psnr), "tokenizer_recon_psnr_by_step": mean(recon_psnr),
         "psnr_mean": float(np.mean(model_psnr)), "ssim_mean": float(np.mean(model_ssim)),
         "copy_last_psnr_mean": float(np.mean(copy_psnr)), "tokenizer_recon_psnr_mean": float(np.mean(recon_psnr)),
     }
+    if use_lpips:
+        for k, name in (("model", "lpips"), ("copy", "copy_last_lpips"), ("recon", "tokenizer_recon_lpips")):
+            out[f"{name}_by_step"] = mean(lp[k])
+            out[f"{name}_mean"] = float(np.mean(lp[k]))
+    return out
 
 
 def eval_action_sensitivity(wm, episodes, suite: Suite) -> dict:
@@ -292,6 +394,8 @@ def eval_revisit(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
     eps = _probe_episodes(suite.revisit_data, "revisit", suite.n_probes, wm, model_dir, suite_path)
     rs = suite.rollout
     m_psnr, m_ssim, c_psnr, first_psnr = [], [], [], []  # c_psnr: the real return frame through the tokenizer
+    m_lp, c_lp = [], []
+    use_lpips = "lpips" in suite.metrics
     for ep in eps:
         probe = ep["state"]["probe"]
         t0, t1 = int(probe["leave_t"]), int(probe["return_t"])
@@ -299,12 +403,159 @@ def eval_revisit(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
         gen = wm.rollout(_caption0(ep), list(ep["actions"][: t1]), t1 - t0 + 1, context=ep["frames"][:t0],
                          temperature=rs.temperature, seed=rs.seed)
         real = ep["frames"][t1]
+        recon = wm.processor.decode_frames(wm.processor.encode_frames(real[None]))[0]
         m_psnr.append(psnr(gen[-1], real))
         m_ssim.append(ssim(gen[-1], real))
-        c_psnr.append(psnr(wm.processor.decode_frames(wm.processor.encode_frames(real[None]))[0], real))
+        c_psnr.append(psnr(recon, real))
         first_psnr.append(psnr(gen[-1], ep["frames"][first]))
-    return {"n": len(eps), "return_psnr": float(np.mean(m_psnr)), "return_ssim": float(np.mean(m_ssim)),
-            "return_vs_first_visit_psnr": float(np.mean(first_psnr)), "tokenizer_ceiling_psnr": float(np.mean(c_psnr))}
+        if use_lpips:
+            from unified_wm.eval.learned import lpips
+
+            m_lp.append(float(lpips(gen[-1:], real[None])[0]))
+            c_lp.append(float(lpips(recon[None], real[None])[0]))
+    out = {"n": len(eps), "return_psnr": float(np.mean(m_psnr)), "return_ssim": float(np.mean(m_ssim)),
+           "return_vs_first_visit_psnr": float(np.mean(first_psnr)), "tokenizer_ceiling_psnr": float(np.mean(c_psnr))}
+    if use_lpips:
+        out.update(return_lpips=float(np.mean(m_lp)), tokenizer_ceiling_lpips=float(np.mean(c_lp)))
+    return out
+
+
+def reference_episodes(suite: Suite, ds, suite_path: str) -> tuple[list[dict], str]:
+    """Episodes the controllability probe and the caption baseline learn from, and where they come from.
+
+    ``train_data`` when the suite names it (it must share no seed with the evaluated episodes),
+    else the held-out episodes after the first ``n_episodes`` (never the evaluated ones).
+    """
+    from itertools import islice
+
+    from unified_wm.data.episodes import iter_episodes, load_episodes
+
+    n_eval = min(suite.n_episodes, len(ds))
+    if suite.train_data:
+        tds = load_episodes(suite.train_data)
+        eval_seeds = {int(x) for x in ds.select(range(n_eval))["seed"]}
+        overlap = sorted(eval_seeds & {int(x) for x in tds["seed"]})
+        if overlap:
+            raise ConfigError(
+                f"{suite_path}: train_data '{suite.train_data}' shares {len(overlap)} episode seeds with the evaluated "
+                f"episodes (e.g. {overlap[:5]}); the probe and the caption baseline must not learn from the episodes they are scored on"
+            )
+        eps = list(islice(iter_episodes(tds), suite.train_episodes))
+        return eps, f"train_data {suite.train_data} ({len(eps)} episodes)"
+    if len(ds) <= n_eval:
+        raise ConfigError(
+            f"{suite_path}: tasks 'controllability' and 'caption' need episodes to learn from: set train_data (e.g. the "
+            f"model's training episodes), or give data more than n_episodes={n_eval} episodes (it has {len(ds)})"
+        )
+    eps = list(islice(iter_episodes(ds.select(range(n_eval, len(ds)))), suite.train_episodes))
+    return eps, f"held-out episodes {n_eval}..{n_eval + len(eps) - 1} of {suite.data} (not evaluated)"
+
+
+def eval_controllability(wm, episodes, suite: Suite, roll: Rollouts, reference) -> dict:
+    """Inverse-dynamics probe accuracy on real, tokenizer, generated and frozen transitions (see controllability.py)."""
+    from unified_wm.eval.controllability import scores, train_probe, transitions
+
+    cs, rs = suite.controllability, suite.rollout
+    ref_eps, source = reference()
+    pairs, labels = transitions(ref_eps, cs.probe_transitions)
+    try:
+        probe = train_probe(pairs, labels, epochs=cs.epochs, seed=cs.seed, time_limit_s=cs.time_limit_s,
+                            downsample=cs.downsample)
+    except ValueError as e:  # too few transitions, or a single action, in the reference episodes
+        return {"error": f"{e} (from {source})"}
+    real_pairs, real_labels = transitions([ep for ep, _ in episodes])
+    recon = [{"frames": wm.processor.decode_frames(f), "actions": ep["actions"]} for ep, f in episodes]
+    tok_pairs, tok_labels = transitions(recon)
+    c, H = rs.context_frames, rs.horizon
+    rng = np.random.default_rng(cs.seed)
+    choices = [a for a in probe.classes if a in wm.processor.action_names]
+    gen_pairs, frozen_pairs, labels_g, steps = [], [], [], []
+    for ep, _ in episodes:
+        f = ep["frames"]
+        if cs.actions == "logged":
+            if len(ep["actions"]) < c + H - 1:
+                continue
+            acts = [str(a) for a in ep["actions"][: c + H - 1]]
+        else:
+            if len(f) < c:
+                continue
+            acts = [str(a) for a in ep["actions"][: c - 1]] + [str(a) for a in rng.choice(choices, H)]
+        gen = roll(ep, c, acts, H)
+        prev = f[c - 1]
+        for h in range(H):
+            gen_pairs.append(np.stack([prev, gen[h]]))
+            frozen_pairs.append(np.stack([f[c - 1], f[c - 1]]))
+            labels_g.append(acts[c - 1 + h])
+            steps.append(h)
+            prev = gen[h]
+    if not gen_pairs:
+        return {"error": f"no episode has {c + H - 1} actions for a {H}-step rollout after {c} context frames"}
+    pred_g = probe.predict(np.stack(gen_pairs))
+    model = scores(labels_g, pred_g)
+    st = np.array(steps)
+    model["accuracy_by_step"] = [float(np.mean([pred_g[i] == labels_g[i] for i in np.nonzero(st == h)[0]])) for h in range(H)]
+    return {
+        "actions": cs.actions, "probe": {**probe.info, "trained_on": source},
+        "real": scores(real_labels, probe.predict(real_pairs)),
+        "tokenizer_real": scores(tok_labels, probe.predict(tok_pairs)),
+        "model": model,
+        "frozen": scores(labels_g, probe.predict(np.stack(frozen_pairs))),
+        "n_rollouts": len(gen_pairs) // H,
+    }
+
+
+def eval_caption(wm, episodes, suite: Suite, reference) -> dict:
+    """The model's scene and event captions of real frames, scored against the ground truth (see captioning.py)."""
+    from unified_wm.eval.captioning import caption_prompts, generate_text, most_frequent_captions, score_caption, summarize
+
+    cs = suite.caption
+    ref_eps, source = reference()
+    base = most_frequent_captions(ref_eps)
+    rows = {"scene": ([], []), "events": ([], [])}
+    examples = []
+    for ep, fids in episodes:
+        for kind, prompt, truth in caption_prompts(wm.processor, ep, fids, suite.clip_frames, cs.max_events_per_episode):
+            if len(prompt) + cs.max_new_tokens > wm.context_limit:
+                continue
+            pred = wm.processor.decode_text(generate_text(wm.model, prompt, cs.max_new_tokens))
+            rows[kind][0].append(score_caption(pred, truth))
+            rows[kind][1].append(score_caption(base[kind], truth))
+            if sum(e["kind"] == kind for e in examples) < 3:
+                examples.append({"kind": kind, "episode_id": ep.get("episode_id"), "truth": truth, "model": pred})
+    if not rows["scene"][0] and not rows["events"][0]:
+        return {"error": "no evaluated episode has a caption at t=0 (the captioning task needs ground-truth captions)"}
+    out = {"baseline": {"source": source, "scene": base["scene"], "events": base["events"]}, "examples": examples}
+    for kind, key in (("scene", "clause_hit"), ("events", "event_hit")):
+        out[kind] = {"model": summarize(rows[kind][0], key), "most_frequent_caption": summarize(rows[kind][1], key)}
+    return out
+
+
+def eval_fvd(wm, episodes, suite: Suite, roll: Rollouts) -> dict:
+    """FVD (I3D, Kinetics-400) of real-context + rollout windows against the real windows (metrics extra)."""
+    from unified_wm.eval.learned import frechet_distance, i3d_features
+
+    F, c = suite.fvd.frames, suite.rollout.context_frames
+    vids: dict[str, list] = {"real": [], "model": [], "copy_last": [], "tokenizer_recon": []}
+    for ep, fids in episodes:
+        f = ep["frames"]
+        if len(f) < F:
+            continue
+        if suite.fvd.n_videos and len(vids["real"]) >= suite.fvd.n_videos:
+            break
+        gen = roll(ep, c, list(ep["actions"][: F - 1]), F - c)
+        vids["real"].append(f[:F])
+        vids["model"].append(np.concatenate([f[:c], gen]))
+        vids["copy_last"].append(np.concatenate([f[:c], np.repeat(f[c - 1:c], F - c, axis=0)]))
+        vids["tokenizer_recon"].append(wm.processor.decode_frames(fids[:F]))
+    n = len(vids["real"])
+    if n < 2:
+        return {"error": f"FVD needs at least 2 episodes of {F} frames, found {n}"}
+    feats = {k: i3d_features(np.stack(v)) for k, v in vids.items()}
+    out = {"n_videos": n, "frames": F, "context_frames": c, "stable": n >= 256,
+           "note": "FVD is biased upwards and unstable below ~256 videos per side; compare runs at equal n_videos"}
+    for k in ("model", "copy_last", "tokenizer_recon"):
+        out["fvd" if k == "model" else f"{k}_fvd"] = frechet_distance(feats["real"], feats[k])
+    return out
 
 
 def write_plots(results: dict, out: Path) -> list[str]:
@@ -328,6 +579,33 @@ def write_plots(results: dict, out: Path) -> list[str]:
         fig.savefig(out / "rollout_psnr.png", dpi=100)
         plt.close(fig)
         written.append(str(out / "rollout_psnr.png"))
+    if ro and "lpips_by_step" in ro:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        steps = range(1, len(ro["lpips_by_step"]) + 1)
+        for key, label in (("lpips_by_step", "model"), ("copy_last_lpips_by_step", "copy last frame"),
+                           ("tokenizer_recon_lpips_by_step", "tokenizer ceiling")):
+            ax.plot(steps, ro[key], marker="o", label=label)
+        ax.set_xlabel("rollout step"), ax.set_ylabel("LPIPS (AlexNet, lower is better)"), ax.legend(), ax.grid(alpha=0.3)
+        ax.set_title(f"{results['suite']}: rollout LPIPS vs horizon")
+        fig.tight_layout()
+        fig.savefig(out / "rollout_lpips.png", dpi=100)
+        plt.close(fig)
+        written.append(str(out / "rollout_lpips.png"))
+    co = results.get("controllability")
+    if co and "model" in co:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        steps = range(1, len(co["model"]["accuracy_by_step"]) + 1)
+        ax.plot(steps, co["model"]["accuracy_by_step"], marker="o", label="model's rollout")
+        for key, label, style in (("real", "real frames", "--"), ("tokenizer_real", "real via tokenizer", ":"),
+                                  ("frozen", "frozen frame", "-.")):
+            ax.axhline(co[key]["accuracy"], linestyle=style, color="gray" if key != "real" else "black", label=label)
+        ax.set_xlabel("rollout step"), ax.set_ylabel("inverse-dynamics accuracy"), ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=8), ax.grid(alpha=0.3)
+        ax.set_title(f"{results['suite']}: action controllability ({co['actions']} actions)")
+        fig.tight_layout()
+        fig.savefig(out / "controllability.png", dpi=100)
+        plt.close(fig)
+        written.append(str(out / "controllability.png"))
     off = results.get("offscreen")
     if off and off.get("by_N"):
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -345,15 +623,57 @@ def write_plots(results: dict, out: Path) -> list[str]:
     return written
 
 
+def _prewarm(wm, suite: Suite, episodes, roll: Rollouts, suite_path: str) -> None:
+    """Check that the longest rollout fits the model's context, then roll it out once per
+    episode when several tasks will read it (the shorter ones reuse its first frames)."""
+    rs = suite.rollout
+    lengths = []
+    if "rollout" in suite.tasks or ("controllability" in suite.tasks and suite.controllability.actions == "logged"):
+        lengths.append(rs.horizon)
+    if "fvd" in suite.tasks:
+        lengths.append(suite.fvd.frames - rs.context_frames)
+    if not lengths or not episodes:
+        return
+    longest = max(lengths)
+    ep, fids = episodes[0]
+    c = min(rs.context_frames, len(fids))
+    prompt = wm.builder.prompt(_caption0(ep), fids[:c], [wm.processor.encode_actions([str(a)]) for a in list(ep["actions"])[:c]])
+    need = wm.tokens_needed(len(prompt), longest)
+    if need > wm.context_limit:
+        raise ConfigError(
+            f"{suite_path}: {rs.context_frames} context frames and a {longest}-frame rollout need about {need} tokens with "
+            f"this model, more than its context of {wm.context_limit} tokens; lower rollout.horizon (or fvd.frames), or "
+            f"evaluate a model trained with a longer context (max_position_embeddings)"
+        )
+    if len(lengths) > 1:
+        for ep, _ in episodes:
+            if len(ep["frames"]) >= rs.context_frames + longest:
+                roll(ep, rs.context_frames, list(ep["actions"][: rs.context_frames + longest - 1]), longest)
+
+
+def _check_extras(suite: Suite, suite_path: str) -> None:
+    from unified_wm.eval.learned import MetricsUnavailable, _import
+
+    for what, wanted in (("lpips", "lpips" in suite.metrics), ("fvd", "fvd" in suite.tasks)):
+        if wanted:
+            try:
+                _import(what)
+            except MetricsUnavailable as e:
+                raise ConfigError(f"{suite_path}: {e}") from None
+
+
 def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progress: bool = True,
-              data: str | None = None, offscreen_data: str | None = None, revisit_data: str | None = None) -> dict:
+              data: str | None = None, offscreen_data: str | None = None, revisit_data: str | None = None,
+              train_data: str | None = None) -> dict:
     from tqdm import tqdm
 
     from unified_wm.data.episodes import get_episode, load_episodes
     from unified_wm.rollout import WorldModel
 
-    overrides = {k: v for k, v in (("data", data), ("offscreen_data", offscreen_data), ("revisit_data", revisit_data)) if v}
+    overrides = {k: v for k, v in (("data", data), ("offscreen_data", offscreen_data), ("revisit_data", revisit_data),
+                                   ("train_data", train_data)) if v}
     suite = load_config(Suite, suite_path, overrides)
+    _check_extras(suite, suite_path)
     model_dir = Path(model_dir)
     wm = WorldModel.from_pretrained(model_dir)
     ds = load_episodes(suite.data)
@@ -365,13 +685,28 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
         episodes.append((ep, wm.processor.encode_frames(ep["frames"])))
     t0 = time.time()
     results: dict = {"suite": suite.name, "model": str(model_dir), "data": suite.data, "n_episodes": n}
-    runners = {"nll": eval_nll, "rollout": eval_rollout, "action_sensitivity": eval_action_sensitivity}
-    probes = {"offscreen": eval_offscreen, "revisit": eval_revisit}
+    roll = Rollouts(wm, suite.rollout)
+    ref: list = []
+
+    def reference():  # loaded once, on first use (controllability, caption)
+        if not ref:
+            ref.append(reference_episodes(suite, ds, suite_path))
+        return ref[0]
+
+    _prewarm(wm, suite, episodes, roll, suite_path)
+    runners = {
+        "nll": lambda: eval_nll(wm, episodes, suite),
+        "rollout": lambda: eval_rollout(wm, episodes, suite, roll),
+        "action_sensitivity": lambda: eval_action_sensitivity(wm, episodes, suite),
+        "offscreen": lambda: eval_offscreen(wm, suite, model_dir, suite_path),
+        "revisit": lambda: eval_revisit(wm, suite, model_dir, suite_path),
+        "controllability": lambda: eval_controllability(wm, episodes, suite, roll, reference),
+        "caption": lambda: eval_caption(wm, episodes, suite, reference),
+        "fvd": lambda: eval_fvd(wm, episodes, suite, roll),
+    }
     for task in tqdm(suite.tasks, desc="tasks", disable=not progress):
-        if task in probes:
-            results[task] = probes[task](wm, suite, model_dir, suite_path)
-        else:
-            results[task] = runners[task](wm, episodes, suite)
+        results[task] = runners[task]()
+    results["rollouts_generated"] = roll.calls
     results["seconds"] = time.time() - t0
     table = markdown_table(results)
     if out_dir:
@@ -394,6 +729,12 @@ def markdown_table(r: dict) -> str:
         for k in ("psnr_mean", "ssim_mean", "copy_last_psnr_mean", "tokenizer_recon_psnr_mean"):
             lines.append(f"| rollout | {k} | {ro[k]:.3f} |")
         lines.append("| rollout | psnr_by_step | " + " ".join(f"{x:.1f}" for x in ro["psnr_by_step"]) + " |")
+        if "lpips_mean" in ro:
+            lines.append(f"| rollout | lpips_mean (model / copy last / tokenizer ceiling) | {ro['lpips_mean']:.3f} / "
+                         f"{ro['copy_last_lpips_mean']:.3f} / {ro['tokenizer_recon_lpips_mean']:.3f} |")
+            lines.append("| rollout | lpips_by_step | " + " ".join(f"{x:.3f}" for x in ro["lpips_by_step"]) + " |")
+    elif ro:
+        lines.append(f"| rollout | error | {ro['error']} |")
     s = r.get("action_sensitivity")
     if s:
         lines.append(f"| action_sensitivity | mean_abs_pixel_diff ({s['actions'][0]} vs {s['actions'][1]}) | {s['mean_abs_pixel_diff']:.3f} |")
@@ -409,7 +750,39 @@ def markdown_table(r: dict) -> str:
     rv = r.get("revisit")
     if rv:
         lines.append(f"| revisit | return-frame PSNR (model / tokenizer ceiling) | {rv['return_psnr']:.2f} / {rv['tokenizer_ceiling_psnr']:.2f} |")
+        if "return_lpips" in rv:
+            lines.append(f"| revisit | return-frame LPIPS (model / tokenizer ceiling) | {rv['return_lpips']:.3f} / {rv['tokenizer_ceiling_lpips']:.3f} |")
+    co = r.get("controllability")
+    if co and "error" in co:
+        lines.append(f"| controllability | error | {co['error']} |")
+    elif co:
+        order = ("real", "tokenizer_real", "model", "frozen")
+        for m in ("accuracy", "macro_f1"):
+            lines.append(f"| controllability ({co['actions']} actions) | probe {m}: real / real via tokenizer / model / frozen frame | "
+                         + " / ".join(_fmt(co[k][m]) for k in order) + " |")
+        lines.append(f"| controllability | transitions scored: real / model | {co['real']['n']} / {co['model']['n']} |")
+    cap = r.get("caption")
+    if cap and "error" in cap:
+        lines.append(f"| caption | error | {cap['error']} |")
+    elif cap:
+        for kind, hit in (("scene", "clause_hit"), ("events", "event_hit")):
+            for who, label in (("model", "model"), ("most_frequent_caption", "most frequent training caption")):
+                m = cap[kind][who]
+                if m["n"]:
+                    lines.append(f"| caption {kind} ({label}) | exact / object hit / {hit.replace('_', ' ')} (n={m['n']}) | "
+                                 f"{_fmt(m['exact_match'])} / {_fmt(m['object_hit'])} / {_fmt(m[hit])} |")
+    fv = r.get("fvd")
+    if fv and "error" in fv:
+        lines.append(f"| fvd | error | {fv['error']} |")
+    elif fv:
+        flag = "" if fv["stable"] else "; unstable below 256"
+        lines.append(f"| fvd ({fv['n_videos']} videos x {fv['frames']} frames{flag}) | model / copy last / tokenizer recon | "
+                     f"{fv['fvd']:.1f} / {fv['copy_last_fvd']:.1f} / {fv['tokenizer_recon_fvd']:.1f} |")
     return "\n".join(lines)
+
+
+def _fmt(x, nd: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -423,8 +796,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def compare(a: str, b: str) -> str:
-    """Two results.json (or folders holding one) side by side with the differences."""
+def compare(a: str, b: str, out: str | None = None) -> str:
+    """Two results.json (or folders holding one) side by side with the differences; with ``out``,
+    also a plot of both runs' rollout curves over the horizon (e.g. MoC vs dense, eval/long.yaml)."""
     def load(p):
         p = Path(p)
         f = p / "results.json" if p.is_dir() else p
@@ -432,8 +806,9 @@ def compare(a: str, b: str) -> str:
             raise FileNotFoundError(f"eval results '{f}' do not exist (expected results.json written by `uwm eval --out`)")
         return json.loads(f.read_text())
 
-    ra, rb = flatten(load(a)), flatten(load(b))
-    keys = [k for k in ra if k in rb and k not in ("n_episodes", "seconds")]
+    full_a, full_b = load(a), load(b)
+    ra, rb = flatten(full_a), flatten(full_b)
+    keys = [k for k in ra if k in rb and k not in ("n_episodes", "seconds", "rollouts_generated") and not k.endswith("_seconds")]
     w = max(len(k) for k in keys) if keys else 10
     lines = [f"{'metric':<{w}} {'A':>10} {'B':>10} {'B-A':>10}", f"A = {a}", f"B = {b}"]
     for k in keys:
@@ -441,7 +816,39 @@ def compare(a: str, b: str) -> str:
     only = sorted(set(ra) ^ set(rb))
     if only:
         lines.append(f"(in one run only: {', '.join(only[:10])}{' ...' if len(only) > 10 else ''})")
+    if out:
+        path = plot_compare(full_a, full_b, Path(out), str(a), str(b))
+        lines.append(f"plot: {path}" if path else "plot: neither run has rollout curves to plot")
     return "\n".join(lines)
+
+
+def plot_compare(ra: dict, rb: dict, out: Path, label_a: str, label_b: str) -> str | None:
+    """Rollout PSNR (and LPIPS where both runs have it) vs horizon for two runs, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ro_a, ro_b = ra.get("rollout") or {}, rb.get("rollout") or {}
+    keys = [k for k in ("psnr_by_step", "lpips_by_step") if k in ro_a and k in ro_b]
+    if not keys:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for ro, name in ((ro_a, f"A: {Path(label_a).name}"), (ro_b, f"B: {Path(label_b).name}")):
+            ax.plot(range(1, len(ro[key]) + 1), ro[key], marker="o", label=name)
+        base = "copy_last_" + key
+        if base in ro_a:
+            ax.plot(range(1, len(ro_a[base]) + 1), ro_a[base], linestyle="--", color="gray", label="copy last frame")
+        ax.set_xlabel("rollout step"), ax.set_ylabel(key.replace("_by_step", "").upper()), ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("rollout quality vs horizon: A vs B")
+    fig.tight_layout()
+    path = out / "compare_rollout.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,8 +856,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["compare"]:
         cp = argparse.ArgumentParser(prog="uwm eval compare", description="Two eval runs side by side.")
         cp.add_argument("a"), cp.add_argument("b")
+        cp.add_argument("--out", default=None, help="folder for compare_rollout.png (both runs' curves vs horizon)")
         c = cp.parse_args(argv[1:])
-        print(compare(c.a, c.b))
+        try:
+            print(compare(c.a, c.b, c.out))
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     ap = argparse.ArgumentParser(prog="uwm eval", description="Run an evaluation suite on an exported model.")
     ap.add_argument("--model", required=True)
@@ -459,9 +871,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="override the suite's held-out episode dataset")
     ap.add_argument("--offscreen-data", default=None, help="override the suite's probe_offscreen dataset")
     ap.add_argument("--revisit-data", default=None, help="override the suite's probe_revisit dataset")
+    ap.add_argument("--train-data", default=None,
+                    help="override the suite's train_data (episodes the controllability probe and the caption baseline learn from)")
     a = ap.parse_args(argv)
     try:
-        run_suite(a.model, a.suite, a.out, data=a.data, offscreen_data=a.offscreen_data, revisit_data=a.revisit_data)
+        run_suite(a.model, a.suite, a.out, data=a.data, offscreen_data=a.offscreen_data, revisit_data=a.revisit_data,
+                  train_data=a.train_data)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

