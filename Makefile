@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	# CPU build of torch first, pinned, so no later step pulls a CUDA build.
 	# GPU users: install the torch build for your CUDA before `pip install -e .[gpu]`.
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,atari,3d]'
+	$(PY) -m pip install -e '.[dev,atari,3d,metrics]'
 	touch $(STAMP)
 
 install: $(STAMP)
