@@ -135,17 +135,24 @@ def _histogram(frames: np.ndarray, bins: int = 8) -> np.ndarray:
 
 
 @torch.no_grad()
-def long_stream(wm, data: str, frames: int, window: int, mode: str, per_pass: int, span: int = 32) -> dict:
-    """One rollout many times longer than the context, streaming with eviction. Per span of
-    frames: seconds per frame, the mean absolute change between consecutive frames, and the
-    colour-histogram distance (L1, 0..2) to real frames of the data. A rollout that stays
-    coherent keeps both statistics near those of its first span (inside the context) and of
-    real video; one that falls apart drifts to noise (large change, far histogram) or freezes."""
+def long_stream(wm, data: str, frames: int, window: int, mode: str, per_pass: int, span: int = 32,
+                temperature: float = 1.0) -> dict:
+    """One rollout many times longer than the context, streaming with eviction, from the caption
+    and first 2 frames of held-out episode 0 under a fixed pan pattern. Per span of frames:
+    seconds per frame, the mean absolute change between consecutive frames, and the
+    colour-histogram distance (L1, 0..2) to real frames of the data and to the 2 context frames
+    (is it still the same scene?). A rollout that stays coherent keeps these near those of its
+    first span (inside the context) and of real video; one that falls apart drifts to noise
+    (large change, far histogram) or freezes (change 0)."""
     from unified_wm.data.episodes import get_episode, load_episodes
 
     ds = load_episodes(data)
     real = np.concatenate([np.asarray(get_episode(ds, i)["frames"]) for i in range(min(8, len(ds)))])
     real_hist = _histogram(real)
+    ep = get_episode(ds, 0)
+    context = np.asarray(ep["frames"])[:2]
+    caps = [c["text"] for c in ep["captions"] if int(c["t"]) == 0]
+    ctx_hist = _histogram(context)
     real_change = float(np.abs(np.diff(real.astype(np.int16), axis=0)).mean())
     stamps = [time.perf_counter()]
     sess_frames = []
@@ -155,8 +162,9 @@ def long_stream(wm, data: str, frames: int, window: int, mode: str, per_pass: in
         sess_frames.append(fr[0])
 
     actions = (["right"] * 12 + ["stay"] * 4 + ["left"] * 12 + ["stay"] * 4)
-    wm.rollout("a red car drives right", actions * (frames // len(actions) + 1), frames, temperature=1.0, top_k=50,
-               seed=0, mode=mode, diagonals_per_pass=per_pass, window=window, on_frame=on_frame)
+    wm.rollout(caps[0] if caps else "", actions * (frames // len(actions) + 1), frames, context=context,
+               temperature=temperature, top_k=50, seed=0, mode=mode, diagonals_per_pass=per_pass, window=window,
+               on_frame=on_frame)
     dt = np.diff(stamps)
     gen = np.stack(sess_frames)
     spans = []
@@ -164,8 +172,9 @@ def long_stream(wm, data: str, frames: int, window: int, mode: str, per_pass: in
         g = gen[s0:s0 + span]
         spans.append({"frames": f"{s0}-{s0 + len(g) - 1}", "s_per_frame": float(dt[s0:s0 + span].mean()),
                       "change": float(np.abs(np.diff(g.astype(np.int16), axis=0)).mean()) if len(g) > 1 else 0.0,
-                      "hist_l1_to_real": float(np.abs(_histogram(g) - real_hist).sum())})
-    return {"mode": _mode_name(mode, per_pass), "frames": frames, "window": window, "spans": spans,
+                      "hist_l1_to_real": float(np.abs(_histogram(g) - real_hist).sum()),
+                      "hist_l1_to_context": float(np.abs(_histogram(g) - ctx_hist).sum())})
+    return {"mode": _mode_name(mode, per_pass), "frames": frames, "window": window, "temperature": temperature, "spans": spans,
             "s_per_frame_16": float(dt[15]), "s_per_frame_last": float(dt[-8:].mean()),
             "real_change": real_change, "frames_array": gen}
 
@@ -184,13 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--episodes", type=int, default=4)
     ap.add_argument("--long", type=int, default=256, help="frames of the long streaming rollout (0: skip)")
     ap.add_argument("--window", type=int, default=1100, help="token window of the long streaming rollout")
-    ap.add_argument("--skip-decode", action="store_true", help="skip part 1 (random-weight decode cost)")
+    ap.add_argument("--parts", default="decode,fps,quality,long",
+                    help="comma list of: decode (random weights, frame 16 vs 256), fps, quality, long (need --model)")
+    ap.add_argument("--long-temperature", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     result = {"threads": a.threads}
-    if not a.skip_decode:
+    parts = {p for p in a.parts.split(",") if p}
+    bad = parts - {"decode", "fps", "quality", "long"}
+    if bad:
+        raise ValueError(f"--parts: unknown part '{sorted(bad)[0]}'; valid: decode, fps, quality, long")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    if "decode" in parts:
         rows = [time_frames(b, a.early, a.late, a.top_k, a.repeats) for b in a.backends.split(",")]
         print(f"decoding one 64x64 frame (64 codes + action) with the KV cache, demo-sized model, {a.threads} thread(s)")
         print(f"{'backend':>8} {'frame':>6} {'s/frame':>8} {'frame':>6} {'ctx tok':>8} {'s/frame':>8} {'ratio':>6}")
@@ -203,40 +220,42 @@ def main(argv: list[str] | None = None) -> int:
 
         wm = WorldModel.from_pretrained(a.model)
         modes = [("token", 1), ("diagonal", 1), ("diagonal", 2), ("diagonal", 4)]
-        fps = model_fps(wm, a.frames, modes, [int(b) for b in a.batches.split(",")])
-        result["rollout_fps"] = fps
-        print(f"\nrollout speed of {a.model} ({wm.model.config.attn_backend}), {a.frames} frames per row, 64x64:")
-        print(f"{'mode':>12} {'batch':>5} {'frames/s':>9}")
-        for r in fps:
-            print(f"{r['mode']:>12} {r['batch']:>5} {r['fps']:9.2f}")
-        if a.data:
+        if "fps" in parts:
+            fps = model_fps(wm, a.frames, modes, [int(b) for b in a.batches.split(",")])
+            result["rollout_fps"] = fps
+            print(f"\nrollout speed of {a.model} ({wm.model.config.attn_backend}), {a.frames} frames per row, 64x64:")
+            print(f"{'mode':>12} {'batch':>5} {'frames/s':>9}")
+            for r in fps:
+                print(f"{r['mode']:>12} {r['batch']:>5} {r['fps']:9.2f}")
+        if a.data and "quality" in parts:
             q = model_quality(wm, a.data, modes, a.episodes, 2, 8, [2.0])
             result["quality"] = q
             print(f"\nquality: greedy 8-step rollouts from 2 real frames under the logged actions, {a.episodes} episodes")
             print(f"{'mode':>12} {'cfg_act':>7} {'PSNR':>7} {'copy-last':>9} {'frames/s':>9}")
             for r in q:
                 print(f"{r['mode']:>12} {r['cfg_action']:7.1f} {r['psnr']:7.2f} {r['copy_last_psnr']:9.2f} {r['fps']:9.2f}")
-            if a.long:
-                result["long"] = []
-                for mode, pp in (("token", 1), ("diagonal", 2)):
-                    lg = long_stream(wm, a.data, a.long, a.window, mode, pp)
-                    gen = lg.pop("frames_array")
-                    result["long"].append(lg)
-                    print(f"\nstreaming {a.long} frames ({lg['mode']}) in a {a.window}-token window "
-                          f"(model context {wm.context_limit}): frame 16 {lg['s_per_frame_16']:.3f} s, "
-                          f"last frames {lg['s_per_frame_last']:.3f} s; real video change {lg['real_change']:.1f}")
-                    print(f"{'frames':>9} {'s/frame':>8} {'change':>7} {'hist L1':>8}")
-                    for sp in lg["spans"]:
-                        print(f"{sp['frames']:>9} {sp['s_per_frame']:8.3f} {sp['change']:7.1f} {sp['hist_l1_to_real']:8.3f}")
-                    if a.out:
-                        from PIL import Image
+        if a.data and "long" in parts and a.long:
+            result["long"] = []
+            for mode, pp in (("token", 1), ("diagonal", 2)):
+                lg = long_stream(wm, a.data, a.long, a.window, mode, pp, temperature=a.long_temperature)
+                gen = lg.pop("frames_array")
+                result["long"].append(lg)
+                print(f"\nstreaming {a.long} frames ({lg['mode']}) in a {a.window}-token window "
+                      f"(model context {wm.context_limit}): frame 16 {lg['s_per_frame_16']:.3f} s, "
+                      f"last frames {lg['s_per_frame_last']:.3f} s; real video change {lg['real_change']:.1f}")
+                print(f"{'frames':>9} {'s/frame':>8} {'change':>7} {'hist L1 real':>12} {'hist L1 context':>15}")
+                for sp in lg["spans"]:
+                    print(f"{sp['frames']:>9} {sp['s_per_frame']:8.3f} {sp['change']:7.1f} {sp['hist_l1_to_real']:12.3f} "
+                          f"{sp['hist_l1_to_context']:15.3f}")
+                if a.out:
+                    from PIL import Image
 
-                        from unified_wm.rollout import contact_sheet
+                    from unified_wm.rollout import contact_sheet
 
-                        sheet = contact_sheet(gen[::8], cols=8, scale=1)
-                        png = Path(a.out).with_name(Path(a.out).stem + f"_long_{mode}.png")
-                        Image.fromarray(np.asarray(sheet)).save(png)
-                        print(f"every 8th frame: {png}")
+                    sheet = contact_sheet(gen[::8], cols=8, scale=1)
+                    png = Path(a.out).with_name(Path(a.out).stem + f"_long_{mode}.png")
+                    Image.fromarray(np.asarray(sheet)).save(png)
+                    print(f"every 8th frame: {png}")
     if a.out:
         from unified_wm.utils import write_json
 
