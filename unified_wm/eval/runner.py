@@ -70,6 +70,15 @@ class RolloutSettings:
     horizon: int = 8
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
+    mode: str = "token"  # token | diagonal (uwm rollout --mode)
+    diagonals_per_pass: int = 1
+    cfg_text: float = 1.0  # classifier-free guidance scales (1 = off)
+    cfg_action: float = 1.0
+
+    def kwargs(self) -> dict:
+        """Sampling keywords for ``WorldModel.rollout``."""
+        return dict(temperature=self.temperature, seed=self.seed, mode=self.mode,
+                    diagonals_per_pass=self.diagonals_per_pass, cfg_text=self.cfg_text, cfg_action=self.cfg_action)
 
 
 @dataclass
@@ -135,6 +144,8 @@ class Suite:
         for t in self.templates:
             if t not in TEMPLATES:
                 raise ValueError(f"templates: unknown template '{t}'; valid templates: {', '.join(TEMPLATES)}")
+        if self.rollout.mode not in ("token", "diagonal"):
+            raise ValueError(f"rollout.mode: unknown mode '{self.rollout.mode}'; valid modes: token, diagonal")
         if self.rollout.context_frames < 1 or self.rollout.horizon < 1:
             raise ValueError("rollout: context_frames and horizon must be >= 1")
         for task, key in (("offscreen", "offscreen_data"), ("revisit", "revisit_data")):
@@ -231,7 +242,7 @@ class Rollouts:
             return hit[1][:frames]
         self.calls += 1
         out = self.wm.rollout(_caption0(ep), actions, frames, context=ep["frames"][:n_ctx],
-                              temperature=self.rs.temperature, seed=self.rs.seed)
+                              **self.rs.kwargs())
         if hit is None or len(out) >= len(hit[1]):
             self._memo[key] = (actions, out)
         return out
@@ -291,8 +302,8 @@ def eval_action_sensitivity(wm, episodes, suite: Suite) -> dict:
     for ep, _ in episodes[: max(1, len(episodes) // 2)]:
         caption = next((x["text"] for x in ep["captions"] if int(x["t"]) == 0), "")
         ctx = ep["frames"][: rs.context_frames]
-        ga = wm.rollout(caption, [a] * (rs.context_frames + rs.horizon), rs.horizon, context=ctx, temperature=rs.temperature, seed=rs.seed)
-        gb = wm.rollout(caption, [b] * (rs.context_frames + rs.horizon), rs.horizon, context=ctx, temperature=rs.temperature, seed=rs.seed)
+        ga = wm.rollout(caption, [a] * (rs.context_frames + rs.horizon), rs.horizon, context=ctx, **rs.kwargs())
+        gb = wm.rollout(caption, [b] * (rs.context_frames + rs.horizon), rs.horizon, context=ctx, **rs.kwargs())
         diffs.append(float(np.abs(ga.astype(np.float64) - gb.astype(np.float64)).mean()))
     return {"actions": [a, b], "mean_abs_pixel_diff": float(np.mean(diffs)), "n_episodes": len(diffs)}
 
@@ -356,7 +367,7 @@ def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
             continue
         ctx = ep["frames"][:t0]
         gen = wm.rollout(_caption0(ep), list(ep["actions"][: t1]), t1 - t0 + 1, context=ctx,
-                         temperature=rs.temperature, seed=rs.seed)
+                         **rs.kwargs())
         obj = next(o for o in frames_state[t1]["objects"] if o["id"] == oid)
         cam = frames_state[t1]["camera"]
         bx = obj["bbox"]
@@ -401,7 +412,7 @@ def eval_revisit(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
         t0, t1 = int(probe["leave_t"]), int(probe["return_t"])
         first = int(probe.get("first_visit_t", t0))
         gen = wm.rollout(_caption0(ep), list(ep["actions"][: t1]), t1 - t0 + 1, context=ep["frames"][:t0],
-                         temperature=rs.temperature, seed=rs.seed)
+                         **rs.kwargs())
         real = ep["frames"][t1]
         recon = wm.processor.decode_frames(wm.processor.encode_frames(real[None]))[0]
         m_psnr.append(psnr(gen[-1], real))
