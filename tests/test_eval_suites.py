@@ -3,9 +3,8 @@ shipped suite files, and the errors a bad suite gets. Real parts: procedural-wor
 the session's processor, a tiny (untrained) model saved as an exported folder."""
 from __future__ import annotations
 
-import sys
-
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
