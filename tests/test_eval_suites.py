@@ -302,8 +302,8 @@ def test_shared_rollouts_equal_direct_ones(tiny_hf, val_data):
     ep = get_episode(load_episodes(val_data), 0)
     roll = Rollouts(wm, RolloutSettings(temperature=1.0, seed=5))
     long = roll(ep, 2, list(ep["actions"][:5]), 4)
-    short = roll(ep, 2, list(ep["actions"][:3]), 2)
-    assert roll.calls == 1
+    short, short_ids = roll(ep, 2, list(ep["actions"][:3]), 2, with_codes=True)
+    assert roll.calls == 1 and short_ids.shape == (2, wm.processor.tokens_per_frame)
     direct = wm.rollout(ep["captions"][0]["text"], list(ep["actions"][:3]), 2, context=ep["frames"][:2], temperature=1.0, seed=5)
     assert np.array_equal(short, direct) and np.array_equal(long[:2], direct)
     other = roll(ep, 2, [("left" if a != "left" else "right") for a in ep["actions"][:5]], 2)  # other actions: a new rollout

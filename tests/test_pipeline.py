@@ -124,12 +124,14 @@ def test_eval_suite_writes_json_table_and_plots(trained, val_data, tmp_path):
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert res["nll"]["interleaved"]["nll_video"] > 0
     assert len(res["rollout"]["psnr_by_step"]) == 2
+    assert all(0.0 <= x <= 1.0 for x in res["rollout"]["token_acc_by_step"]) and len(res["rollout"]["token_acc_by_step"]) == 2
     assert "| rollout | psnr_mean |" in r.stdout
     off = res["offscreen"]
     if "error" not in off:  # the detector finds the object in the real frames: the test is measurable
         assert off["overall"]["real"]["found_rate"] > 0
         assert 0.0 <= off["overall"]["model"]["success_rate"] <= 1.0
     assert (tmp_path / "ev" / "rollout_psnr.png").stat().st_size > 1000
+    assert (tmp_path / "ev" / "rollout_token_acc.png").stat().st_size > 1000
     # compare two runs side by side
     c = uwm("eval", "compare", tmp_path / "ev", tmp_path / "ev")
     assert "rollout/psnr_mean" in c.stdout and "+0.0000" in c.stdout

@@ -101,6 +101,9 @@ def test_batch_rows_equal_single_rollouts_with_their_seeds(processor):
         # the same codes; the video decoder's batched convolutions may round a pixel differently
         assert np.abs(one.astype(int) - batch[i]).max() <= 1, i
     assert np.abs(batch[0].astype(int) - batch[1]).mean() > 5
+    frames, ids = wm.rollout("a blue ball", ["left", "right"], 2, seed=4, batch=3, temperature=1.0, return_codes=True)
+    assert ids.shape == (3, 2, processor.tokens_per_frame) and np.abs(frames.astype(int) - batch).max() <= 1
+    assert np.abs(processor.decode_frames(ids[1]).astype(int) - batch[1]).max() <= 1
     single, batched = wm.session("a blue ball", seed=5), wm.session("a blue ball", seed=4, batch=3)
     for a in (None, "left", "right"):
         single.step(a), batched.step(a)

@@ -86,7 +86,7 @@ class WorldModel:
                 context: np.ndarray | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 seed: int | None = 0, batch: int = 1, cfg_text: float = 1.0, cfg_action: float = 1.0,
                 mode: str = "token", diagonals_per_pass: int = 1, window: int | None = None, on_frame=None,
-                progress: bool = False) -> np.ndarray:
+                progress: bool = False, return_codes: bool = False):
         """Generate ``frames`` new frames after the prompt and optional context frames.
 
         Returns uint8 ``[frames, H, W, 3]``, or ``[batch, frames, H, W, 3]`` when ``batch > 1``
@@ -94,7 +94,8 @@ class WorldModel:
         frame ``t`` (context frames count first); the last action is held when the list is
         shorter. ``window=None`` refuses a rollout that does not fit the model's context;
         ``window=N`` streams without bound, evicting old frames to stay within N tokens.
-        ``on_frame(t, frames [B,H,W,3])`` is called as each frame is made.
+        ``on_frame(t, frames [B,H,W,3])`` is called as each frame is made. ``return_codes=True``
+        also returns the sampled video codes (stream ids ``[frames, h*w]``, or ``[batch, ...]``).
         """
         if frames <= 0:
             raise ValueError(f"frames must be positive, got {frames}")
@@ -114,7 +115,7 @@ class WorldModel:
                 )
         from tqdm import tqdm
 
-        out = []
+        out, codes = [], []
         bar = tqdm(total=frames, desc="rollout", unit="frame", disable=not progress)
         t0 = time.time()
         with _one_thread():
@@ -122,13 +123,17 @@ class WorldModel:
                 t = n_ctx + f - 1  # the frame before this one
                 fr = sess.step(act(t) if t >= 0 else None)
                 out.append(fr)
+                codes.append(sess.prev_codes.numpy())
                 if on_frame is not None:
                     on_frame(f, fr)
                 bar.update(1)
                 bar.set_postfix(fps=f"{(f + 1) / (time.time() - t0):.2f}")
         bar.close()
         res = np.stack(out, 1)  # [B, T, H, W, 3]
-        return res[0] if batch == 1 else res
+        ids = np.stack(codes, 1)  # [B, T, h*w]
+        if batch == 1:
+            res, ids = res[0], ids[0]
+        return (res, ids) if return_codes else res
 
 
 class _one_thread:

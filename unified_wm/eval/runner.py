@@ -233,19 +233,20 @@ class Rollouts:
     def _effective(actions, n: int) -> tuple:
         return tuple(actions[min(i, len(actions) - 1)] for i in range(n)) if len(actions) else ()
 
-    def __call__(self, ep: dict, n_ctx: int, actions, frames: int) -> np.ndarray:
+    def __call__(self, ep: dict, n_ctx: int, actions, frames: int, with_codes: bool = False):
+        """Frames uint8 [frames, H, W, 3] (and the sampled code ids [frames, h*w] with ``with_codes``)."""
         actions = [str(a) for a in actions]
         key = (ep.get("episode_id"), int(ep.get("seed", -1)), n_ctx)
         need = n_ctx + frames - 1  # action positions the rollout reads
         hit = self._memo.get(key)
         if hit is not None and len(hit[1]) >= frames and self._effective(hit[0], need) == self._effective(actions, need):
-            return hit[1][:frames]
+            return (hit[1][:frames], hit[2][:frames]) if with_codes else hit[1][:frames]
         self.calls += 1
-        out = self.wm.rollout(_caption0(ep), actions, frames, context=ep["frames"][:n_ctx],
-                              **self.rs.kwargs())
+        out, codes = self.wm.rollout(_caption0(ep), actions, frames, context=ep["frames"][:n_ctx],
+                                     return_codes=True, **self.rs.kwargs())
         if hit is None or len(out) >= len(hit[1]):
-            self._memo[key] = (actions, out)
-        return out
+            self._memo[key] = (actions, out, codes)
+        return (out, codes) if with_codes else out
 
 
 def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> dict:
@@ -256,6 +257,7 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
     use_lpips = "lpips" in suite.metrics
     model_psnr, model_ssim = [[] for _ in range(H)], [[] for _ in range(H)]
     copy_psnr, recon_psnr = [[] for _ in range(H)], [[] for _ in range(H)]
+    tok_acc, copy_acc = [[] for _ in range(H)], [[] for _ in range(H)]
     lp = {k: [[] for _ in range(H)] for k in ("model", "copy", "recon")}
     for ep, fids in episodes:
         frames = ep["frames"]
@@ -263,9 +265,12 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
         if len(frames) < c + H:
             continue
         actions = list(ep["actions"][: c + H - 1])
-        gen = roll(ep, c, actions, H)
+        gen, gen_ids = roll(ep, c, actions, H, with_codes=True)
         recon = p.decode_frames(fids[c:c + H])
         real = frames[c:c + H]
+        for h in range(H):  # token accuracy: the sampled codes against the real frame's codes
+            tok_acc[h].append(float((np.asarray(gen_ids[h]) == np.asarray(fids[c + h])).mean()))
+            copy_acc[h].append(float((np.asarray(fids[c - 1]) == np.asarray(fids[c + h])).mean()))
         for h in range(H):
             model_psnr[h].append(psnr(gen[h], real[h]))
             model_ssim[h].append(ssim(gen[h], real[h]))
@@ -287,6 +292,8 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
         "copy_last_psnr_by_step": mean(copy_psnr), "tokenizer_recon_psnr_by_step": mean(recon_psnr),
         "psnr_mean": float(np.mean(model_psnr)), "ssim_mean": float(np.mean(model_ssim)),
         "copy_last_psnr_mean": float(np.mean(copy_psnr)), "tokenizer_recon_psnr_mean": float(np.mean(recon_psnr)),
+        "token_acc_by_step": mean(tok_acc), "token_acc_mean": float(np.mean(tok_acc)),
+        "copy_last_token_acc_by_step": mean(copy_acc), "copy_last_token_acc_mean": float(np.mean(copy_acc)),
     }
     if use_lpips:
         for k, name in (("model", "lpips"), ("copy", "copy_last_lpips"), ("recon", "tokenizer_recon_lpips")):
@@ -590,6 +597,17 @@ def write_plots(results: dict, out: Path) -> list[str]:
         fig.savefig(out / "rollout_psnr.png", dpi=100)
         plt.close(fig)
         written.append(str(out / "rollout_psnr.png"))
+    if ro and "token_acc_by_step" in ro:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        steps = range(1, len(ro["token_acc_by_step"]) + 1)
+        for key, label in (("token_acc_by_step", "model"), ("copy_last_token_acc_by_step", "copy last frame")):
+            ax.plot(steps, ro[key], marker="o", label=label)
+        ax.set_xlabel("rollout step"), ax.set_ylabel("video token accuracy"), ax.legend(), ax.grid(alpha=0.3)
+        ax.set_title(f"{results['suite']}: sampled codes vs the real frame's codes")
+        fig.tight_layout()
+        fig.savefig(out / "rollout_token_acc.png", dpi=100)
+        plt.close(fig)
+        written.append(str(out / "rollout_token_acc.png"))
     if ro and "lpips_by_step" in ro:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         steps = range(1, len(ro["lpips_by_step"]) + 1)
@@ -740,6 +758,10 @@ def markdown_table(r: dict) -> str:
         for k in ("psnr_mean", "ssim_mean", "copy_last_psnr_mean", "tokenizer_recon_psnr_mean"):
             lines.append(f"| rollout | {k} | {ro[k]:.3f} |")
         lines.append("| rollout | psnr_by_step | " + " ".join(f"{x:.1f}" for x in ro["psnr_by_step"]) + " |")
+        if "token_acc_mean" in ro:
+            lines.append(f"| rollout | token_acc_mean (model / copy last) | {ro['token_acc_mean']:.3f} / "
+                         f"{ro['copy_last_token_acc_mean']:.3f} |")
+            lines.append("| rollout | token_acc_by_step | " + " ".join(f"{x:.3f}" for x in ro["token_acc_by_step"]) + " |")
         if "lpips_mean" in ro:
             lines.append(f"| rollout | lpips_mean (model / copy last / tokenizer ceiling) | {ro['lpips_mean']:.3f} / "
                          f"{ro['copy_last_lpips_mean']:.3f} / {ro['tokenizer_recon_lpips_mean']:.3f} |")
@@ -841,7 +863,7 @@ def plot_compare(ra: dict, rb: dict, out: Path, label_a: str, label_b: str) -> s
     import matplotlib.pyplot as plt
 
     ro_a, ro_b = ra.get("rollout") or {}, rb.get("rollout") or {}
-    keys = [k for k in ("psnr_by_step", "lpips_by_step") if k in ro_a and k in ro_b]
+    keys = [k for k in ("psnr_by_step", "token_acc_by_step", "lpips_by_step") if k in ro_a and k in ro_b]
     if not keys:
         return None
     out.mkdir(parents=True, exist_ok=True)
