@@ -238,7 +238,7 @@ class RolloutSession:
         if window is not None and window > wm.context_limit:
             raise ValueError(f"window of {window} tokens exceeds the model's context of {wm.context_limit} tokens")
         if self.length > wm.context_limit:
-            raise ValueError(f"the prompt and context ({self.length} tokens) do not fit the model's context of "
+            raise ValueError(f"the prompt and context ({self.length} tokens) need more than the model's context of "
                              f"{wm.context_limit} tokens; shorten the prompt or give fewer context frames")
         self.window = window
         self.evictions = 0

@@ -194,8 +194,10 @@ def _run_workers(todo, ranges, data_dir, processor_dir, work, templates, clip_fr
     import queue
 
     # fork where the platform has it (as torch's DataLoader workers do; each worker sets its own
-    # torch thread count before any work), spawn elsewhere
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # torch thread count before any work), spawn elsewhere, and spawn when JAX (the metrics
+    # extra) is loaded in this process: forking JAX's running threads can deadlock the child
+    use_fork = "fork" in mp.get_all_start_methods() and "jax" not in sys.modules
+    ctx = mp.get_context("fork" if use_fork else "spawn")
     tasks, events = ctx.Queue(), ctx.Queue()
     for k in todo:
         tasks.put((k, *ranges[k]))
