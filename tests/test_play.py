@@ -84,7 +84,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tiny_hf):
     _needs_browser()
-    s = Server("--model", str(tiny_hf), "--port", "0", "--prompt", PROMPT, "--window", str(WINDOW), "--seed", "1")
+    s = Server("--model", str(tiny_hf), "--port", "0", "--prompt", PROMPT, "--window", str(WINDOW), "--seed", "1",
+               "--mode", "diagonal", "--diagonals-per-pass", "2")
     s.wait_url()
     yield s
     s.stop()
