@@ -584,42 +584,29 @@ def write_plots(results: dict, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    ro = results.get("rollout")
-    if ro and "psnr_by_step" in ro:
+    ro = results.get("rollout") or {}
+    curves = (  # file, y label, title, (key, label) per line: metric vs horizon, model vs baselines
+        ("rollout_psnr.png", "PSNR (dB)", "rollout quality vs horizon",
+         (("psnr_by_step", "model"), ("copy_last_psnr_by_step", "copy last frame"),
+          ("tokenizer_recon_psnr_by_step", "tokenizer ceiling"))),
+        ("rollout_token_acc.png", "video token accuracy", "sampled codes vs the real frame's codes",
+         (("token_acc_by_step", "model"), ("copy_last_token_acc_by_step", "copy last frame"))),
+        ("rollout_lpips.png", "LPIPS (AlexNet, lower is better)", "rollout LPIPS vs horizon",
+         (("lpips_by_step", "model"), ("copy_last_lpips_by_step", "copy last frame"),
+          ("tokenizer_recon_lpips_by_step", "tokenizer ceiling"))),
+    )
+    for fname, ylabel, title, lines in curves:
+        if lines[0][0] not in ro:
+            continue
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        steps = range(1, len(ro["psnr_by_step"]) + 1)
-        for key, label in (("psnr_by_step", "model"), ("copy_last_psnr_by_step", "copy last frame"),
-                           ("tokenizer_recon_psnr_by_step", "tokenizer ceiling")):
-            ax.plot(steps, ro[key], marker="o", label=label)
-        ax.set_xlabel("rollout step"), ax.set_ylabel("PSNR (dB)"), ax.legend(), ax.grid(alpha=0.3)
-        ax.set_title(f"{results['suite']}: rollout quality vs horizon")
+        for key, label in lines:
+            ax.plot(range(1, len(ro[key]) + 1), ro[key], marker="o", label=label)
+        ax.set_xlabel("rollout step"), ax.set_ylabel(ylabel), ax.legend(), ax.grid(alpha=0.3)
+        ax.set_title(f"{results['suite']}: {title}")
         fig.tight_layout()
-        fig.savefig(out / "rollout_psnr.png", dpi=100)
+        fig.savefig(out / fname, dpi=100)
         plt.close(fig)
-        written.append(str(out / "rollout_psnr.png"))
-    if ro and "token_acc_by_step" in ro:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        steps = range(1, len(ro["token_acc_by_step"]) + 1)
-        for key, label in (("token_acc_by_step", "model"), ("copy_last_token_acc_by_step", "copy last frame")):
-            ax.plot(steps, ro[key], marker="o", label=label)
-        ax.set_xlabel("rollout step"), ax.set_ylabel("video token accuracy"), ax.legend(), ax.grid(alpha=0.3)
-        ax.set_title(f"{results['suite']}: sampled codes vs the real frame's codes")
-        fig.tight_layout()
-        fig.savefig(out / "rollout_token_acc.png", dpi=100)
-        plt.close(fig)
-        written.append(str(out / "rollout_token_acc.png"))
-    if ro and "lpips_by_step" in ro:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        steps = range(1, len(ro["lpips_by_step"]) + 1)
-        for key, label in (("lpips_by_step", "model"), ("copy_last_lpips_by_step", "copy last frame"),
-                           ("tokenizer_recon_lpips_by_step", "tokenizer ceiling")):
-            ax.plot(steps, ro[key], marker="o", label=label)
-        ax.set_xlabel("rollout step"), ax.set_ylabel("LPIPS (AlexNet, lower is better)"), ax.legend(), ax.grid(alpha=0.3)
-        ax.set_title(f"{results['suite']}: rollout LPIPS vs horizon")
-        fig.tight_layout()
-        fig.savefig(out / "rollout_lpips.png", dpi=100)
-        plt.close(fig)
-        written.append(str(out / "rollout_lpips.png"))
+        written.append(str(out / fname))
     co = results.get("controllability")
     if co and "model" in co:
         fig, ax = plt.subplots(figsize=(5, 3.2))
