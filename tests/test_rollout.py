@@ -169,6 +169,8 @@ def test_streaming_outgrows_the_context_and_keeps_the_prompt(processor, backend)
     assert s.branches[0].cache.uwm_ids[0, :prompt_len].tolist() == first_prompt
     frames = wm.rollout("a red car", ["right"], 14, temperature=0, window=600)
     assert frames.shape == (14, 64, 64, 3)
+    rows = wm.rollout("a red car", ["right"], 14, temperature=1.0, window=600, batch=2, mode="diagonal")
+    assert rows.shape == (2, 14, 64, 64, 3)
 
 
 def test_bad_rollout_input_names_it(processor):

@@ -394,8 +394,8 @@ class RolloutSession:
                 if st is None:
                     continue
                 cids, counts = st.selection_counts()
-                if cids.numel():
-                    lookup = dict(zip(cids.flatten().tolist(), counts.flatten().tolist()))
+                if cids.numel():  # the rows of a session share one layout: sum their counts
+                    lookup = dict(zip(cids[0].tolist(), counts.sum(0).tolist()))
                     score += torch.tensor([lookup.get(int(c), 0.0) for c in chunk_of.tolist()])
             old = [i for i in range(len(units)) if i not in keep_units]
             old.sort(key=lambda i: -float(score[units[i][0]:units[i][1]].sum()))
