@@ -152,13 +152,12 @@ class _Branch:
     """One stream of a rollout with its own KV cache: the conditional stream, or one of the
     unconditional streams of classifier-free guidance (without the text / without actions)."""
 
-    def __init__(self, name: str, prompt: list[int], batch: int, with_actions: bool, cfg):
+    def __init__(self, name: str, prompt: list[int], with_actions: bool, cfg):
         from unified_wm.model.modeling_uwm import UWMCache
 
         self.name, self.with_actions = name, with_actions
         self.cache = UWMCache(cfg)
         self.prompt = prompt
-        self.batch = batch
 
     @property
     def length(self) -> int:
@@ -229,7 +228,7 @@ class RolloutSession:
         self.branches = []
         for name, txt, with_act in specs:
             prompt = b.prompt(txt, ctx_ids, ctx_actions if with_act else None)
-            self.branches.append(_Branch(name, prompt, batch, with_act, cfg))
+            self.branches.append(_Branch(name, prompt, with_act, cfg))
         self.length = len(self.branches[0].prompt)
         min_window = self.length + (recent + 1) * wm.tokens_per_step
         if window is not None and window < min_window:
