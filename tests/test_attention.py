@@ -92,9 +92,65 @@ def test_gather_unfused_tile_loop_matches_reference(monkeypatch):
     from unified_wm.model import attention
 
     monkeypatch.setattr(attention, "GATHER_FUSED_CPU", False)
-    assert attention._fused_ops() is None
+    monkeypatch.setattr(attention, "_CPU_EXT", False)  # not the compiled kernel either
+    assert attention._fused_ops() is None and attention._cpu_kernel() is None
     meta = make_meta(2, 83, seed=21)
     q, k, v = qkv(seed=21)
+    ref = run("reference", q, k, v, meta, **moc_kw(top_k=2))
+    got = run("gather", q, k, v, meta, **moc_kw(top_k=2))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ref, got):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_cpu_kernel_builds_here():
+    """The compiled CPU kernel is what `gather` runs on this machine (a broken build would
+    silently fall back to the slower torch tiles, so CI checks that it builds)."""
+    from unified_wm.model import attention
+
+    if not attention.GATHER_KERNEL_CPU:
+        pytest.skip("UWM_MOC_CPU_KERNEL=0 turns the compiled kernel off")
+    ext = attention._cpu_kernel()
+    assert ext is not None and hasattr(ext, "moc_forward")
+
+
+@pytest.mark.parametrize("D,max_chunk,Hq,Hkv", [(64, 70, 8, 2), (32, 19, 4, 4), (16, 3, 6, 2)])
+def test_cpu_kernel_matches_torch_tiles_and_reference(monkeypatch, D, max_chunk, Hq, Hkv):
+    """Chunks longer than 64 and not multiples of 16 (padded tiles), several head dims and
+    GQA groups: the compiled kernel, the torch tiles and the oracle agree, gradients too."""
+    from unified_wm.model import attention
+
+    meta = make_meta(2, 160, max_chunk=max_chunk, seed=D + max_chunk)
+    q, k, v = qkv(Hq=Hq, Hkv=Hkv, N=160, D=D, seed=D)
+    kw = moc_kw(top_k=3)
+    ref = run("reference", q, k, v, meta, **kw)
+    got = run("gather", q, k, v, meta, **kw)
+    monkeypatch.setattr(attention, "_CPU_EXT", False)
+    tiles = run("gather", q, k, v, meta, **kw)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ref, got, tiles):
+        torch.testing.assert_close(b, a, atol=3e-5, rtol=1e-4, msg=lambda m: f"kernel {name}: {m}")
+        torch.testing.assert_close(c, a, atol=3e-5, rtol=1e-4, msg=lambda m: f"tiles {name}: {m}")
+
+
+def test_cpu_routing_kernel_selects_the_same_chunks(monkeypatch):
+    """The compiled top-k routing picks the same chunk set per query and head as torch.topk."""
+    from unified_wm.model import attention
+
+    meta = make_meta(2, 200, max_chunk=9, seed=4)
+    q, k, _ = qkv(Hq=8, Hkv=2, N=200, D=32, seed=4)
+    for top_k in (1, 4, 40):
+        s = AttentionSettings(backend="gather", top_k=top_k)
+        r_kernel = attention._plan_routing(q, k, meta, meta, s, False, None)
+        with monkeypatch.context() as m:
+            m.setattr(attention, "_CPU_EXT", False)
+            r_torch = attention._plan_routing(q, k, meta, meta, s, False, None)
+        assert r_kernel.sel.shape == r_torch.sel.shape
+        assert (r_kernel.sel >= 0).sum() > 0
+        torch.testing.assert_close(r_kernel.sel.sort(-1).values, r_torch.sel.sort(-1).values)
+
+
+def test_gather_head_dim_not_multiple_of_16_uses_torch_tiles():
+    meta = make_meta(2, 83, seed=9)
+    q, k, v = qkv(D=24, seed=9)
     ref = run("reference", q, k, v, meta, **moc_kw(top_k=2))
     got = run("gather", q, k, v, meta, **moc_kw(top_k=2))
     for name, a, b in zip(("out", "dq", "dk", "dv"), ref, got):

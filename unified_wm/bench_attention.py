@@ -87,10 +87,18 @@ def _measure(job: dict) -> dict:
     res = {"fwd_s": t1 - t0, "bwd_s": t2 - t1, "total_s": t2 - t0, "peak_mb": max(peak - base, 0.0)}
     if job["method"] == "gather":
         res["sparsity"] = stats["moc_sparsity"]
-        with torch.no_grad():  # work actually done, tile padding included
+        with torch.no_grad():  # work actually done, chunk padding included
             r = A._plan_routing(q, k, meta, meta, settings, False, None)
-            plan = A._tile_plan(q, k, meta, meta, r, settings, 1.0)
-        res["computed_pairs"] = float(plan.rows.numel() * plan.shape[7])
+            ext = A._cpu_kernel() if q.shape[-1] % 16 == 0 else None
+            if ext is not None:  # (query row, chunk) pairs x the chunk length padded to 16
+                t = r.table
+                _, rows = ext.moc_plan(r.sel.contiguous(), r.qslot, r.qdoc, t.doc, t.mand_count, Hkv)
+                res["computed_pairs"] = float(rows.numel() * ((max(t.lmax, 1) + 15) // 16 * 16))
+                res["path"] = "compiled kernel"
+            else:  # torch tiles: padded tiles x chunk length
+                plan = A._tile_plan(q, k, meta, meta, r, settings, 1.0)
+                res["computed_pairs"] = float(plan.rows.numel() * plan.shape[7])
+                res["path"] = "torch tiles"
         res["causal_pairs"] = stats["moc_causal_pairs"]
     return res
 
@@ -128,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     hdr = (f"{'N':>6} {'chunk':>5} {'k':>4} {'sparsity':>8} {'flops/dense':>11} {'computed/dense':>14} "
            f"{'dense s':>8} {'gather s':>8} {'speedup':>7} {'dense MB':>8} {'gather MB':>9}")
-    print(f"# MoC gather vs dense causal SDPA, fwd+bwd, {args.dtype}, heads {args.heads}/{args.kv_heads}, "
+    kernel = "compiled CPU kernel" if A._cpu_kernel() is not None and args.head_dim % 16 == 0 else "torch tiles"
+    print(f"# MoC gather ({kernel}) vs dense causal SDPA, fwd+bwd, {args.dtype}, heads {args.heads}/{args.kv_heads}, "
           f"head dim {args.head_dim}, threads {args.threads}")
     print(hdr)
     for n in lengths:

@@ -10,13 +10,19 @@ Backends (``AttentionSettings.backend``)
 ``dense``      causal attention restricted to the query's own document (packed rows).
 ``reference``  Mixture of Contexts (MoC) as a dense boolean mask ``[B, Hq, Nq, Nk]``
                (:func:`routed_mask`) fed to SDPA. The oracle; memory O(N^2).
-``gather``     MoC in pure torch with its own forward AND backward (CPU training). Work
-               and memory grow with ``N * (k + 2) * chunk_len``, never ``N^2``: (query,
-               key-chunk) pairs are grouped into tiles of ``gather_tile`` query rows per
-               key chunk, each tile is a small dense attention (PyTorch's fused CPU
-               flash kernels on CPU, bmm/softmax elsewhere), and the tiles of a row are
-               merged exactly by log-sum-exp; backward feeds each tile the row's global
-               output and LSE (the MoBA trick), so gradients equal the reference.
+``gather``     MoC with its own forward AND backward (CPU training). Work and memory grow
+               with ``N * (k + 2) * chunk_len``, never ``N^2``. On CPU it runs a compiled
+               kernel (``moc_cpu.cpp`` next to this file; built on first use by torch's
+               extension loader with ``-march=native`` and cached per CPU): top-k routing,
+               counting-sorted work lists of (query row, key chunk) pairs, then per key
+               chunk register-blocked tiles with an online softmax per row; the backward
+               recomputes each tile with the row's global LSE (flash-attention style).
+               Elsewhere (CUDA, no compiler, head dim not a multiple of 16,
+               ``UWM_MOC_CPU_KERNEL=0``) it falls back to pure torch: pairs grouped into
+               tiles of ``gather_tile`` query rows per key chunk, each tile a small dense
+               attention (PyTorch's fused CPU flash kernels on CPU, bmm/softmax
+               elsewhere), merged exactly by log-sum-exp; backward feeds each tile the
+               row's global output and LSE (the MoBA trick). Both equal the reference.
 ``flex``       MoC through ``torch.nn.attention.flex_attention`` with a ``mask_mod``
                built from the routing. CUDA: compiled, forward and backward. CPU:
                eager, inference only (PyTorch has no FlexAttention backward on CPU).
@@ -68,8 +74,14 @@ Statistics: pass ``stats={}`` to accumulate routing statistics (see :func:`_accu
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +102,13 @@ DECODE_MASKED_MAX_PAIRS = 1 << 21
 GATHER_FUSED_CPU = True
 # Upper bound on (query row, key chunk) pairs per query block of the ``gather`` backend.
 _BLOCK_PAIRS = 1 << 16
+# ``gather`` on CPU first tries its compiled kernel (``moc_cpu.cpp`` next to this file,
+# built by torch's C++ extension loader on first use and cached); it falls back to the
+# pure-torch tile loop below when no compiler is available, when the head dim is not a
+# multiple of 16, or when this flag (or the environment variable UWM_MOC_CPU_KERNEL=0)
+# turns it off.
+GATHER_KERNEL_CPU = os.environ.get("UWM_MOC_CPU_KERNEL", "1") != "0"
+_CPU_EXT = None
 
 
 @dataclass
@@ -278,10 +297,16 @@ def _route(q: torch.Tensor, table: _ChunkTable, qslot: torch.Tensor, qdoc: torch
     if kk <= 0:
         return torch.full((B, Hq, Nq, 0), -1, dtype=torch.long, device=q.device)
     desc = table.descriptors()
+    plain = not (training and (settings.drop_off > 0 or settings.drop_in > 0))
+    if plain and q.device.type == "cpu" and q.shape[-1] % 16 == 0 and not torch.isnan(desc).any():
+        ext = _cpu_kernel()
+        if ext is not None:  # same selection as below (ties at the k-th score: lower slot)
+            return ext.moc_route(q.detach().float().contiguous(), desc.contiguous(), table.candidates().contiguous(),
+                                 table.doc.contiguous(), qslot.contiguous(), qdoc.contiguous(), kk)
     slots = torch.arange(C, device=q.device)
     elig = (table.candidates()[:, None, :] & (table.doc[:, None, :] == qdoc[:, :, None])
             & (slots[None, None, :] < qslot[:, :, None]) & (qslot >= 0)[:, :, None])
-    if not (training and (settings.drop_off > 0 or settings.drop_in > 0)):
+    if plain:
         # all heads in one matmul: [B, Hkv, G*Nq, D] x [B, Hkv, D, C]
         s = torch.matmul(q.detach().float().reshape(B, Hkv, G * Nq, -1), desc.transpose(-1, -2)).view(B, Hq, Nq, C)
         s = s.masked_fill(~elig[:, None], float("-inf"))
@@ -325,26 +350,34 @@ def _accumulate_stats(stats: dict, sel: torch.Tensor, table: _ChunkTable, qslot:
     own = qslot.clamp(min=0)
     own_causal = (q_index - table.start.gather(1, own) + 1).clamp(min=0)
     ok = sel >= 0
-    s = sel.clamp(min=0)
-    routed_keys = (table.length - table.mand_count)[:, None, None, :].expand(B, Hq, Nq, C).gather(-1, s)
-    per_q = (routed_keys * ok).sum(-1) + (own_causal + mand_before)[:, None, :]
-    routed_pairs = float((per_q * valid_q[:, None, :]).sum())
-    causal_pairs = float(((q_meta.pos_in_doc.long() + 1) * valid_q).sum()) * Hq
-    prev = ok & (sel == (qslot - 1)[:, None, :, None])
-    sink = ok & table.sink_chunk[:, None, None, :].expand(B, Hq, Nq, C).gather(-1, s)
-    text = ok & (table.mand_count > 0)[:, None, None, :].expand(B, Hq, Nq, C).gather(-1, s) & ~sink
-    total = int(ok.sum())
+    # everything but "prev" from one histogram of the selected slots per (row, head)
     hist = torch.zeros(B * Hq, C + 1, device=sel.device)
     hist.scatter_add_(1, torch.where(ok, sel, torch.full_like(sel, C)).reshape(B * Hq, -1), ok.reshape(B * Hq, -1).float())
-    hist = hist[:, :C]
-    n = hist.sum(1, keepdim=True)
-    p = hist / n.clamp(min=1)
+    hist = hist[:, :C].view(B, Hq, C)
+    per_chunk = hist.sum(1)  # [B, C] selections of each chunk over heads and queries
+    routed_keys = (table.length - table.mand_count).float()
+    base = ((own_causal + mand_before) * valid_q).sum() * Hq
+    routed_pairs = float((per_chunk * routed_keys).sum()) + float(base)
+    causal_pairs = float(((q_meta.pos_in_doc.long() + 1) * valid_q).sum()) * Hq
+    sink_c = table.sink_chunk
+    text_c = (table.mand_count > 0) & ~sink_c
+    total = int(per_chunk.sum())
+    n_sink = int((per_chunk * sink_c).sum())
+    n_text = int((per_chunk * text_c).sum())
+    prev_slot = qslot - 1
+    prev_q = ((sel == prev_slot[:, None, :, None]) & ok).any(-1)  # [B, Hq, Nq]; a chunk is selected at most once
+    n_prev = int(prev_q.sum())
+    ps = prev_slot.clamp(min=0)
+    prev_kind = (sink_c | text_c).gather(1, ps) & (prev_slot >= 0)  # previous chunk holds a sink or text
+    n_prev_mand = int((prev_q & prev_kind[:, None, :]).sum())
+    n = hist.reshape(B * Hq, C).sum(1, keepdim=True)
+    p = hist.reshape(B * Hq, C) / n.clamp(min=1)
     ent = -(p * p.clamp(min=1e-30).log()).sum(1)
     has = n[:, 0] > 0
     add = {
         "moc_calls": 1.0, "moc_routed_pairs": routed_pairs, "moc_causal_pairs": causal_pairs,
-        "moc_sel_prev": float(prev.sum()), "moc_sel_sink": float(sink.sum()), "moc_sel_text": float(text.sum()),
-        "moc_sel_far": float(total - int(prev.sum()) - int(sink.sum()) - int(text.sum()) + int((prev & (sink | text)).sum())),
+        "moc_sel_prev": float(n_prev), "moc_sel_sink": float(n_sink), "moc_sel_text": float(n_text),
+        "moc_sel_far": float(total - n_prev - n_sink - n_text + n_prev_mand),
         "moc_sel_total": float(total),
         "moc_entropy_sum": float(ent[has].sum()), "moc_entropy_n": float(has.sum()),
     }
@@ -794,11 +827,75 @@ def _with_padding(out: torch.Tensor, v: torch.Tensor, r: _Routing) -> torch.Tens
     return torch.where(pad[:, None, :, None], _self_values(v, out.shape[1], out.shape[2]).to(out.dtype), out)
 
 
+def _cpu_kernel():
+    """The compiled CPU kernel module, or None (built once per machine, then cached)."""
+    global _CPU_EXT
+    if _CPU_EXT is None:
+        _CPU_EXT = False
+        if GATHER_KERNEL_CPU:
+            try:
+                from torch.utils.cpp_extension import _get_build_directory, load
+
+                # -march=native code must not be reused on another CPU: the name carries
+                # a hash of the CPU's feature flags (and the source, via torch's versioning)
+                flags = ""
+                try:
+                    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("flags", "Features"))), "")
+                except OSError:
+                    pass
+                tag = hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+                name = f"uwm_moc_cpu_{tag}"
+                build = Path(_get_build_directory(name, verbose=False))
+                if not any(build.glob("*.so")):
+                    print(f"[uwm] building the MoC CPU attention kernel in {build} (first use on this machine, ~30 s)",
+                          file=sys.stderr, flush=True)
+                _CPU_EXT = load(name=name, sources=[str(Path(__file__).with_name("moc_cpu.cpp"))],
+                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:  # no compiler, no headers, an unsupported CPU...
+                warnings.warn(f"the MoC CPU kernel could not be built ({type(e).__name__}: {str(e)[:300]}); "
+                              "the gather backend uses its pure-torch tiles instead (slower, same results)")
+    return _CPU_EXT or None
+
+
+class _KernelMoC(torch.autograd.Function):
+    """Exact MoC attention through the compiled CPU kernel (``moc_cpu.cpp``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, r: _Routing, scale: float, ext):
+        t = r.table
+        Hkv = k.shape[1]
+        with torch.no_grad():
+            ptr, rows = ext.moc_plan(r.sel.contiguous(), r.qslot.contiguous(), r.qdoc.contiguous(),
+                                     t.doc.contiguous(), t.mand_count.contiguous(), Hkv)
+            chunks = (t.start.contiguous(), t.length.contiguous(), t.key_mand.contiguous())
+            qf = (q.detach().float() * scale).contiguous()
+            kf, vf = k.detach().float().contiguous(), v.detach().float().contiguous()
+            out, lse = ext.moc_forward(qf, kf, vf, ptr, rows, *chunks, t.lmax)
+        ctx.save_for_backward(qf, kf, vf, out, lse, ptr, rows, *chunks)
+        ctx.lmax, ctx.scale, ctx.ext = t.lmax, scale, ext
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qf, kf, vf, out, lse, ptr, rows, *chunks = ctx.saved_tensors
+        dout = dout.float().contiguous()
+        delta = (dout * out).sum(-1).contiguous()
+        dq, dk, dv = ctx.ext.moc_backward(qf, kf, vf, dout, lse, delta, ptr, rows, *chunks, ctx.lmax)
+        dq = dq * ctx.scale
+        return dq.to(ctx.dtypes[0]), dk.to(ctx.dtypes[1]), dv.to(ctx.dtypes[2]), None, None, None
+
+
 def _gather_attend(q, k, v, q_meta, k_meta, settings, training, stats):
     scale = 1.0 / math.sqrt(q.shape[-1])
     r = _plan_routing(q, k, q_meta, k_meta, settings, training, stats)
     if not bool((r.qslot >= 0).any()):
         return _self_values(v, q.shape[1], q.shape[2]).to(q.dtype)
+    if q.device.type == "cpu" and q.shape[-1] % 16 == 0:
+        ext = _cpu_kernel()
+        if ext is not None:
+            out = _KernelMoC.apply(q, k, v, r, scale, ext).to(q.dtype)
+            return _with_padding(out, v, r)
     plan = _tile_plan(q, k, q_meta, k_meta, r, settings, scale)
     out = _GatherMoC.apply(q, k, v, plan).to(q.dtype)
     return _with_padding(out, v, r)
