@@ -116,6 +116,11 @@ class WorldConfig:
     occluded_fraction: float = 0.9  # share of in-view pixels covered to count as occluded
     background: Literal["road", "plain"] = "road"
     n_landmarks: int = 8  # static background features (flowers, rocks, ponds)
+    # scale of the per-pixel noise that textures grass, path and road (1.0: the default
+    # world; 0.0: smooth surfaces). The noise is drawn either way, so a scene differs only
+    # in its texture. Independent per-pixel noise cannot pass through a 64-token frame code:
+    # at 1.0 it caps a tokenizer's PSNR near 31.6 dB (BENCHMARKS.md, video tokenizer).
+    texture: float = 1.0
     # camera policy: sticky random bursts, plus looking back for objects long out of view
     stay_prob: float = 0.35
     min_burst: int = 2
@@ -165,6 +170,8 @@ class WorldConfig:
             raise ValueError("need occluder_density >= 0 and 0 < occluded_fraction <= 1")
         if not 1 <= self.min_burst <= self.max_burst:
             raise ValueError(f"need 1 <= min_burst ({self.min_burst}) <= max_burst ({self.max_burst})")
+        if not 0 <= self.texture <= 4:
+            raise ValueError(f"texture must be in [0, 4] (scale of the per-pixel surface noise; 1.0 is the default world), got {self.texture}")
         for name in ("stay_prob", "lookback_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -291,6 +298,7 @@ def _build_scene(cfg: WorldConfig, rng: np.random.Generator) -> Scene:
     fine = rng.standard_normal((H, W)).astype(np.float32)
     region = np.zeros((H, W), np.uint8)
     grass = np.array((70, 135, 55), np.float32)
+    fine = fine * np.float32(cfg.texture)
     img = grass[None, None, :] * (1 + 0.10 * low[..., None]) + 9 * fine[..., None] * np.array((0.6, 1.0, 0.5), np.float32)
     road_y = None
     if cfg.background == "road":
