@@ -92,7 +92,7 @@ def _measure(job: dict) -> dict:
             ext = A._cpu_kernel() if q.shape[-1] % 16 == 0 else None
             if ext is not None:  # (query row, chunk) pairs x the chunk length padded to 16
                 t = r.table
-                _, rows = ext.moc_plan(r.sel.contiguous(), r.qslot, r.qdoc, t.doc, t.mand_count, Hkv)
+                _, rows = ext.moc_plan(r.sel.contiguous(), r.qslot, r.qdoc, t.doc, t.mand_count, Hkv, A.KERNEL_SEGMENT)
                 res["computed_pairs"] = float(rows.numel() * ((max(t.lmax, 1) + 15) // 16 * 16))
                 res["path"] = "compiled kernel"
             else:  # torch tiles: padded tiles x chunk length

@@ -108,6 +108,8 @@ _BLOCK_PAIRS = 1 << 16
 # multiple of 16, or when this flag (or the environment variable UWM_MOC_CPU_KERNEL=0)
 # turns it off.
 GATHER_KERNEL_CPU = os.environ.get("UWM_MOC_CPU_KERNEL", "1") != "0"
+# Queries per segment of the compiled kernel's work lists (cache / TLB locality).
+KERNEL_SEGMENT = 1024
 _CPU_EXT = None
 
 
@@ -866,7 +868,7 @@ class _KernelMoC(torch.autograd.Function):
         Hkv = k.shape[1]
         with torch.no_grad():
             ptr, rows = ext.moc_plan(r.sel.contiguous(), r.qslot.contiguous(), r.qdoc.contiguous(),
-                                     t.doc.contiguous(), t.mand_count.contiguous(), Hkv)
+                                     t.doc.contiguous(), t.mand_count.contiguous(), Hkv, KERNEL_SEGMENT)
             chunks = (t.start.contiguous(), t.length.contiguous(), t.key_mand.contiguous())
             qf = (q.detach().float() * scale).contiguous()
             kf, vf = k.detach().float().contiguous(), v.detach().float().contiguous()

@@ -3,9 +3,10 @@
 // Same semantics as attention.py's oracle (read its docstring first). Python does the
 // routing; this file turns the routing into work lists and computes the attention:
 //
+//   moc_route     top-k routing on the chunk descriptors (no drop-off / drop-in).
 //   moc_plan      for each (batch row b, KV head hk): the (query head in group, query)
 //                 rows that read each key chunk, in one of three modes, bucketed by
-//                 counting (no sort). Mode 0 = own chunk (causal), 1 = a routed chunk
+//                 counting (no sort) per segment of queries. Mode 0 = own chunk (causal), 1 = a routed chunk
 //                 (its non-mandatory keys), 2 = a past chunk that holds mandatory keys
 //                 (only those keys). The three key sets are disjoint per query, so
 //                 their softmax terms add up to exactly the routed mask.
@@ -38,6 +39,10 @@ typedef int32_t vi __attribute__((vector_size(64)));
 
 inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
 inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
+// copy one row of D floats (D % 16 == 0) without a libc call
+inline void copy_row(float* dst, const float* src, int D) {
+  for (int d = 0; d < D; d += 16) st(dst + d, ld(src + d));
+}
 inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 constexpr float kNeg = -1e30f;  // finite "minus infinity": no inf arithmetic anywhere
@@ -191,17 +196,21 @@ void chunk_masks(const Chunks& ch, int b, int c, int Lp, float* m0, float* m1, f
 }  // namespace
 
 // Work lists. sel [B, Hq, Nq, W] (chunk slot or -1), qslot/qdoc [B, Nq], cdoc/cmand [B, C].
-// Returns (ptr [B*Hkv, 3*C + 1] int64 offsets into rows, rows int32 = g * Nq + q).
+// Buckets are (query segment of `seg` queries, key chunk, mode): the forward and backward
+// walk one segment at a time, so the query/output rows a segment touches stay within cache
+// and TLB reach (at 32k tokens the rows of a KV group span 32 MB per tensor).
+// Returns (ptr [B*Hkv, 3*C*nseg + 1] int64 offsets into rows, rows int32 = g * Nq + q).
 std::vector<torch::Tensor> moc_plan(torch::Tensor sel, torch::Tensor qslot, torch::Tensor qdoc,
-                                    torch::Tensor cdoc, torch::Tensor cmand, int64_t Hkv) {
+                                    torch::Tensor cdoc, torch::Tensor cmand, int64_t Hkv, int64_t seg) {
   const int B = sel.size(0), Hq = sel.size(1), Nq = sel.size(2), W = sel.size(3);
   const int C = cdoc.size(1), G = Hq / Hkv;
+  const int64_t nseg = (Nq + seg - 1) / seg, NBK = 3 * (int64_t)C * std::max<int64_t>(nseg, 1);
   const int64_t* S = sel.data_ptr<int64_t>();
   const int64_t* QS = qslot.data_ptr<int64_t>();
   const int64_t* QD = qdoc.data_ptr<int64_t>();
   const int64_t* CD = cdoc.data_ptr<int64_t>();
   const int64_t* CM = cmand.data_ptr<int64_t>();
-  auto ptr = torch::zeros({(int64_t)B * Hkv, 3 * (int64_t)C + 1}, torch::kInt64);
+  auto ptr = torch::zeros({(int64_t)B * Hkv, NBK + 1}, torch::kInt64);
   int64_t* P = ptr.data_ptr<int64_t>();
   std::vector<std::vector<int>> mslots(B);
   for (int b = 0; b < B; b++)
@@ -216,35 +225,36 @@ std::vector<torch::Tensor> moc_plan(torch::Tensor sel, torch::Tensor qslot, torc
         const int64_t s = QS[(int64_t)b * Nq + i];
         if (s < 0) continue;
         const int row = g * Nq + i;
-        fn(3 * s + 0, row);
+        const int64_t so = (i / seg) * 3 * (int64_t)C;  // the query's segment of buckets
+        fn(so + 3 * s + 0, row);
         const int64_t* sr = S + (((int64_t)b * Hq + h) * Nq + i) * W;
         for (int w = 0; w < W; w++)
-          if (sr[w] >= 0) fn(3 * sr[w] + 1, row);
+          if (sr[w] >= 0) fn(so + 3 * sr[w] + 1, row);
         const int64_t d = QD[(int64_t)b * Nq + i];
         for (int m : mslots[b]) {
           if (m >= s) break;
-          if (CD[(int64_t)b * C + m] == d) fn(3 * (int64_t)m + 2, row);
+          if (CD[(int64_t)b * C + m] == d) fn(so + 3 * (int64_t)m + 2, row);
         }
       }
     }
   };
   at::parallel_for(0, (int64_t)B * Hkv, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; bh++) {
-      int64_t* cnt = P + bh * (3 * C + 1);
+      int64_t* cnt = P + bh * (NBK + 1);
       visit(bh, [&](int64_t bucket, int) { cnt[bucket + 1]++; });
-      for (int64_t x = 0; x < 3 * C; x++) cnt[x + 1] += cnt[x];
+      for (int64_t x = 0; x < NBK; x++) cnt[x + 1] += cnt[x];
     }
   });
   // global offsets: bucket offsets of (b, hk) are relative to its own base
   std::vector<int64_t> base((size_t)B * Hkv + 1, 0);
-  for (int64_t bh = 0; bh < (int64_t)B * Hkv; bh++) base[bh + 1] = base[bh] + P[bh * (3 * C + 1) + 3 * C];
+  for (int64_t bh = 0; bh < (int64_t)B * Hkv; bh++) base[bh + 1] = base[bh] + P[bh * (NBK + 1) + NBK];
   auto rows = torch::empty({base.back()}, torch::kInt32);
   int32_t* R = rows.data_ptr<int32_t>();
   at::parallel_for(0, (int64_t)B * Hkv, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; bh++) {
-      int64_t* off = P + bh * (3 * C + 1);
-      for (int64_t x = 0; x <= 3 * C; x++) off[x] += base[bh];
-      std::vector<int64_t> fill(off, off + 3 * C);
+      int64_t* off = P + bh * (NBK + 1);
+      for (int64_t x = 0; x <= NBK; x++) off[x] += base[bh];
+      std::vector<int64_t> fill(off, off + NBK);
       visit(bh, [&](int64_t bucket, int row) { R[fill[bucket]++] = row; });
     }
   });
@@ -258,6 +268,7 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int Hkv = k.size(1), Nk = k.size(2), G = Hq / Hkv, C = cstart.size(1);
   const int Lp = round_up(std::max<int>(Lmax, 1), 16);
+  const int64_t NBK = ptr.size(1) - 1;
   auto out = torch::zeros_like(q);
   auto lse = torch::zeros({B, Hq, Nq}, q.options());
   const Chunks ch{cstart.data_ptr<int64_t>(), clen.data_ptr<int64_t>(), kmand.data_ptr<bool>(), C, Nk};
@@ -277,9 +288,10 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
       const float* vh = V + ((int64_t)b * Hkv + hk) * Nk * D;
       mx.assign((size_t)G * Nq, kNeg);
       sm.assign((size_t)G * Nq, 0.0f);
-      const int64_t* off = P + bh * (3 * C + 1);
-      for (int c = 0; c < C; c++) {
-        if (off[3 * c + 3] == off[3 * c]) continue;
+      const int64_t* off = P + bh * (NBK + 1);
+      for (int64_t sc = 0; sc < NBK / 3; sc++) {  // (query segment, key chunk)
+        const int c = (int)(sc % C);
+        if (off[3 * sc + 3] == off[3 * sc]) continue;
         const int64_t s0 = ch.start[(int64_t)b * C + c], n = ch.len[(int64_t)b * C + c];
         std::fill(kt.begin(), kt.end(), 0.0f);
         std::fill(vc.begin(), vc.end(), 0.0f);
@@ -290,11 +302,11 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
         }
         chunk_masks(ch, b, c, Lp, &msk[0], &msk[Lp], &msk[2 * Lp]);
         for (int mode = 0; mode < 3; mode++) {
-          const int64_t r0 = off[3 * c + mode], r1 = off[3 * c + mode + 1];
+          const int64_t r0 = off[3 * sc + mode], r1 = off[3 * sc + mode + 1];
           for (int64_t t = r0; t < r1; t += TB) {
             const int nb = (int)std::min<int64_t>(TB, r1 - t), nb4 = nb;
             for (int r = 0; r < nb4; r++) {
-              if (r < nb) std::memcpy(&qb[(size_t)r * D], qg + (int64_t)R[t + r] * D, sizeof(float) * D);
+              if (r < nb) copy_row(&qb[(size_t)r * D], qg + (int64_t)R[t + r] * D, D);
               else std::fill(&qb[(size_t)r * D], &qb[(size_t)r * D] + D, 0.0f);
             }
             mm_xyt(qb.data(), D, kt.data(), Lp, sb.data(), Lp, nb4, D, Lp);
@@ -374,6 +386,7 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int Hkv = k.size(1), Nk = k.size(2), G = Hq / Hkv, C = cstart.size(1);
   const int Lp = round_up(std::max<int>(Lmax, 1), 16);
+  const int64_t NBK = ptr.size(1) - 1;
   auto dq = torch::zeros_like(q);
   auto dk = torch::zeros_like(k);
   auto dv = torch::zeros_like(v);
@@ -394,9 +407,10 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
       const float* vh = V + ((int64_t)b * Hkv + hk) * Nk * D;
       float* dkh = DK + ((int64_t)b * Hkv + hk) * Nk * D;
       float* dvh = DV + ((int64_t)b * Hkv + hk) * Nk * D;
-      const int64_t* off = P + bh * (3 * C + 1);
-      for (int c = 0; c < C; c++) {
-        if (off[3 * c + 3] == off[3 * c]) continue;
+      const int64_t* off = P + bh * (NBK + 1);
+      for (int64_t sc = 0; sc < NBK / 3; sc++) {  // (query segment, key chunk)
+        const int c = (int)(sc % C);
+        if (off[3 * sc + 3] == off[3 * sc]) continue;
         const int64_t s0 = ch.start[(int64_t)b * C + c], n = ch.len[(int64_t)b * C + c];
         std::fill(kt.begin(), kt.end(), 0.0f);
         std::fill(vt.begin(), vt.end(), 0.0f);
@@ -414,14 +428,14 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
         }
         chunk_masks(ch, b, c, Lp, &msk[0], &msk[Lp], &msk[2 * Lp]);
         for (int mode = 0; mode < 3; mode++) {
-          const int64_t r0 = off[3 * c + mode], r1 = off[3 * c + mode + 1];
+          const int64_t r0 = off[3 * sc + mode], r1 = off[3 * sc + mode + 1];
           for (int64_t t = r0; t < r1; t += TB) {
             const int nb = (int)std::min<int64_t>(TB, r1 - t), nb4 = nb;
             for (int r = 0; r < nb4; r++) {
               if (r < nb) {
                 const int64_t row = g0 + R[t + r];
-                std::memcpy(&qb[(size_t)r * D], Q + row * D, sizeof(float) * D);
-                std::memcpy(&gb[(size_t)r * D], DO + row * D, sizeof(float) * D);
+                copy_row(&qb[(size_t)r * D], Q + row * D, D);
+                copy_row(&gb[(size_t)r * D], DO + row * D, D);
               } else {
                 std::fill(&qb[(size_t)r * D], &qb[(size_t)r * D] + D, 0.0f);
                 std::fill(&gb[(size_t)r * D], &gb[(size_t)r * D] + D, 0.0f);
@@ -476,8 +490,8 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
 // Routing (no drop-off / drop-in): for each query and head the top-k candidate chunks by
 // q . descriptor. Candidates of a query: routable chunks (cand) of its document with a
 // slot below its own. q [B, Hq, Nq, D], desc [B, Hkv, C, D] float32; cand [B, C] bool;
-// cdoc [B, C], qslot / qdoc [B, Nq] int64. Returns sel [B, Hq, Nq, kk] int64 (-1 = none),
-// each row's chunks in ascending slot order. Ties at the k-th score go to the lower slot.
+// cdoc [B, C], qslot / qdoc [B, Nq] int64. Returns sel [B, Hq, Nq, kk] int64 (-1 = none):
+// the chunks above the k-th score in ascending slot order, then ties at it, lowest slots first.
 torch::Tensor moc_route(torch::Tensor q, torch::Tensor desc, torch::Tensor cand, torch::Tensor cdoc,
                         torch::Tensor qslot, torch::Tensor qdoc, int64_t kk) {
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
@@ -506,6 +520,7 @@ torch::Tensor moc_route(torch::Tensor q, torch::Tensor desc, torch::Tensor cand,
         for (int c = 0; c < std::min<int64_t>(s, C); c++)
           if (CA[(int64_t)b * C + c] && CD[(int64_t)b * C + c] == doc) elig.push_back(c);
         const int m = (int)elig.size();
+        const bool prefix = m > 0 && elig[m - 1] == m - 1;  // candidates are slots 0..m-1
         if (s >= 0 && m > 0) {
           const int Ls = round_up((int)std::min<int64_t>(s, C), 16);
           for (int g = 0; g < G; g++) {
@@ -519,15 +534,18 @@ torch::Tensor moc_route(torch::Tensor q, torch::Tensor desc, torch::Tensor cand,
                 for (int x = 0; x < m; x++) out[x] = elig[x];
                 continue;
               }
-              for (int x = 0; x < m; x++) vals[x] = srow[elig[x]];
+              if (prefix) std::copy(srow, srow + m, vals.begin());
+              else for (int x = 0; x < m; x++) vals[x] = srow[elig[x]];
               std::nth_element(vals.begin(), vals.begin() + (kk - 1), vals.begin() + m, std::greater<float>());
               const float thr = vals[kk - 1];
-              int above = 0;
-              for (int x = 0; x < m; x++) above += srow[elig[x]] > thr;
-              int ties = (int)kk - above, n = 0;
-              for (int x = 0; x < m; x++) {
-                const float v = srow[elig[x]];
-                if (v > thr || (v == thr && ties-- > 0)) out[n++] = elig[x];
+              int n = 0;
+              for (int x = 0; x < m; x++) {  // everything above the k-th score...
+                const int c = prefix ? x : elig[x];
+                if (srow[c] > thr) out[n++] = c;
+              }
+              for (int x = 0; x < m && n < kk; x++) {  // ...then ties at it, lowest slots first
+                const int c = prefix ? x : elig[x];
+                if (srow[c] == thr) out[n++] = c;
               }
             }
           }
