@@ -100,7 +100,36 @@ def _measure(job: dict) -> dict:
                 res["computed_pairs"] = float(plan.rows.numel() * plan.shape[7])
                 res["path"] = "torch tiles"
         res["causal_pairs"] = stats["moc_causal_pairs"]
+        if job.get("breakdown") and res.get("path") == "compiled kernel":
+            res["breakdown_s"] = _kernel_breakdown(q, k, v, meta, settings, Hkv)
     return res
+
+
+def _kernel_breakdown(q, k, v, meta, settings, Hkv) -> dict:
+    """Seconds of each piece of one compiled-kernel call: routing (+ statistics), work
+    lists, forward, backward (the same calls `attend` makes, timed one by one)."""
+    ext = A._cpu_kernel()
+    out: dict = {}
+
+    def tm(name, fn):
+        t0 = time.perf_counter()
+        r = fn()
+        out[name] = time.perf_counter() - t0
+        return r
+
+    with torch.no_grad():
+        st: dict = {}
+        r = tm("routing_and_stats", lambda: A._plan_routing(q, k, meta, meta, settings, True, st))
+        t = r.table
+        ptr, rows = tm("work_lists", lambda: ext.moc_plan(r.sel.contiguous(), r.qslot, r.qdoc, t.doc, t.mand_count,
+                                                          Hkv, A.KERNEL_SEGMENT))
+        qf = (q.detach().float() * (1.0 / q.shape[-1] ** 0.5)).contiguous()
+        kf, vf = k.detach().float().contiguous(), v.detach().float().contiguous()
+        o, lse = tm("forward", lambda: ext.moc_forward(qf, kf, vf, ptr, rows, t.start, t.length, t.key_mand, t.lmax))
+        do = torch.ones_like(o)
+        delta = (do * o).sum(-1)
+        tm("backward", lambda: ext.moc_backward(qf, kf, vf, do, lse, delta, ptr, rows, t.start, t.length, t.key_mand, t.lmax))
+    return out
 
 
 def _run(job: dict) -> dict:
@@ -122,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--tile", type=int, default=A.AttentionSettings.gather_tile, help="gather_tile")
     ap.add_argument("--block", type=int, default=A.AttentionSettings.gather_block, help="gather_block")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the compiled kernel's pieces (routing, work lists, forward, backward)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     args = ap.parse_args(argv)
     try:
@@ -143,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in lengths:
         k = choose_k(n, args.chunk, args.text, args.sparsity)
         job = dict(n=n, k=k, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, chunk=args.chunk,
-                   text=args.text, dtype=args.dtype, threads=args.threads, tile=args.tile, block=args.block)
+                   text=args.text, dtype=args.dtype, threads=args.threads, tile=args.tile, block=args.block,
+                   breakdown=args.breakdown)
         dense = _run(dict(job, method="dense"))
         gat = _run(dict(job, method="gather"))
         row = {
@@ -156,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n:>6} {args.chunk:>5} {k:>4} {row['sparsity']:>8.3f} {row['attn_flops_ratio']:>11.3f} "
               f"{row['computed_pairs_ratio']:>14.3f} {dense['total_s']:>8.2f} {gat['total_s']:>8.2f} "
               f"{row['speedup']:>6.2f}x {dense['peak_mb']:>8.0f} {gat['peak_mb']:>9.0f}", flush=True)
+        if "breakdown_s" in gat:
+            print("        kernel pieces (s): " + ", ".join(f"{a} {b:.2f}" for a, b in gat["breakdown_s"].items()), flush=True)
     result = {"config": vars(args), "memory": "peak RSS increase of a fresh process during fwd+bwd (ru_maxrss)",
               "rows": rows}
     if args.out:
