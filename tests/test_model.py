@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import unified_wm  # noqa: F401  (registers the Auto classes)
-from unified_wm.model.modeling_uwm import StreamGrammar, UnifiedWMConfig, UnifiedWMForCausalLM, stream_layout
+from unified_wm.model.modeling_uwm import StreamGrammar, UnifiedWMConfig, UnifiedWMForCausalLM, stream_layout, stream_layout_continue
 
 # ids: 0 pad 1 bos 2 eos 3 <text> 4 </text> 5 <act> 6 </act> 7 <frame>; text 16-39, actions 40-44, video 45-99
 CFG = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -30,6 +30,31 @@ def test_stream_layout_chunks_docs_text_and_modality():
     assert meta.is_text[0, :6].tolist() == [False, True, True, True, True, False]
     assert meta.pos_in_doc[0, 19:23].tolist() == [0, 1, 2, 3]
     assert mod[0, :13].tolist() == [0, 0, 1, 1, 0, 0, 3, 3, 3, 3, 0, 2, 0]
+
+
+def test_stream_layout_continued_piece_by_piece_equals_the_whole():
+    """Decoding lays out only the new tokens (`stream_layout_continue` with the prefix's
+    state); cut anywhere, the pieces must equal the layout of the whole row: random rows
+    with pads, several documents, open text segments, frames split into tiles."""
+    cfg = UnifiedWMConfig(**CFG)
+    g = torch.Generator().manual_seed(0)
+    vocab = [0, 1, 2, 3, 4, 5, 6, 7, 20, 21, 41, 50, 51, 52, 60]
+    for trial in range(40):
+        B, N = 2, int(torch.randint(1, 60, (1,), generator=g))
+        ids = torch.tensor(vocab)[torch.randint(0, len(vocab), (B, N), generator=g)]
+        if trial % 2:
+            ids[0, : min(N, len(DOC))] = torch.tensor(DOC[: min(N, len(DOC))])
+        whole, whole_mod = stream_layout(ids, cfg)
+        cuts = sorted(set(torch.randint(0, N + 1, (3,), generator=g).tolist()) | {0, N})
+        state, metas, mods = None, [], []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            m, mod, state = stream_layout_continue(ids[:, a:b], cfg, state)
+            metas.append(m)
+            mods.append(mod)
+        for name in ("chunk_ids", "doc_ids", "is_text", "pos_in_doc", "positions"):
+            got = torch.cat([getattr(m, name) for m in metas], 1)
+            assert torch.equal(got, getattr(whole, name)), (trial, name, ids.tolist(), cuts)
+        assert torch.equal(torch.cat(mods, 1), whole_mod)
 
 
 def test_save_load_round_trip_with_auto_classes(tmp_path):

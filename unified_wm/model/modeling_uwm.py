@@ -133,26 +133,51 @@ def stream_layout(input_ids: torch.Tensor, cfg: UnifiedWMConfig) -> tuple[Stream
     ``<bos>``. Padding has chunk and document -1. Returns (StreamMeta, modality [B, N])
     with modality indices into ``MODALITIES``.
     """
+    meta, modality, _ = stream_layout_continue(input_ids, cfg, None)
+    return meta, modality
+
+
+def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state: dict | None):
+    """:func:`stream_layout` of ``input_ids`` as the continuation of a prefix summarised by
+    ``state`` (None: no prefix). Every rule is a running count or a "latest index where"
+    scan, so the prefix enters only through ``state`` (per row: tokens so far ``n``, chunk
+    starts and ``<bos>`` seen, latest ``<frame>``, ``<text>``, ``</text>`` and ``<bos>``
+    indices). Returns (meta, modality, state after ``input_ids``); decoding with a cache uses
+    it to lay out only the new tokens, so a step does not cost O(length of the video).
+    """
     ids = input_ids
     B, N = ids.shape
-    pos = torch.arange(N, device=ids.device).expand(B, N)
+    dev = ids.device
+    if state is None:
+        none = torch.full((B,), -1, dtype=torch.long, device=dev)
+        zero = torch.zeros(B, dtype=torch.long, device=dev)
+        state = {"n": 0, "starts": zero, "bos": zero, "frame": none, "open": none, "close": none, "last_bos": none}
+    n0 = state["n"]
+    pos = torch.arange(n0, n0 + N, device=dev).expand(B, N)
+
+    def latest(flag: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(_last_index(flag, pos), before[:, None])
+
     is_pad = ids == cfg.pad_token_id
     is_bos = ids == cfg.bos_token_id
     is_frame = ids == cfg.frame_id
     v_lo, v_hi = cfg.video_range
     is_video = (ids >= v_lo) & (ids < v_hi)
-    code_idx = pos - _last_index(is_frame, pos) - 1  # index of a video code inside its frame
+    code_idx = pos - latest(is_frame, state["frame"]) - 1  # index of a video code inside its frame
     tile_start = is_video & (code_idx > 0) & (code_idx % cfg.max_chunk_len == 0)
     starts = is_bos | (ids == cfg.text_open_id) | (ids == cfg.act_open_id) | is_frame | tile_start
-    starts = starts.clone()
-    starts[:, 0] = True
-    chunk = starts.long().cumsum(1) - 1
-    doc = (is_bos.long().cumsum(1) - 1).clamp(min=0)
-    last_open = _last_index(ids == cfg.text_open_id, pos)
-    last_close = _last_index(ids == cfg.text_close_id, pos)
+    if n0 == 0 and N:
+        starts = starts.clone()
+        starts[:, 0] = True
+    starts_seen = state["starts"][:, None] + starts.long().cumsum(1)
+    bos_seen = state["bos"][:, None] + is_bos.long().cumsum(1)
+    chunk = starts_seen - 1
+    doc = (bos_seen - 1).clamp(min=0)
+    last_open = latest(ids == cfg.text_open_id, state["open"])
+    last_close = latest(ids == cfg.text_close_id, state["close"])
     is_text = ((last_open > last_close) | (ids == cfg.text_close_id)) & ~is_pad
-    last_bos = _last_index(is_bos, pos).clamp(min=0)
-    pos_in_doc = pos - last_bos
+    last_bos = latest(is_bos, state["last_bos"])
+    pos_in_doc = pos - last_bos.clamp(min=0)
     t_lo, t_hi = cfg.text_range
     a_lo, a_hi = cfg.action_range
     modality = torch.zeros_like(ids)
@@ -167,7 +192,17 @@ def stream_layout(input_ids: torch.Tensor, cfg: UnifiedWMConfig) -> tuple[Stream
         pos_in_doc=torch.where(is_pad, torch.zeros_like(ids), pos_in_doc),
         positions=pos.contiguous(),
     )
-    return meta, modality
+    if N:
+        state = {"n": n0 + N, "starts": starts_seen[:, -1], "bos": bos_seen[:, -1],
+                 "frame": latest(is_frame, state["frame"])[:, -1], "open": last_open[:, -1],
+                 "close": last_close[:, -1], "last_bos": last_bos[:, -1]}
+    return meta, modality, state
+
+
+def _cat_meta(a: StreamMeta, b: StreamMeta) -> StreamMeta:
+    return StreamMeta(*(torch.cat([x, y], 1) for x, y in zip(
+        (a.chunk_ids, a.doc_ids, a.is_text, a.pos_in_doc, a.positions),
+        (b.chunk_ids, b.doc_ids, b.is_text, b.pos_in_doc, b.positions))))
 
 
 # ----------------------------------------------------------------------------- 3. blocks
@@ -275,6 +310,7 @@ class UWMCache(DynamicCache):
         """A restore point: the current length, the ids and copies of the decode states."""
         states = getattr(self, "uwm_attn_states", None) or []
         return {"n": self.get_seq_length(), "ids": getattr(self, "uwm_ids", None),
+                "layout": getattr(self, "uwm_layout", None),
                 "states": [None if s is None else s.snapshot() for s in states]}
 
     def restore(self, snap: dict) -> None:
@@ -284,6 +320,7 @@ class UWMCache(DynamicCache):
             if layer.is_initialized and layer.keys is not None and layer.keys.shape[-2] > n:
                 layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
         self.uwm_ids = snap["ids"]
+        self.uwm_layout = snap.get("layout")  # its tensors are never changed in place
         for s, saved in zip(getattr(self, "uwm_attn_states", None) or [], snap["states"]):
             if s is not None and saved is not None:
                 s.restore(saved)
@@ -308,6 +345,7 @@ class UWMCache(DynamicCache):
             layer._kbuf = layer._vbuf = None
             layer.keys, layer.values = k.contiguous(), v.contiguous()
         self.uwm_ids = new_ids
+        self.uwm_layout = None  # laid out again from the kept ids on the next step
         for s in getattr(self, "uwm_attn_states", None) or []:
             if s is not None:
                 s.reset()
@@ -418,9 +456,17 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
             cache.uwm_ids = all_ids
             if getattr(cache, "uwm_attn_states", None) is None or prev is None:
                 cache.uwm_attn_states = new_decode_states(self.config)
+            # the layout of the cached ids, continued over the new ones (O(new tokens))
+            lay = getattr(cache, "uwm_layout", None)
+            if prev is not None and lay is not None and lay[2]["n"] == prev.shape[1]:
+                meta_new, mod_new, st = stream_layout_continue(input_ids, self.config, lay[2])
+                k_meta, modality_all = _cat_meta(lay[0], meta_new), torch.cat([lay[1], mod_new], 1)
+            else:
+                k_meta, modality_all, st = stream_layout_continue(all_ids, self.config, None)
+            cache.uwm_layout = (k_meta, modality_all, st)
         else:
             all_ids = input_ids
-        k_meta, modality_all = stream_layout(all_ids, self.config)
+            k_meta, modality_all = stream_layout(all_ids, self.config)
         n_new = input_ids.shape[1]
         q_meta = k_meta.slice(all_ids.shape[1] - n_new)
         x = self.embed_tokens(input_ids)
