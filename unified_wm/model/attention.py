@@ -836,7 +836,7 @@ def _cpu_kernel():
         _CPU_EXT = False
         if GATHER_KERNEL_CPU:
             try:
-                from torch.utils.cpp_extension import _get_build_directory, load
+                from torch.utils.cpp_extension import load
 
                 # -march=native code must not be reused on another CPU: the name carries
                 # a hash of the CPU's feature flags (and the source, via torch's versioning)
@@ -847,8 +847,14 @@ def _cpu_kernel():
                     pass
                 tag = hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
                 name = f"uwm_moc_cpu_{tag}"
-                build = Path(_get_build_directory(name, verbose=False))
-                if not any(build.glob("*.so")):
+                try:  # only for the note below (a private torch helper: never fatal)
+                    from torch.utils.cpp_extension import _get_build_directory
+
+                    build = Path(_get_build_directory(name, verbose=False))
+                    fresh = not any(build.glob("*.so"))
+                except Exception:
+                    build, fresh = "torch's extensions folder", True
+                if fresh:
                     print(f"[uwm] building the MoC CPU attention kernel in {build} (first use on this machine, ~30 s)",
                           file=sys.stderr, flush=True)
                 _CPU_EXT = load(name=name, sources=[str(Path(__file__).with_name("moc_cpu.cpp"))],

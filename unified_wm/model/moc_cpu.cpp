@@ -304,12 +304,9 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
         for (int mode = 0; mode < 3; mode++) {
           const int64_t r0 = off[3 * sc + mode], r1 = off[3 * sc + mode + 1];
           for (int64_t t = r0; t < r1; t += TB) {
-            const int nb = (int)std::min<int64_t>(TB, r1 - t), nb4 = nb;
-            for (int r = 0; r < nb4; r++) {
-              if (r < nb) copy_row(&qb[(size_t)r * D], qg + (int64_t)R[t + r] * D, D);
-              else std::fill(&qb[(size_t)r * D], &qb[(size_t)r * D] + D, 0.0f);
-            }
-            mm_xyt(qb.data(), D, kt.data(), Lp, sb.data(), Lp, nb4, D, Lp);
+            const int nb = (int)std::min<int64_t>(TB, r1 - t);  // the micro-kernels take any row count
+            for (int r = 0; r < nb; r++) copy_row(&qb[(size_t)r * D], qg + (int64_t)R[t + r] * D, D);
+            mm_xyt(qb.data(), D, kt.data(), Lp, sb.data(), Lp, nb, D, Lp);
             std::fill(ob.begin(), ob.begin() + (size_t)nb * D, 0.0f);
             const float* base = &msk[(size_t)mode * Lp];
             // the new running max of each row first, so the tile is exponentiated against
@@ -430,27 +427,17 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
         for (int mode = 0; mode < 3; mode++) {
           const int64_t r0 = off[3 * sc + mode], r1 = off[3 * sc + mode + 1];
           for (int64_t t = r0; t < r1; t += TB) {
-            const int nb = (int)std::min<int64_t>(TB, r1 - t), nb4 = nb;
-            for (int r = 0; r < nb4; r++) {
-              if (r < nb) {
-                const int64_t row = g0 + R[t + r];
-                copy_row(&qb[(size_t)r * D], Q + row * D, D);
-                copy_row(&gb[(size_t)r * D], DO + row * D, D);
-              } else {
-                std::fill(&qb[(size_t)r * D], &qb[(size_t)r * D] + D, 0.0f);
-                std::fill(&gb[(size_t)r * D], &gb[(size_t)r * D] + D, 0.0f);
-              }
+            const int nb = (int)std::min<int64_t>(TB, r1 - t);
+            for (int r = 0; r < nb; r++) {
+              const int64_t row = g0 + R[t + r];
+              copy_row(&qb[(size_t)r * D], Q + row * D, D);
+              copy_row(&gb[(size_t)r * D], DO + row * D, D);
             }
-            mm_xyt(qb.data(), D, kt.data(), Lp, pb.data(), Lp, nb4, D, Lp);  // scores
-            mm_xyt(gb.data(), D, vt.data(), Lp, db.data(), Lp, nb4, D, Lp);  // dP = dO V^T
-            for (int r = 0; r < nb4; r++) {
+            mm_xyt(qb.data(), D, kt.data(), Lp, pb.data(), Lp, nb, D, Lp);  // scores
+            mm_xyt(gb.data(), D, vt.data(), Lp, db.data(), Lp, nb, D, Lp);  // dP = dO V^T
+            for (int r = 0; r < nb; r++) {
               float* prow = &pb[(size_t)r * Lp];
               float* drow = &db[(size_t)r * Lp];
-              if (r >= nb) {
-                std::fill(prow, prow + Lp, 0.0f);
-                std::fill(drow, drow + Lp, 0.0f);
-                continue;
-              }
               const int64_t row = g0 + R[t + r];
               const int i = R[t + r] % Nq;
               const int lim = (int)(Nk - Nq + i - s0);
@@ -464,8 +451,8 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
             }
             mm_ptx(pb.data(), Lp, gb.data(), D, dvc.data(), D, nb, Lp, D, tr.data());  // dV += P^T dO
             mm_ptx(db.data(), Lp, qb.data(), D, dkc.data(), D, nb, Lp, D, tr.data());  // dK += dS^T Q
-            std::fill(dqb.begin(), dqb.begin() + (size_t)nb4 * D, 0.0f);
-            mm_py(db.data(), Lp, kc.data(), D, dqb.data(), D, nb4, Lp, D);   // dQ = dS K
+            std::fill(dqb.begin(), dqb.begin() + (size_t)nb * D, 0.0f);
+            mm_py(db.data(), Lp, kc.data(), D, dqb.data(), D, nb, Lp, D);   // dQ = dS K
             for (int r = 0; r < nb; r++) {
               float* dr = DQ + (g0 + R[t + r]) * D;
               const float* tr = &dqb[(size_t)r * D];
