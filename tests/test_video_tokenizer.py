@@ -12,6 +12,8 @@ import torch
 from unified_wm.data.episodes import save_episodes
 from unified_wm.tokenization.video import (
     FSQ,
+    AttnBlock,
+    ResBlock,
     EMAVectorQuantizer,
     VideoTokenizer,
     VideoTokenizerConfig,
@@ -23,7 +25,7 @@ from unified_wm.tokenization.video import (
     ssim,
     train_video_tokenizer,
 )
-from unified_wm.utils import ConfigError, from_dict, load_config
+from unified_wm.utils import ConfigError, from_dict, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,6 +154,34 @@ def test_config_channel_count_is_checked():
         from_dict(VideoTokenizerConfig, {"downsample": 8, "channels": [8, 16]}, source="x.yaml")
 
 
+def test_mid_attention_and_decoder_depth(tmp_path):
+    base = to_dict(_tiny_config())
+    tok = VideoTokenizer(from_dict(VideoTokenizerConfig, base | {"decoder_res_blocks": 3, "mid_attention": 1, "attention_heads": 2}))
+    n_res = lambda m: sum(isinstance(b, ResBlock) for b in m.modules())  # noqa: E731
+    # encoder: 1 per resolution (3) + the mid block's; decoder: 3 per resolution (9) + the mid block's
+    assert (n_res(tok.encoder), n_res(tok.decoder)) == (4, 10)
+    assert sum(isinstance(b, AttnBlock) for b in tok.modules()) == 2
+    # every weight, the attention's included, gets a gradient
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    rec, _, _ = tok(x)
+    rec.pow(2).mean().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in tok.parameters())
+    # the attention sees the whole grid: its output at one position depends on a far corner
+    attn = next(b for b in tok.modules() if isinstance(b, AttnBlock))
+    h = torch.randn(1, 16, 8, 8)
+    h2 = h.clone()
+    h2[..., 7, 7] += 3.0
+    assert not torch.allclose(attn(h)[..., 0, 0], attn(h2)[..., 0, 0])
+    tok.save_pretrained(tmp_path / "tok")
+    tok2 = VideoTokenizer.from_pretrained(tmp_path / "tok")
+    frames = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    assert torch.equal(tok.encode(frames), tok2.encode(frames))
+    for bad, match in [({"mid_attention": -1}, "mid_attention"), ({"mid_attention": 1, "attention_heads": 3}, "attention_heads"),
+                       ({"decoder_res_blocks": -2}, "decoder_res_blocks"), ({"train": base["train"] | {"ema_decay": 1.0}}, "ema_decay")]:
+        with pytest.raises(ConfigError, match=match):
+            from_dict(VideoTokenizerConfig, base | bad, source="x.yaml")
+
+
 def test_save_load_round_trip_identical_codes(tmp_path):
     torch.manual_seed(0)
     tok = VideoTokenizer(_tiny_config())
@@ -186,8 +216,7 @@ def test_unknown_yaml_key_is_a_config_error(tmp_path):
         load_config(VideoTokenizerConfig, p)
 
 
-@pytest.mark.parametrize("name", ["video_fsq_tiny.yaml", "video_fsq_64.yaml", "video_vq_64.yaml", "video_fsq_64_hq.yaml",
-                                  "video_fsq_64_t4.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "tokenizers").glob("video_*.yaml")))
 def test_repo_configs_load(name):
     cfg = load_config(VideoTokenizerConfig, REPO / "tokenizers" / name)
     tok = VideoTokenizer(cfg)
@@ -269,6 +298,27 @@ def test_training_lowers_loss_resumes_and_evaluates(data_dir, tmp_path):
     assert rep["tokens_per_frame"] == tok.tokens_per_frame == 64
     assert (tmp_path / "eval" / "video_tokenizer_recon.png").is_file()
     assert json.loads((tmp_path / "eval" / "video_tokenizer_eval.json").read_text())["psnr"] == rep["psnr"]
+
+
+def test_ema_model_is_saved_and_resume_matches_one_run(data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = _tiny_config(steps=12, checkpoint_every=6, ema_decay=0.9)
+    whole = train_video_tokenizer("<test>", data_dir, tmp_path / "whole", progress=False, config=cfg)
+    assert whole["steps"] == 12
+    train_video_tokenizer("<test>", data_dir, tmp_path / "cut", max_steps=6, progress=False, config=cfg)
+    train_video_tokenizer("<test>", data_dir, tmp_path / "cut", resume=True, progress=False, config=cfg)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the saved model is the average, not the raw weights (those ride in train_state.pt)
+    ck = tmp_path / "whole" / "checkpoints" / "step_00000012"
+    raw = torch.load(ck / "train_state.pt", weights_only=True)["raw_model"]
+    saved = load_file(ck / "model.safetensors")
+    assert torch.equal(saved["decoder.conv_out.weight"], a["decoder.conv_out.weight"])
+    assert not torch.allclose(raw["decoder.conv_out.weight"], a["decoder.conv_out.weight"])
+    # the raw weights cannot be resumed by a config without EMA
+    with pytest.raises(ConfigError, match="ema_decay"):
+        train_video_tokenizer("<test>", data_dir, tmp_path / "whole", resume=True, progress=False, config=_tiny_config(steps=14))
 
 
 def test_resume_without_checkpoint_is_an_error(data_dir, tmp_path):

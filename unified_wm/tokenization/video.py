@@ -109,6 +109,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_frames: int = 200_000  # cap on the number of training frames held in memory
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
+    # exponential moving average of the weights; 0 = off. With it on, the saved model (the
+    # final one and each checkpoint's model.safetensors) holds the averaged weights, and the
+    # raw ones travel in train_state.pt for --resume.
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every", "max_frames"):
@@ -116,6 +120,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} = {getattr(self, name)}; expected >= 1")
         if self.lr <= 0:
             raise ValueError(f"train.lr = {self.lr}; expected > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay = {self.ema_decay}; expected 0 (off) or a decay in (0, 1), e.g. 0.999")
 
 
 @dataclass
@@ -130,6 +136,13 @@ class VideoTokenizerConfig:
     # width at each resolution, finest first: len = log2(downsample / patch_size) + 1
     channels: list[int] = field(default_factory=lambda: [32, 64, 128, 128])
     res_blocks: int = 1  # residual blocks per resolution
+    # residual blocks per resolution in the decoder; null = res_blocks. The decoder draws the
+    # detail the codes only hint at, so it is where extra depth pays.
+    decoder_res_blocks: int | None = None
+    # self-attention blocks (each followed by a residual block) on the code grid, at the end of
+    # the encoder and the start of the decoder: every code sees the whole frame. 0 = none.
+    mid_attention: int = 0
+    attention_heads: int = 4
     # causal temporal compression: 1 = off (one code grid per frame); t > 1 = the first frame
     # alone, then one code grid per group of t frames
     temporal: int = 1
@@ -157,6 +170,12 @@ class VideoTokenizerConfig:
             raise ValueError(f"channels = {self.channels}; expected positive widths")
         if self.res_blocks < 0:
             raise ValueError(f"res_blocks = {self.res_blocks}; expected >= 0")
+        if self.decoder_res_blocks is not None and self.decoder_res_blocks < 0:
+            raise ValueError(f"decoder_res_blocks = {self.decoder_res_blocks}; expected >= 0, or null for res_blocks")
+        if self.mid_attention < 0:
+            raise ValueError(f"mid_attention = {self.mid_attention}; expected >= 0 blocks")
+        if self.mid_attention and (self.attention_heads < 1 or self.channels[-1] % self.attention_heads):
+            raise ValueError(f"attention_heads = {self.attention_heads}; expected a divisor of the coarsest width {self.channels[-1]}")
         if not 1 <= self.temporal <= 16:
             raise ValueError(f"temporal = {self.temporal}; expected 1 (off) up to 16 frames per code grid")
         self.quantizer.validate()
@@ -291,6 +310,31 @@ class ResBlock(nn.Module):
         return x + h
 
 
+class AttnBlock(nn.Module):
+    """Pre-norm multi-head self-attention over all positions of a feature map, residual."""
+
+    def __init__(self, c: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(_groups(c), c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        o = F.scaled_dot_product_attention(q, k, v)  # [b, heads, hw, c/heads]
+        return x + self.proj(o.transpose(-1, -2).reshape(b, c, h, w))
+
+
+def _mid_blocks(cfg: "VideoTokenizerConfig") -> list[nn.Module]:
+    c = cfg.channels[-1]
+    out: list[nn.Module] = []
+    for _ in range(cfg.mid_attention):
+        out += [AttnBlock(c, cfg.attention_heads), ResBlock(c)]
+    return out
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VideoTokenizerConfig, latent_dim: int):
         super().__init__()
@@ -303,6 +347,7 @@ class Encoder(nn.Module):
             layers += [ResBlock(ch[i]) for _ in range(cfg.res_blocks)]
             layers.append(nn.Conv2d(ch[i], ch[i + 1], 4, stride=2, padding=1))
         layers += [ResBlock(ch[-1]) for _ in range(cfg.res_blocks)]
+        layers += _mid_blocks(cfg)
         self.body = nn.Sequential(*layers)
         self.norm = nn.GroupNorm(_groups(ch[-1]), ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], latent_dim, 1)
@@ -316,10 +361,11 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.channels
         self.conv_in = nn.Conv2d(latent_dim, ch[-1], 3, padding=1)
-        layers: list[nn.Module] = [ResBlock(ch[-1]) for _ in range(cfg.res_blocks)]
+        nb = cfg.res_blocks if cfg.decoder_res_blocks is None else cfg.decoder_res_blocks
+        layers: list[nn.Module] = _mid_blocks(cfg) + [ResBlock(ch[-1]) for _ in range(nb)]
         for i in reversed(range(cfg.num_stages)):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch[i + 1], ch[i], 3, padding=1)]
-            layers += [ResBlock(ch[i]) for _ in range(cfg.res_blocks)]
+            layers += [ResBlock(ch[i]) for _ in range(nb)]
         self.body = nn.Sequential(*layers)
         self.norm = nn.GroupNorm(_groups(ch[0]), ch[0])
         p = cfg.patch_size
@@ -751,6 +797,15 @@ def _recon_loss(rec: torch.Tensor, x: torch.Tensor, tc: TrainConfig) -> torch.Te
 _CKPT_RE = re.compile(r"^step_(\d+)$")
 
 
+def _ema_update(ema: VideoTokenizer, model: VideoTokenizer, decay: float, step: int) -> None:
+    """One EMA step; the decay ramps up as (1 + step) / (10 + step) so early weights fade fast."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - d)
+        for be, b in zip(ema.buffers(), model.buffers()):
+            be.copy_(b)
+
+
 def _list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     if not ckpt_root.is_dir():
         return []
@@ -762,13 +817,18 @@ def _list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _save_checkpoint(ckpt_root: Path, step: int, model: VideoTokenizer, opt: torch.optim.Optimizer, gen: torch.Generator, keep: int) -> Path:
+def _save_checkpoint(ckpt_root: Path, step: int, model: VideoTokenizer, opt: torch.optim.Optimizer, gen: torch.Generator, keep: int,
+                     ema: VideoTokenizer | None = None) -> Path:
+    """``step_N/``: the model ``from_pretrained`` reads (the EMA weights when on) + ``train_state.pt``."""
     from unified_wm.utils import atomic_dir
 
     final = ckpt_root / f"step_{step:08d}"
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "generator": gen.get_state()}, tmp / "train_state.pt")
+        (ema if ema is not None else model).save_pretrained(tmp)
+        state = {"step": step, "optimizer": opt.state_dict(), "generator": gen.get_state()}
+        if ema is not None:
+            state["raw_model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save(state, tmp / "train_state.pt")
     for _, old in _list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         import shutil
 
@@ -816,6 +876,11 @@ def train_video_tokenizer(
     model = VideoTokenizer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(tc.seed)
+    ema: VideoTokenizer | None = None
+    if tc.ema_decay > 0:
+        import copy
+
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
     step = 0
     if resume:
         ckpts = _list_checkpoints(ckpt_root)
@@ -825,8 +890,15 @@ def train_video_tokenizer(
         saved = VideoTokenizer.from_pretrained(path)
         if to_dict(saved.config) | {"train": None} != to_dict(cfg) | {"train": None}:
             raise ConfigError(f"checkpoint '{path}' was trained with a different model config than '{config_path}'")
-        model.load_state_dict(saved.state_dict())
         st = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        if ema is not None:
+            ema.load_state_dict(saved.state_dict())
+            # a checkpoint written without EMA holds the raw weights as its model
+            model.load_state_dict(st.get("raw_model", saved.state_dict()))
+        else:
+            if "raw_model" in st:
+                raise ConfigError(f"checkpoint '{path}' was trained with train.ema_decay > 0; resuming it needs ema_decay > 0 in '{config_path}'")
+            model.load_state_dict(saved.state_dict())
         opt.load_state_dict(st["optimizer"])
         gen.set_state(st["generator"])
         step = int(st["step"])
@@ -858,6 +930,8 @@ def train_video_tokenizer(
         if tc.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
+        if ema is not None:
+            _ema_update(ema, model, tc.ema_decay, step)
         step += 1
         with torch.no_grad():
             win_mse += float((rec.detach().clamp(-1, 1) - x).pow(2).mean())
@@ -874,10 +948,10 @@ def train_video_tokenizer(
             bar.set_postfix(loss=f"{rec_['loss']:.4f}", psnr=f"{last_psnr:.2f}", usage=f"{use['usage']:.2f}")
             win_loss, win_mse, win_n, win_idx = 0.0, 0.0, 0, []
         if step % tc.checkpoint_every == 0 or step == total:
-            _save_checkpoint(ckpt_root, step, model, opt, gen, tc.keep_checkpoints)
+            _save_checkpoint(ckpt_root, step, model, opt, gen, tc.keep_checkpoints, ema)
     bar.close()
     seconds = time.time() - t0
-    model.save_pretrained(out)
+    (ema if ema is not None else model).save_pretrained(out)
     summary = {
         "steps": step,
         "steps_this_run": step - start_step,
