@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,29 @@ def test_cpu_kernel_builds_here():
         pytest.skip("UWM_MOC_CPU_KERNEL=0 turns the compiled kernel off")
     ext = attention._cpu_kernel()
     assert ext is not None and hasattr(ext, "moc_forward")
+    # it lives where training builds DeepSpeed's ops too, so rollout and eval reuse the training's build
+    from unified_wm.utils import extensions_dir
+
+    built = Path(ext.__file__).resolve()
+    if extensions_dir() is not None:
+        assert built.parent.parent == Path(extensions_dir()).resolve()
+    assert built.parent.name.startswith("uwm_moc_cpu_")
+
+
+def test_extensions_dir_follows_the_environment(monkeypatch, tmp_path):
+    import sys
+
+    from unified_wm.utils import extensions_dir
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert extensions_dir() == str(tmp_path / "ext")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    (tmp_path / "venv").mkdir()
+    assert extensions_dir() == str(tmp_path / "venv" / "torch_extensions")
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path / "venv"))  # not a virtual environment
+    assert extensions_dir() is None
 
 
 @pytest.mark.parametrize("D,max_chunk,Hq,Hkv", [(64, 70, 8, 2), (32, 19, 4, 4), (16, 3, 6, 2)])

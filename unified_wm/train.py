@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from unified_wm.sequence import MODALITY_KEYS, TEMPLATES, TaskWeights
 from unified_wm.tokenization.processor import ACT_CLOSE, ACT_OPEN, TEXT_CLOSE, TEXT_OPEN
-from unified_wm.utils import ConfigError, MetricsWriter, atomic_file, deep_update, load_config, write_json
+from unified_wm.utils import ConfigError, MetricsWriter, atomic_file, deep_update, extensions_dir, load_config, write_json
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -359,10 +359,10 @@ def setup_distributed() -> tuple[int, int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
-        # DeepSpeed JIT-builds a C++ op at init (CPU: shared-memory comm). One build folder per
-        # environment: a folder shared by two virtual environments is rebuilt each time either runs.
-        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    ext_dir = extensions_dir()
+    if ext_dir is not None:
+        # DeepSpeed JIT-builds a C++ op at init (CPU: shared-memory comm) into this folder
+        os.environ["TORCH_EXTENSIONS_DIR"] = ext_dir
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"

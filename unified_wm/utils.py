@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import typing
@@ -74,6 +75,19 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{where}' must be a string, got {value!r}")
         return value
     return value
+
+
+def extensions_dir() -> str | None:
+    """Where C++ extensions (DeepSpeed's ops, the MoC CPU kernel) are built: ``$TORCH_EXTENSIONS_DIR``,
+    else ``<virtual env>/torch_extensions`` when inside a writable virtual environment, else None
+    (torch's default, ``~/.cache/torch_extensions``). One folder per environment: a folder that two
+    checkouts share is rebuilt each time the other one runs, and every command of one checkout
+    (training, rollout, eval) finds the build the others made."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        return os.path.join(sys.prefix, "torch_extensions")
+    return None
 
 
 def from_dict(cls: type[T], data: dict, source: str = "<dict>", prefix: str = "") -> T:

@@ -845,20 +845,31 @@ def _cpu_kernel():
                     flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("flags", "Features"))), "")
                 except OSError:
                     pass
-                tag = hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+                # and of the source's path: ninja rebuilds a folder whose build file names another
+                # checkout's source, so two checkouts sharing one folder would rebuild in turn.
+                src = Path(__file__).resolve().with_name("moc_cpu.cpp")
+                tag = hashlib.sha1(f"{platform.machine()} {flags} {src}".encode()).hexdigest()[:10]
                 name = f"uwm_moc_cpu_{tag}"
-                try:  # only for the note below (a private torch helper: never fatal)
-                    from torch.utils.cpp_extension import _get_build_directory
+                from unified_wm.utils import extensions_dir
 
-                    build = Path(_get_build_directory(name, verbose=False))
-                    fresh = not any(build.glob("*.so"))
-                except Exception:
-                    build, fresh = "torch's extensions folder", True
-                if fresh:
-                    print(f"[uwm] building the MoC CPU attention kernel in {build} (first use on this machine, ~30 s)",
-                          file=sys.stderr, flush=True)
-                _CPU_EXT = load(name=name, sources=[str(Path(__file__).with_name("moc_cpu.cpp"))],
-                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                root = extensions_dir()  # the folder training uses too, so rollout/eval reuse its build
+                build = Path(root) / name if root is not None else None
+                kw = {}
+                if build is not None:
+                    build.mkdir(parents=True, exist_ok=True)
+                    kw["build_directory"] = str(build)
+                else:
+                    try:  # only for the note below (a private torch helper: never fatal)
+                        from torch.utils.cpp_extension import _get_build_directory
+
+                        build = Path(_get_build_directory(name, verbose=False))
+                    except Exception:
+                        pass
+                if build is None or not any(p.stat().st_mtime >= src.stat().st_mtime for p in build.glob("*.so")):
+                    print(f"[uwm] building the MoC CPU attention kernel in {build or 'torch_extensions'} "
+                          "(first use of this source on this machine, ~30 s)", file=sys.stderr, flush=True)
+                _CPU_EXT = load(name=name, sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                extra_ldflags=["-fopenmp"], verbose=False, **kw)
             except Exception as e:  # no compiler, no headers, an unsupported CPU...
                 warnings.warn(f"the MoC CPU kernel could not be built ({type(e).__name__}: {str(e)[:300]}); "
                               "the gather backend uses its pure-torch tiles instead (slower, same results)")
