@@ -46,15 +46,47 @@ def test_stream_layout_continued_piece_by_piece_equals_the_whole():
             ids[0, : min(N, len(DOC))] = torch.tensor(DOC[: min(N, len(DOC))])
         whole, whole_mod = stream_layout(ids, cfg)
         cuts = sorted(set(torch.randint(0, N + 1, (3,), generator=g).tolist()) | {0, N})
-        state, metas, mods = None, [], []
+        state, metas, mods, coords = None, [], [], []
         for a, b in zip(cuts[:-1], cuts[1:]):
-            m, mod, state = stream_layout_continue(ids[:, a:b], cfg, state)
+            m, mod, state, c = stream_layout_continue(ids[:, a:b], cfg, state)
             metas.append(m)
             mods.append(mod)
+            coords.append(c)
         for name in ("chunk_ids", "doc_ids", "is_text", "pos_in_doc", "positions"):
             got = torch.cat([getattr(m, name) for m in metas], 1)
             assert torch.equal(got, getattr(whole, name)), (trial, name, ids.tolist(), cuts)
         assert torch.equal(torch.cat(mods, 1), whole_mod)
+        whole_q, whole_k = stream_layout_continue(ids, cfg, None)[3]
+        assert torch.equal(torch.cat([c[0] for c in coords], 1), whole_q), (trial, ids.tolist(), cuts)
+        assert torch.equal(torch.cat([c[1] for c in coords], 1), whole_k), (trial, ids.tolist(), cuts)
+
+
+def test_rotary_coordinates_put_the_same_cell_one_frame_back_at_one_offset():
+    """rope_mode 3d: keys at (pos, frame, row, col) of their own cell, queries at the cell they
+    predict; the offset from a query to the same cell of the previous frame is (*, 1, 0, 0)
+    whether or not a caption lies between the frames (tokens_per_frame 4: a 2x2 grid)."""
+    cfg = UnifiedWMConfig(**CFG, rope_mode="3d")
+    assert cfg.video_grid == [2, 2]
+    _, _, _, (qt, kt) = stream_layout_continue(torch.tensor([DOC]), cfg, None)
+    q, k = qt[0].tolist(), kt[0].tolist()
+    # DOC: bos <text> a b </text> <frame> v v v v <act> a </act> <frame> v v v v eos
+    assert [c[1] for c in k] == [0] * 5 + [1] * 8 + [2] * 6  # frames begun so far
+    assert [c[2:] for c in k[5:10]] == [[0, 0], [0, 0], [0, 1], [1, 0], [1, 1]]  # <frame>, then the 2x2 codes
+    assert [c[2:] for c in q[5:10]] == [[0, 0], [0, 1], [1, 0], [1, 1], [1, 1]]  # the cell each predicts
+    assert all(a[0] == b[0] for a, b in zip(q, k))  # the document position is the token's own
+    with_caption = DOC[:13] + [3, 22, 23, 24, 4] + DOC[13:]
+    _, _, _, (q2, k2) = stream_layout_continue(torch.tensor([with_caption]), cfg, None)
+    for j in range(4):  # the query predicting code j of frame 1 against the key of code j of frame 0
+        for qq, kk, first in ((qt, kt, 13), (q2, k2, 18)):
+            d = (qq[0, first + j] - kk[0, 6 + j]).tolist()
+            assert d[1:] == [1, 0, 0], (j, d)
+
+
+def test_3d_rotary_needs_room_and_a_matching_grid():
+    with pytest.raises(ValueError, match="rope_mode"):
+        UnifiedWMConfig(**CFG, rope_mode="2d")
+    with pytest.raises(ValueError, match="video_grid"):
+        UnifiedWMConfig(**CFG, rope_mode="3d", video_grid=[3, 2])
 
 
 def test_save_load_round_trip_with_auto_classes(tmp_path):
@@ -70,13 +102,13 @@ def test_save_load_round_trip_with_auto_classes(tmp_path):
     assert m2.lm_head.weight.data_ptr() == m2.embed_tokens.weight.data_ptr()  # tied
 
 
-@pytest.mark.parametrize("cache_kind", ["uwm", "hf_dynamic"])
-def test_incremental_decoding_matches_full_forward(cache_kind):
+@pytest.mark.parametrize("cache_kind,rope_mode", [("uwm", "1d"), ("hf_dynamic", "1d"), ("uwm", "3d")])
+def test_incremental_decoding_matches_full_forward(cache_kind, rope_mode):
     from transformers import DynamicCache
 
     from unified_wm.model.modeling_uwm import UWMCache
 
-    m = model()
+    m = model(rope_mode=rope_mode)
     ids = torch.tensor([DOC])
     full = m(ids).logits
     cache = UWMCache(m.config) if cache_kind == "uwm" else DynamicCache(config=m.config)
@@ -178,12 +210,13 @@ def test_bad_head_config_is_refused():
         UnifiedWMConfig(**{**CFG, "num_attention_heads": 4, "num_key_value_heads": 3})
 
 
-def test_moc_model_decodes_like_full_forward_and_trains():
+@pytest.mark.parametrize("rope_mode", ["1d", "3d"])
+def test_moc_model_decodes_like_full_forward_and_trains(rope_mode):
     """The model with Mixture-of-Contexts attention: cached sparse decoding == teacher forcing."""
     from unified_wm.model.modeling_uwm import UWMCache, summarize_routing
 
     doc = [1, 3, 20, 21, 4] + sum(([7, 50, 51, 52, 53, 5, 41, 6] for _ in range(6)), []) + [2]
-    m = model(attn_backend="moc", moc_top_k=2, max_chunk_len=4)
+    m = model(attn_backend="moc", moc_top_k=2, max_chunk_len=4, rope_mode=rope_mode)
     ids = torch.tensor([doc])
     out = m(ids, return_routing_stats=True)
     cache = UWMCache(m.config)
@@ -193,7 +226,7 @@ def test_moc_model_decodes_like_full_forward_and_trains():
     assert torch.allclose(torch.cat(steps, 1), out.logits, atol=1e-4)
     summary = summarize_routing(out.routing_stats)
     assert 0.0 < summary["moc_sparsity"] < 1.0 and "moc_entropy_layer1" in summary
-    dense = model(attn_backend="dense")(ids).logits
+    dense = model(attn_backend="dense", rope_mode=rope_mode)(ids).logits
     assert not torch.allclose(dense, out.logits, atol=1e-4)  # routing really drops context
     m.train()
     loss = m(ids, labels=ids).loss

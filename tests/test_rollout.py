@@ -54,15 +54,15 @@ def test_cache_restore_forgets_what_came_after_the_snapshot(processor, backend):
     assert torch.allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["moc", "dense"])
-def test_evicting_frames_equals_a_fresh_pass_over_the_kept_tokens(processor, backend):
+@pytest.mark.parametrize("backend,rope_mode", [("moc", "1d"), ("dense", "1d"), ("moc", "3d")])
+def test_evicting_frames_equals_a_fresh_pass_over_the_kept_tokens(processor, backend, rope_mode):
     """Eviction re-rotates the kept keys to their new positions instead of recomputing them:
     with one layer (where a key depends only on its token and position; deeper keys also
     remember the evicted context, by design) the next logits must equal those of a model
     that only ever saw the kept tokens."""
     from unified_wm.tokenization.processor import FRAME
 
-    m = tiny_wm(processor, backend, num_hidden_layers=1).model
+    m = tiny_wm(processor, backend, num_hidden_layers=1, rope_mode=rope_mode).model
     ids = stream(processor, 5)
     frames = [i for i, t in enumerate(ids) if t == FRAME]
     keep = list(range(frames[0])) + list(range(frames[3], len(ids)))  # drop frames 0..2 (+ their actions)

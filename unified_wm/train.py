@@ -57,6 +57,7 @@ class ModelRecipe:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
+    rope_mode: str = "1d"  # "3d": rotary pairs split over document position, frame, row and column
 
 
 @dataclass
@@ -628,7 +629,7 @@ def build_model(recipe: Recipe, processor):
 
     a = recipe.attention
     cfg = UnifiedWMConfig(
-        **vars(recipe.model), **processor.model_layout(), attn_backend=a.backend, moc_top_k=a.top_k,
+        **vars(recipe.model), **processor.model_layout(), video_grid=list(processor.grid), attn_backend=a.backend, moc_top_k=a.top_k,
         moc_n_sink=a.n_sink, moc_drop_off=a.drop_off, moc_drop_in=a.drop_in,
     )
     return UnifiedWMForCausalLM(cfg)

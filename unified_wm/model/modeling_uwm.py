@@ -16,6 +16,7 @@ Read top to bottom:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from unified_wm.model.attention import AttentionSettings, StreamMeta, attend
 
 MODALITIES = ("special", "text", "action", "video")
+# rotary positions: "1d" rotates every token by its position in the document (LLaMA);
+# "3d" splits the rotary pairs into four axes: position in the document, frame index, and the
+# row and column of a video code in its frame (see ``rope_frequencies``).
+ROPE_MODES = ("1d", "3d")
 
 
 # ----------------------------------------------------------------------------- 1. config
@@ -47,6 +52,8 @@ class UnifiedWMConfig(PretrainedConfig):
         head_dim: int | None = None,
         max_position_embeddings: int = 4096,
         rope_theta: float = 10000.0,
+        rope_mode: str = "1d",
+        video_grid: tuple[int, int] | None = None,
         rms_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
@@ -82,6 +89,11 @@ class UnifiedWMConfig(PretrainedConfig):
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
+        self.rope_mode = rope_mode
+        if video_grid is None:  # square grids (every processor so far): derived from tokens_per_frame
+            side = int(round(tokens_per_frame ** 0.5))
+            video_grid = (side, tokens_per_frame // max(side, 1))
+        self.video_grid = [int(x) for x in video_grid]
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.attn_backend = attn_backend
@@ -100,6 +112,12 @@ class UnifiedWMConfig(PretrainedConfig):
         self.tokens_per_frame = tokens_per_frame
         self.tokens_per_action = tokens_per_action
         self.max_chunk_len = max_chunk_len
+        if rope_mode not in ROPE_MODES:
+            raise ValueError(f"rope_mode: unknown value '{rope_mode}'; valid values: {', '.join(ROPE_MODES)}")
+        if rope_mode == "3d" and self.head_dim // 2 < 4:
+            raise ValueError(f"rope_mode '3d' needs head_dim >= 8 (4 rotary pairs), got head_dim {self.head_dim}")
+        if self.video_grid[0] * self.video_grid[1] != tokens_per_frame:
+            raise ValueError(f"video_grid {self.video_grid} does not hold tokens_per_frame={tokens_per_frame} codes")
         if num_attention_heads % num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads ({num_key_value_heads})"
@@ -133,7 +151,7 @@ def stream_layout(input_ids: torch.Tensor, cfg: UnifiedWMConfig) -> tuple[Stream
     ``<bos>``. Padding has chunk and document -1. Returns (StreamMeta, modality [B, N])
     with modality indices into ``MODALITIES``.
     """
-    meta, modality, _ = stream_layout_continue(input_ids, cfg, None)
+    meta, modality, _, _ = stream_layout_continue(input_ids, cfg, None)
     return meta, modality
 
 
@@ -142,8 +160,17 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     ``state`` (None: no prefix). Every rule is a running count or a "latest index where"
     scan, so the prefix enters only through ``state`` (per row: tokens so far ``n``, chunk
     starts and ``<bos>`` seen, latest ``<frame>``, ``<text>``, ``</text>`` and ``<bos>``
-    indices). Returns (meta, modality, state after ``input_ids``); decoding with a cache uses
-    it to lay out only the new tokens, so a step does not cost O(length of the video).
+    indices, frames seen). Returns (meta, modality, state after ``input_ids``, rotary
+    coordinates ``(q, k)`` [B, N, 4]); decoding with a cache uses it to lay out only the new
+    tokens, so a step does not cost O(length of the video).
+
+    Rotary coordinates (used by ``rope_mode: 3d``; "1d" reads only the first): position in the
+    document, frame index in the document (frames begun so far: text before the first frame
+    is at 0, frame 0 and the action after it at 1, ...), and row and column of a video code in
+    its frame (0 for other tokens). A key sits at its own coordinates; a query sits at those of
+    the code it predicts when that is known from the grammar (``<frame>`` predicts code 0, code
+    j predicts code j+1 of the same frame), else at its own. So "the same cell one frame ago"
+    is the offset (0*, 1, 0, 0) for every code whatever text or actions lie between frames.
     """
     ids = input_ids
     B, N = ids.shape
@@ -151,7 +178,8 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     if state is None:
         none = torch.full((B,), -1, dtype=torch.long, device=dev)
         zero = torch.zeros(B, dtype=torch.long, device=dev)
-        state = {"n": 0, "starts": zero, "bos": zero, "frame": none, "open": none, "close": none, "last_bos": none}
+        state = {"n": 0, "starts": zero, "bos": zero, "frame": none, "open": none, "close": none, "last_bos": none,
+                 "frames": zero, "frames_at_bos": zero}
     n0 = state["n"]
     pos = torch.arange(n0, n0 + N, device=dev).expand(B, N)
 
@@ -192,11 +220,27 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
         pos_in_doc=torch.where(is_pad, torch.zeros_like(ids), pos_in_doc),
         positions=pos.contiguous(),
     )
+    # rotary coordinates (see the docstring)
+    frames_seen = state["frames"][:, None] + is_frame.long().cumsum(1)
+    at_bos = torch.where(is_bos, frames_seen, torch.full_like(frames_seen, -1)).cummax(dim=1).values
+    frames_at_bos = torch.maximum(at_bos, state["frames_at_bos"][:, None])
+    t_idx = frames_seen - frames_at_bos
+    gw = cfg.video_grid[1]
+    k_row = torch.where(is_video, code_idx // gw, torch.zeros_like(ids))
+    k_col = torch.where(is_video, code_idx % gw, torch.zeros_like(ids))
+    predicts_code = is_frame | (is_video & (code_idx < cfg.tokens_per_frame - 1))
+    nxt = code_idx + 1
+    q_row = torch.where(predicts_code, nxt // gw, k_row)
+    q_col = torch.where(predicts_code, nxt % gw, k_col)
+    keep = ~is_pad[..., None]
+    k_coords = torch.stack([meta.pos_in_doc, t_idx, k_row, k_col], -1) * keep
+    q_coords = torch.stack([meta.pos_in_doc, t_idx, q_row, q_col], -1) * keep
     if N:
         state = {"n": n0 + N, "starts": starts_seen[:, -1], "bos": bos_seen[:, -1],
                  "frame": latest(is_frame, state["frame"])[:, -1], "open": last_open[:, -1],
-                 "close": last_close[:, -1], "last_bos": last_bos[:, -1]}
-    return meta, modality, state
+                 "close": last_close[:, -1], "last_bos": last_bos[:, -1],
+                 "frames": frames_seen[:, -1], "frames_at_bos": frames_at_bos[:, -1]}
+    return meta, modality, state, (q_coords, k_coords)
 
 
 def _cat_meta(a: StreamMeta, b: StreamMeta) -> StreamMeta:
@@ -227,6 +271,40 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rope_frequencies(cfg: UnifiedWMConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_mode: 3d``: the frequency of each rotary pair and the axis it turns with.
+
+    A quarter of the pairs (at least one) each for the frame index, the row and the column;
+    the rest for the position in the document, with LLaMA's geometric frequencies. Grid axes
+    run from pi (neighbouring cells are opposite, so one cell is told from the next) down to
+    pi / (2 * side), so no two cells of a row or column alias; the frame axis likewise from
+    pi / 2 over 64 frames. Returns (inv_freq [D/2] float, axis [D/2] long).
+    """
+    n = cfg.head_dim // 2
+    q = max(1, n // 4)
+    n_pos = n - 3 * q
+
+    def geometric(hi: float, span: float, m: int) -> torch.Tensor:
+        return hi * span ** (-torch.arange(m, dtype=torch.float32) / max(m - 1, 1))
+
+    pos = 1.0 / (cfg.rope_theta ** (torch.arange(n_pos, dtype=torch.float32) / n_pos))
+    gh, gw = cfg.video_grid
+    inv = torch.cat([pos, geometric(math.pi / 2, 64.0, q), geometric(math.pi, 2.0 * gh, q), geometric(math.pi, 2.0 * gw, q)])
+    axis = torch.cat([torch.full((n_pos,), 0), torch.full((q,), 1), torch.full((q,), 2), torch.full((q,), 3)])
+    return inv.to(device), axis.to(device)
+
+
+def rope_for(coords: torch.Tensor, cfg: UnifiedWMConfig, dtype: torch.dtype):
+    """cos/sin ``[B, 1, N, head_dim]`` at rotary coordinates ``coords`` [B, N, 4] (see
+    :func:`stream_layout_continue`). "1d" reads the position in the document alone."""
+    if cfg.rope_mode == "1d":
+        return rope_cos_sin(coords[..., 0], cfg.head_dim, cfg.rope_theta, dtype)
+    inv, axis = rope_frequencies(cfg, coords.device)
+    freqs = coords.float()[..., axis] * inv  # [B, N, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -244,12 +322,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.settings = cfg.attention_settings()
 
-    def forward(self, x, cos, sin, q_meta: StreamMeta, k_meta: StreamMeta, cache: Cache | None, stats: dict | None):
+    def forward(self, x, rope, q_meta: StreamMeta, k_meta: StreamMeta, cache: Cache | None, stats: dict | None):
+        """``rope``: (cos, sin) of the queries, then of the keys (the same pair in "1d")."""
         B, N, _ = x.shape
         q = self.q_proj(x).view(B, N, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, N, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        (cos_q, sin_q), (cos_k, sin_k) = rope
+        q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos_k, sin_k)
         state = None
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -328,19 +408,19 @@ class UWMCache(DynamicCache):
     def keep_tokens(self, keep: torch.Tensor, cfg: "UnifiedWMConfig") -> None:
         """Keep only the cached tokens at sorted indices ``keep`` [n] (the same for every row).
 
-        Keys were rotated (RoPE) at their old position in the document; the kept tokens get
-        contiguous new positions, so each key is rotated once more by (new - old): rotations
-        compose, and no pixel or token is re-encoded. The attention decode states rebuild
+        Keys were rotated (RoPE) at their old coordinates in the document; the kept tokens get
+        contiguous new ones, so each key is rotated once more by (new - old) on every axis:
+        rotations compose, and no pixel or token is re-encoded. The attention decode states rebuild
         from the kept keys on the next step.
         """
         ids = self.uwm_ids
-        old_meta, _ = stream_layout(ids, cfg)
+        old_k = stream_layout_continue(ids, cfg, None)[3][1]
         new_ids = ids[:, keep]
-        new_meta, _ = stream_layout(new_ids, cfg)
-        delta = new_meta.pos_in_doc - old_meta.pos_in_doc[:, keep]
+        new_k = stream_layout_continue(new_ids, cfg, None)[3][1]
+        delta = new_k - old_k[:, keep]
         for layer in self.layers:
             k, v = layer.keys[..., keep, :], layer.values[..., keep, :]
-            cos, sin = rope_cos_sin(delta, cfg.head_dim, cfg.rope_theta, torch.float32)
+            cos, sin = rope_for(delta, cfg, torch.float32)
             k = apply_rope(k.float(), cos, sin).to(v.dtype)
             layer._kbuf = layer._vbuf = None
             layer.keys, layer.values = k.contiguous(), v.contiguous()
@@ -371,8 +451,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, q_meta, k_meta, cache, stats):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_meta, k_meta, cache, stats)
+    def forward(self, x, rope, q_meta, k_meta, cache, stats):
+        x = x + self.self_attn(self.input_layernorm(x), rope, q_meta, k_meta, cache, stats)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -459,21 +539,23 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
             # the layout of the cached ids, continued over the new ones (O(new tokens))
             lay = getattr(cache, "uwm_layout", None)
             if prev is not None and lay is not None and lay[2]["n"] == prev.shape[1]:
-                meta_new, mod_new, st = stream_layout_continue(input_ids, self.config, lay[2])
+                meta_new, mod_new, st, coords = stream_layout_continue(input_ids, self.config, lay[2])
                 k_meta, modality_all = _cat_meta(lay[0], meta_new), torch.cat([lay[1], mod_new], 1)
             else:
-                k_meta, modality_all, st = stream_layout_continue(all_ids, self.config, None)
+                k_meta, modality_all, st, coords = stream_layout_continue(all_ids, self.config, None)
             cache.uwm_layout = (k_meta, modality_all, st)
         else:
             all_ids = input_ids
-            k_meta, modality_all = stream_layout(all_ids, self.config)
+            k_meta, modality_all, _, coords = stream_layout_continue(all_ids, self.config, None)
         n_new = input_ids.shape[1]
         q_meta = k_meta.slice(all_ids.shape[1] - n_new)
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(q_meta.pos_in_doc, self.config.head_dim, self.config.rope_theta, x.dtype)
+        q_coords, k_coords = (c[:, -n_new:] for c in coords)
+        rope_q = rope_for(q_coords, self.config, x.dtype)
+        rope = (rope_q, rope_q if self.config.rope_mode == "1d" else rope_for(k_coords, self.config, x.dtype))
         stats: dict | None = {} if return_routing_stats else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, q_meta, k_meta, cache, None if stats is None else stats.setdefault(f"layer{i}", {}))
+            x = layer(x, rope, q_meta, k_meta, cache, None if stats is None else stats.setdefault(f"layer{i}", {}))
         x = self.norm(x)
         if isinstance(logits_to_keep, torch.Tensor) and labels is None:
             x = x[:, logits_to_keep]  # logits at these positions only (transformers' convention)
