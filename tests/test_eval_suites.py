@@ -329,3 +329,46 @@ def test_quick_suite_runs_where_data_points(tiny_hf, val_data, tmp_path):
     co = res["controllability"]
     assert co["probe"]["trained_on"].startswith("held-out episodes 2..2 of") and co["probe"]["train_transitions"] == 15
     assert co["real"]["n"] == 30 and res["caption"]["baseline"]["source"] == co["probe"]["trained_on"]
+
+
+# ----------------------------------------------------------------------------- baselines
+def test_copy_shift_moves_the_codes_against_the_camera_and_repeats_the_edge():
+    from unified_wm.eval.baselines import predict, shift_codes
+
+    g = np.arange(9).reshape(3, 3)
+    # the camera moves right by one cell: what was one cell right is now here; the right edge repeats
+    assert shift_codes(g.reshape(-1), 1, 0, (3, 3)).reshape(3, 3).tolist() == [[1, 2, 2], [4, 5, 5], [7, 8, 8]]
+    assert shift_codes(g.reshape(-1), 0, -1, (3, 3)).reshape(3, 3).tolist() == [[0, 1, 2], [0, 1, 2], [3, 4, 5]]
+    assert predict("copy_last", g.reshape(-1), None, None, (3, 3)).tolist() == list(range(9))
+    assert predict("copy_shift", g.reshape(-1), [2.0, 1.0], [2.0, 1.0], (3, 3)).tolist() == list(range(9))
+
+
+def test_copy_shift_beats_copy_last_on_the_worlds_panning_camera(world_data, processor):
+    """On real episodes (the session's video tokenizer), shifting by the logged camera motion
+    predicts more of the next frame's codes than copying it."""
+    from unified_wm.data.episodes import iter_episodes, load_episodes
+    from unified_wm.eval.baselines import camera_cells, next_frame_accuracy
+
+    totals = {"copy_last": [0, 0], "copy_shift": [0, 0]}
+    for ep in iter_episodes(load_episodes(world_data)):
+        fids = processor.encode_frames(ep["frames"])
+        cams = camera_cells(ep, processor.grid, ep["frames"].shape[1:3])
+        assert cams is not None and np.abs(np.diff(cams, axis=0)).max() <= 1  # pan_step 8: at most one 8-pixel cell a step
+        for kind in totals:
+            c, n = next_frame_accuracy(kind, fids, cams, processor.grid, 16)
+            totals[kind][0] += c
+            totals[kind][1] += n
+    last, shift = (totals[k][0] / totals[k][1] for k in ("copy_last", "copy_shift"))
+    assert shift > last + 0.05, (last, shift)
+
+
+def test_copy_shift_without_a_camera_is_refused_naming_the_data():
+    from unified_wm.eval.baselines import BaselineUnavailable, require_camera
+
+    ep = {"episode_id": "pong-3", "state": "{}"}
+    with pytest.raises(BaselineUnavailable, match="copy_shift.*'runs/atari/val'.*pong-3"):
+        require_camera(ep, (8, 8), (64, 64), "runs/atari/val")
+    with pytest.raises(ValueError, match="unknown baseline 'copy_next'"):
+        from unified_wm.eval.runner import Suite
+
+        Suite(name="x", data="d", baselines=["copy_next"]).validate()

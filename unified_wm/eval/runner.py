@@ -56,6 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unified_wm.eval import baselines as bl
+from unified_wm.eval.baselines import BASELINES
 from unified_wm.sequence import MODALITY_KEYS, TEMPLATES
 from unified_wm.utils import ConfigError, load_config, write_json
 
@@ -118,6 +120,9 @@ class Suite:
     n_probes: int = 8
     offscreen_threshold_px: float = 8.0
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    # trivial next-frame predictors shown beside the model (unified_wm/eval/baselines.py);
+    # copy_shift needs episodes that record the camera (the procedural world)
+    baselines: list[str] = field(default_factory=lambda: ["copy_last"])
     # episodes the controllability probe and the caption baseline learn from (normally the
     # model's training episodes); empty = the held-out episodes after the first n_episodes
     train_data: str = ""
@@ -131,6 +136,9 @@ class Suite:
         for t in self.tasks:
             if t not in TASKS:
                 raise ValueError(f"tasks: unknown task '{t}'; valid tasks: {', '.join(TASKS)}")
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise ValueError(f"baselines: unknown baseline '{b}'; valid baselines: {', '.join(BASELINES)}")
         for m in self.metrics:
             if m not in METRICS:
                 raise ValueError(f"metrics: unknown metric '{m}'; valid metrics: {', '.join(METRICS)}")
@@ -181,23 +189,35 @@ def check_held_out(model_dir: Path, ds, suite_path: str) -> None:
         )
 
 
+def episode_cameras(wm, episodes, suite: Suite) -> list:
+    """Camera positions in code cells per episode for copy_shift (None when not asked)."""
+    if "copy_shift" not in suite.baselines:
+        return [None] * len(episodes)
+    grid = tuple(wm.processor.grid)
+    return [bl.require_camera(ep, grid, ep["frames"].shape[1:3], suite.data) for ep, _ in episodes]
+
+
 @torch.no_grad()
 def eval_nll(wm, episodes, suite: Suite) -> dict:
+    """Teacher-forced NLL per modality for each template; top-1 accuracy on every video code
+    (``video_token_acc``) and on the codes of frames after the first of a document
+    (``next_frame_token_acc``: predicted with the previous frame in view), next to the
+    baselines' accuracy on those same codes (under ``baselines``)."""
     from unified_wm.data.tokenize import episode_documents
-    from unified_wm.model.modeling_uwm import stream_layout
+    from unified_wm.model.modeling_uwm import stream_layout_continue
 
     model, p = wm.model, wm.processor
     res = {}
     for tpl in suite.templates:
         sums = {m: [0.0, 0] for m in MODALITY_KEYS}
-        correct, total = 0, 0
+        correct, total, nxt_correct, nxt_total = 0, 0, 0, 0
         for ep, fids in episodes:
             for doc in episode_documents(p, ep, [tpl], suite.clip_frames, frame_ids=fids):
                 ids = torch.tensor([doc["input_ids"]])
                 mask = torch.tensor([doc["loss_mask"]]).bool()
                 logits = model(ids).logits[0, :-1]
                 tgt, m = ids[0, 1:], mask[0, 1:]
-                _, modality = stream_layout(ids, model.config)
+                _, modality, _, (_, k_coords) = stream_layout_continue(ids, model.config, None)
                 mod = modality[0, 1:]
                 ce = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
                 for i, name in enumerate(MODALITY_KEYS):
@@ -205,8 +225,12 @@ def eval_nll(wm, episodes, suite: Suite) -> dict:
                     sums[name][0] += float(ce[sel].sum())
                     sums[name][1] += int(sel.sum())
                 vsel = m & (mod == 3)
-                correct += int((logits.argmax(-1)[vsel] == tgt[vsel]).sum())
+                hit = logits.argmax(-1) == tgt
+                correct += int(hit[vsel].sum())
                 total += int(vsel.sum())
+                later = vsel & (k_coords[0, 1:, 1] >= 2)  # frame index (1-based in the coordinates) >= 1
+                nxt_correct += int(hit[later].sum())
+                nxt_total += int(later.sum())
         r = {}
         for name, (s, n) in sums.items():
             if n:
@@ -214,7 +238,19 @@ def eval_nll(wm, episodes, suite: Suite) -> dict:
                 r[f"ppl_{name}"] = math.exp(min(s / n, 50))
         if total:
             r["video_token_acc"] = correct / total
+        if nxt_total:
+            r["next_frame_token_acc"] = nxt_correct / nxt_total
         res[tpl] = r
+    if any("next_frame_token_acc" in r for r in res.values()):
+        grid = tuple(p.grid)
+        cams = episode_cameras(wm, episodes, suite)
+        res["baselines"] = {}
+        for kind in suite.baselines:
+            c = n = 0
+            for (ep, fids), cam in zip(episodes, cams):
+                a, b = bl.next_frame_accuracy(kind, np.asarray(fids), cam, grid, suite.clip_frames)
+                c, n = c + a, n + b
+            res["baselines"][kind] = {"next_frame_token_acc": c / max(n, 1), "codes": n}
     return res
 
 
@@ -258,8 +294,11 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
     model_psnr, model_ssim = [[] for _ in range(H)], [[] for _ in range(H)]
     copy_psnr, recon_psnr = [[] for _ in range(H)], [[] for _ in range(H)]
     tok_acc, copy_acc = [[] for _ in range(H)], [[] for _ in range(H)]
+    shift_acc, shift_psnr = [[] for _ in range(H)], [[] for _ in range(H)]
+    with_shift = "copy_shift" in suite.baselines
+    cams = episode_cameras(wm, episodes, suite)
     lp = {k: [[] for _ in range(H)] for k in ("model", "copy", "recon")}
-    for ep, fids in episodes:
+    for (ep, fids), cam in zip(episodes, cams):
         frames = ep["frames"]
         c = rs.context_frames
         if len(frames) < c + H:
@@ -271,6 +310,12 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
         for h in range(H):  # token accuracy: the sampled codes against the real frame's codes
             tok_acc[h].append(float((np.asarray(gen_ids[h]) == np.asarray(fids[c + h])).mean()))
             copy_acc[h].append(float((np.asarray(fids[c - 1]) == np.asarray(fids[c + h])).mean()))
+        if with_shift:  # copy-or-shift rolled out from the last context frame, decoded by the tokenizer
+            sc = bl.rollout_codes("copy_shift", np.asarray(fids), cam, c, H, tuple(p.grid))
+            sf = p.decode_frames(sc)
+            for h in range(H):
+                shift_acc[h].append(float((sc[h] == np.asarray(fids[c + h])).mean()))
+                shift_psnr[h].append(psnr(sf[h], real[h]))
         for h in range(H):
             model_psnr[h].append(psnr(gen[h], real[h]))
             model_ssim[h].append(ssim(gen[h], real[h]))
@@ -295,6 +340,9 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
         "token_acc_by_step": mean(tok_acc), "token_acc_mean": float(np.mean(tok_acc)),
         "copy_last_token_acc_by_step": mean(copy_acc), "copy_last_token_acc_mean": float(np.mean(copy_acc)),
     }
+    if with_shift:
+        out.update({"copy_shift_psnr_by_step": mean(shift_psnr), "copy_shift_psnr_mean": float(np.mean(shift_psnr)),
+                    "copy_shift_token_acc_by_step": mean(shift_acc), "copy_shift_token_acc_mean": float(np.mean(shift_acc))})
     if use_lpips:
         for k, name in (("model", "lpips"), ("copy", "copy_last_lpips"), ("recon", "tokenizer_recon_lpips")):
             out[f"{name}_by_step"] = mean(lp[k])
@@ -691,8 +739,13 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
     suite = load_config(Suite, suite_path, overrides)
     _check_extras(suite, suite_path)
     model_dir = Path(model_dir)
-    wm = WorldModel.from_pretrained(model_dir)
     ds = load_episodes(suite.data)
+    if "copy_shift" in suite.baselines and len(ds):  # before the model is loaded
+        try:
+            bl.require_camera(get_episode(ds, 0), (1, 1), (1, 1), suite.data)
+        except bl.BaselineUnavailable as e:
+            raise ConfigError(f"{suite_path}: {e}") from None
+    wm = WorldModel.from_pretrained(model_dir)
     check_held_out(model_dir, ds, suite_path)
     n = min(suite.n_episodes, len(ds))
     episodes = []
@@ -737,17 +790,26 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
 
 def markdown_table(r: dict) -> str:
     lines = [f"### eval suite `{r['suite']}` on {r['n_episodes']} held-out episodes", "", "| task | metric | value |", "|---|---|---|"]
-    for tpl, m in r.get("nll", {}).items():
+    nll = r.get("nll", {})
+    for tpl, m in nll.items():
+        if tpl == "baselines":
+            continue
         for k, v in m.items():
             lines.append(f"| nll/{tpl} | {k} | {v:.4f} |")
+        if "next_frame_token_acc" in m and nll.get("baselines"):
+            names = list(nll["baselines"])
+            lines.append(f"| nll/{tpl} | next-frame code accuracy: model / {' / '.join(n.replace('_', ' ') for n in names)} | "
+                         f"{m['next_frame_token_acc']:.3f} / " + " / ".join(f"{nll['baselines'][n]['next_frame_token_acc']:.3f}" for n in names) + " |")
     ro = r.get("rollout")
     if ro and "error" not in ro:
-        for k in ("psnr_mean", "ssim_mean", "copy_last_psnr_mean", "tokenizer_recon_psnr_mean"):
-            lines.append(f"| rollout | {k} | {ro[k]:.3f} |")
+        for k in ("psnr_mean", "ssim_mean", "copy_last_psnr_mean", "copy_shift_psnr_mean", "tokenizer_recon_psnr_mean"):
+            if k in ro:
+                lines.append(f"| rollout | {k} | {ro[k]:.3f} |")
         lines.append("| rollout | psnr_by_step | " + " ".join(f"{x:.1f}" for x in ro["psnr_by_step"]) + " |")
         if "token_acc_mean" in ro:
-            lines.append(f"| rollout | token_acc_mean (model / copy last) | {ro['token_acc_mean']:.3f} / "
-                         f"{ro['copy_last_token_acc_mean']:.3f} |")
+            shift = f" / {ro['copy_shift_token_acc_mean']:.3f}" if "copy_shift_token_acc_mean" in ro else ""
+            lines.append(f"| rollout | token_acc_mean (model / copy last{' / copy or shift' if shift else ''}) | "
+                         f"{ro['token_acc_mean']:.3f} / {ro['copy_last_token_acc_mean']:.3f}{shift} |")
             lines.append("| rollout | token_acc_by_step | " + " ".join(f"{x:.3f}" for x in ro["token_acc_by_step"]) + " |")
         if "lpips_mean" in ro:
             lines.append(f"| rollout | lpips_mean (model / copy last / tokenizer ceiling) | {ro['lpips_mean']:.3f} / "
