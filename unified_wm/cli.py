@@ -1,6 +1,7 @@
 """The ``uwm`` command line: one entry point, one sub-command per stage of the data flow.
 
   uwm demo                                  the whole path on the embedded default
+  uwm pipeline                              a recipe's whole path (data .. eval), resumable
   uwm data gen-world | gen-atari | tokenize
   uwm tokenizer train-text | train-video | eval-video | build-processor
   uwm train                                 one process (multi-rank: deepspeed -m unified_wm.train)
@@ -18,6 +19,7 @@ import sys
 # (group, command) -> "module:function"; each function takes argv and returns an exit code.
 COMMANDS: dict[tuple[str, ...], str] = {
     ("demo",): "unified_wm.demo:main",
+    ("pipeline",): "unified_wm.pipeline:main",
     ("data", "gen-world"): "unified_wm.data.world:main",
     ("data", "gen-atari"): "unified_wm.data.atari:main",
     ("data", "gen-doom"): "unified_wm.data.doom:main",

@@ -1,0 +1,207 @@
+"""``uwm pipeline --config recipes/pipelines/world_cpu.yaml``: a recipe's whole path, resumable.
+
+data (procedural world: train, val and probe splits) -> text + video tokenizers -> processor
+-> token documents -> training (the ``deepspeed`` launcher) -> Hugging Face folder -> eval
+suites. Each stage is the command a user would type, printed before it runs. A stage whose
+output is complete is skipped (``pipeline_state.json`` in the work folder records the
+finished ones, with the command that made each), so the same command continues an
+interrupted pipeline: training resumes from its newest complete checkpoint
+(``--resume latest``) and the video tokenizer from its own. Nothing a stage finished is
+rebuilt unless ``--redo STAGE`` names it (that stage and every later one run again).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unified_wm.utils import ConfigError, load_config, write_json
+
+STAGES = ("data", "text_tokenizer", "video_tokenizer", "processor", "tokens", "train", "export", "eval")
+
+
+@dataclass
+class EpisodeCounts:
+    train: int = 2000
+    val: int = 64
+    probe_offscreen: int = 64
+    probe_revisit: int = 32
+
+
+@dataclass
+class Pipeline:
+    workdir: str
+    world: str  # world config (recipes/data/*.yaml)
+    recipe: str  # training recipe (recipes/*.yaml); its data paths are set to this pipeline's
+    episodes: EpisodeCounts = field(default_factory=EpisodeCounts)
+    world_overrides: dict = field(default_factory=dict)  # world knobs changed for this pipeline (e.g. texture)
+    text_tokenizer: str = "tokenizers/text_captions.yaml"
+    video_tokenizer: str = "tokenizers/video_fsq_tiny.yaml"
+    processor: str = "tokenizers/processor.yaml"
+    clip_frames: int = 32
+    templates: list[str] = field(default_factory=lambda: ["interleaved", "dynamics", "caption", "inverse"])
+    deepspeed: str = "ds_configs/zero2.json"
+    ranks: int = 2
+    eval: list[str] = field(default_factory=list)  # suites (eval/*.yaml), run on this pipeline's splits
+    description: str = ""
+
+    def validate(self) -> None:
+        from unified_wm.sequence import TEMPLATES
+
+        for t in self.templates:
+            if t not in TEMPLATES:
+                raise ValueError(f"templates: unknown template '{t}'; valid templates: {', '.join(TEMPLATES)}")
+        files = [(k, getattr(self, k)) for k in ("world", "recipe", "text_tokenizer", "video_tokenizer", "processor", "deepspeed")]
+        for key, path in files + [("eval", s) for s in self.eval]:
+            if not Path(path).is_file():
+                raise ValueError(f"{key}: file '{path}' does not exist")
+        if self.ranks < 1 or self.clip_frames < 2:
+            raise ValueError("ranks must be >= 1 and clip_frames >= 2")
+
+
+def _world_config(p: Pipeline, w: Path) -> str:
+    """The world config with this pipeline's overrides, written beside the data (so the data's
+    recipe is on disk with it)."""
+    if not p.world_overrides:
+        return p.world
+    import yaml
+
+    cfg = yaml.safe_load(Path(p.world).read_text())
+    unknown = [k for k in p.world_overrides if k not in cfg]
+    if unknown:
+        raise ConfigError(f"world_overrides: '{unknown[0]}' is not a key of '{p.world}'")
+    cfg.update(p.world_overrides)
+    out = w / "world.yaml"
+    w.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(out)
+
+
+def stage_commands(p: Pipeline, config_path: str) -> dict[str, list[list[str]]]:
+    """The commands of every stage, in order."""
+    w = Path(p.workdir)
+    py = sys.executable
+    uwm = [py, "-m", "unified_wm.cli"]
+    world = _world_config(p, w)
+    e = p.episodes
+    data = [uwm + ["data", "gen-world", "--config", world, "--out", str(w / "data"), "--episodes", str(e.train), "--no-progress"],
+            uwm + ["data", "gen-world", "--config", world, "--out", str(w / "data_val"), "--episodes", str(e.val),
+                   "--split", "val", "--no-progress"]]
+    for split, n in (("probe_offscreen", e.probe_offscreen), ("probe_revisit", e.probe_revisit)):
+        if n:
+            data.append(uwm + ["data", "gen-world", "--config", world, "--out", str(w / split), "--episodes", str(n),
+                               "--split", split, "--no-progress"])
+    video = uwm + ["tokenizer", "train-video", "--config", p.video_tokenizer, "--data", str(w / "data"),
+                   "--out", str(w / "tokenizers" / "video"), "--no-progress"]
+    if (w / "tokenizers" / "video" / "checkpoints").is_dir():
+        video.append("--resume")
+    templates = ",".join(p.templates)
+    tokens = [uwm + ["data", "tokenize", "--data", str(w / d), "--processor", str(w / "processor"), "--out", str(w / out),
+                     "--clip-frames", str(p.clip_frames), "--templates", templates, "--resume", "--no-progress"]
+              for d, out in (("data", "tokens"), ("data_val", "val_tokens"))]
+    launcher = str(Path(py).parent / "deepspeed") if (Path(py).parent / "deepspeed").exists() else "deepspeed"
+    train = [launcher, "--num_gpus", str(p.ranks), "--master_port", str(_free_port()), "--module", "unified_wm.train",
+             "--recipe", p.recipe, "--deepspeed", p.deepspeed, "--output-dir", str(w / "train"),
+             "--set", f"data.tokens={w / 'tokens'}", "--set", f"data.processor={w / 'processor'}",
+             "--set", f"data.val_tokens={w / 'val_tokens'}", "--no-progress"]
+    if (w / "train" / "checkpoints").is_dir():
+        train += ["--resume", "latest"]
+    evals = []
+    for suite in p.eval:
+        name = Path(suite).stem
+        cmd = uwm + ["eval", "--model", str(w / "hf"), "--suite", suite, "--out", str(w / f"eval_{name}"),
+                     "--data", str(w / "data_val"), "--train-data", str(w / "data")]
+        if e.probe_offscreen:
+            cmd += ["--offscreen-data", str(w / "probe_offscreen")]
+        if e.probe_revisit:
+            cmd += ["--revisit-data", str(w / "probe_revisit")]
+        evals.append(cmd)
+    return {
+        "data": data,
+        "text_tokenizer": [uwm + ["tokenizer", "train-text", "--config", p.text_tokenizer, "--data", str(w / "data"),
+                                  "--out", str(w / "tokenizers" / "text.model")]],
+        "video_tokenizer": [video],
+        "processor": [uwm + ["tokenizer", "build-processor", "--config", p.processor, "--text", str(w / "tokenizers" / "text.model"),
+                             "--video", str(w / "tokenizers" / "video"), "--out", str(w / "processor")]],
+        "tokens": tokens,
+        "train": [train],
+        "export": [uwm + ["export", "--checkpoint", str(w / "train" / "checkpoints"), "--out", str(w / "hf")]],
+        "eval": evals,
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pipeline(config_path: str, *, only: list[str] | None = None, redo: str | None = None, dry_run: bool = False) -> dict:
+    p = load_config(Pipeline, config_path)
+    w = Path(p.workdir)
+    state_file = w / "pipeline_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"done": {}}
+    if redo is not None:
+        if redo not in STAGES:
+            raise ConfigError(f"--redo: unknown stage '{redo}'; stages: {', '.join(STAGES)}")
+        for s in STAGES[STAGES.index(redo):]:
+            state["done"].pop(s, None)
+    for s in only or []:
+        if s not in STAGES:
+            raise ConfigError(f"--only: unknown stage '{s}'; stages: {', '.join(STAGES)}")
+    commands = stage_commands(p, config_path)
+    for stage in STAGES:
+        if only and stage not in only:
+            continue
+        if stage in state["done"]:
+            print(f"[pipeline] {stage}: done ({state['done'][stage]['seconds']:.0f} s), skipped", flush=True)
+            continue
+        t0 = time.time()
+        for cmd in commands[stage]:
+            print(f"\n[pipeline] {stage}\n$ {shlex.join(cmd)}", flush=True)
+            if dry_run:
+                continue
+            if stage in ("data", "processor", "tokens", "text_tokenizer", "export"):
+                _clear_partial(cmd)
+            r = subprocess.run(cmd)
+            if r.returncode != 0:
+                raise SystemExit(f"pipeline: stage '{stage}' failed (exit {r.returncode}): {shlex.join(cmd)}\n"
+                                 f"run the same command again to continue from here")
+        if not dry_run:
+            state["done"][stage] = {"seconds": round(time.time() - t0, 1), "commands": [shlex.join(c) for c in commands[stage]]}
+            w.mkdir(parents=True, exist_ok=True)
+            write_json(state_file, state)
+    return state
+
+
+def _clear_partial(cmd: list[str]) -> None:
+    """A stage that did not finish may have left its output: remove only what this pipeline
+    writes (inside its work folder), so the stage's command starts clean."""
+    import shutil
+
+    if "--out" not in cmd or "--resume" in cmd:
+        return
+    out = Path(cmd[cmd.index("--out") + 1])
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.is_file():
+        out.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="uwm pipeline", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True, help="pipeline YAML (recipes/pipelines/)")
+    ap.add_argument("--only", default="", help=f"comma-separated stages to run (of {', '.join(STAGES)})")
+    ap.add_argument("--redo", default=None, help="run this stage and every later one again")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    a = ap.parse_args(argv)
+    state = run_pipeline(a.config, only=[s for s in a.only.split(",") if s], redo=a.redo, dry_run=a.dry_run)
+    print(f"\n[pipeline] finished stages: {', '.join(state['done']) or 'none'}")
+    return 0
