@@ -372,3 +372,34 @@ def test_copy_shift_without_a_camera_is_refused_naming_the_data():
         from unified_wm.eval.runner import Suite
 
         Suite(name="x", data="d", baselines=["copy_next"]).validate()
+
+
+def test_routing_of_the_return_frame_is_counted_per_frame(processor, val_data):
+    """The off-screen task's routing report: the same frames as ``wm.rollout``, and the routed
+    selections made while generating the last frame, per earlier frame (never the frame itself:
+    causal routing); a dense model has none to report."""
+    import torch
+
+    from tests.conftest import tiny_model_config
+    from unified_wm.data.episodes import get_episode, load_episodes
+    from unified_wm.eval.runner import RolloutSettings, routing_shares, rollout_with_return_routing
+    from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
+    from unified_wm.rollout import WorldModel
+
+    ep = get_episode(load_episodes(val_data), 0)
+    rs = RolloutSettings(temperature=1.0, seed=3)
+    acts = list(ep["actions"][:6])
+    for backend in ("moc", "dense"):
+        torch.manual_seed(0)
+        wm = WorldModel(UnifiedWMForCausalLM(tiny_model_config(processor, attn_backend=backend, moc_top_k=1)).eval(), processor)
+        frames, by_frame = rollout_with_return_routing(wm, "a scene", acts, 3, ep["frames"][:4], rs)
+        direct = wm.rollout("a scene", acts, 3, context=ep["frames"][:4], **rs.kwargs())
+        assert np.array_equal(frames, direct)
+        if backend == "dense":
+            assert by_frame is None
+            continue
+        assert sorted(by_frame) == list(range(4 + 3)) and by_frame[6] == 0.0
+        assert sum(by_frame.values()) > 0 and min(by_frame.values()) >= 0
+        sh = routing_shares(by_frame, t0=4, visible=[1, 3])
+        assert sh["last_seen"] == pytest.approx(by_frame[3] / sum(by_frame.values()))
+        assert 0.0 <= sh["visible"] <= 1.0 and sh["uniform_last_seen"] == pytest.approx(1 / 6)

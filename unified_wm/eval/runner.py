@@ -402,6 +402,7 @@ def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
     eps = _probe_episodes(suite.offscreen_data, "offscreen", suite.n_probes, wm, model_dir, suite_path)
     rs = suite.rollout
     per_n: dict[int, dict[str, list]] = {}
+    routes: dict[int, list[dict]] = {}
     skipped = 0
     for ep in eps:
         probe, frames_state = ep["state"]["probe"], ep["state"]["frames"]
@@ -411,18 +412,14 @@ def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
         # not hidden (on the return frame itself it is often only a sliver at the border)
         t1 = None
         for t in range(int(probe["return_t"]), min(len(ep["frames"]), int(probe["return_t"]) + 7)):
-            o = next(o for o in frames_state[t]["objects"] if o["id"] == oid)
-            cx, cy = frames_state[t]["camera"]
-            b = o["bbox"]
-            if b[0] >= cx and b[1] >= cy and b[2] < cx + view_w and b[3] < cy + view_h and not o["occluded"]:
+            if _in_view(frames_state[t], oid, view_w, view_h):
                 t1 = t
                 break
         if t1 is None:
             skipped += 1
             continue
         ctx = ep["frames"][:t0]
-        gen = wm.rollout(_caption0(ep), list(ep["actions"][: t1]), t1 - t0 + 1, context=ctx,
-                         **rs.kwargs())
+        gen, routing = rollout_with_return_routing(wm, _caption0(ep), list(ep["actions"][: t1]), t1 - t0 + 1, ctx, rs)
         obj = next(o for o in frames_state[t1]["objects"] if o["id"] == oid)
         cam = frames_state[t1]["camera"]
         bx = obj["bbox"]
@@ -438,6 +435,9 @@ def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
         for k, p in found.items():
             d[k].append(float("inf") if p is None else float(np.hypot(p[0] - truth[0], p[1] - truth[1])))
         d["stayed"].append(float(np.hypot(stayed[0] - truth[0], stayed[1] - truth[1])))
+        if routing is not None:
+            vis = [t for t in range(t0) if _in_view(frames_state[t], oid, view_w, view_h)]
+            routes.setdefault(int(probe["N"]), []).append(routing_shares(routing, t0, vis))
     thr = suite.offscreen_threshold_px
 
     def summary(errs):
@@ -453,7 +453,87 @@ def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
         out["by_N"][str(n)] = {k: summary(v) for k, v in per_n[n].items()}
     for k in ("model", "stayed", "tokenizer_real", "real"):
         out["overall"][k] = summary([e for d in per_n.values() for e in d[k]])
+    if routes:
+        for n in sorted(routes):
+            out["by_N"][str(n)]["routing"] = mean_shares(routes[n])
+        out["overall"]["routing"] = mean_shares([r for rs_ in routes.values() for r in rs_])
     return out
+
+
+def _in_view(frame_state: dict, oid, view_w: int, view_h: int) -> bool:
+    """The object is wholly inside the camera's view and not hidden behind an occluder."""
+    o = next(o for o in frame_state["objects"] if o["id"] == oid)
+    cx, cy = frame_state["camera"]
+    b = o["bbox"]
+    return b[0] >= cx and b[1] >= cy and b[2] < cx + view_w and b[3] < cy + view_h and not o["occluded"]
+
+
+def rollout_with_return_routing(wm, text: str, actions: list, frames: int, context: np.ndarray, rs: RolloutSettings):
+    """``wm.rollout`` (same session, same sampling), and where Mixture-of-Contexts routing went
+    while the model generated the LAST frame: ``{frame index: selections}`` summed over layers,
+    heads and the frame's queries (its ``<frame>`` and codes, plus the action just before it),
+    counting only frame chunks (routed selections of text, sink and action chunks are left out).
+    None for a model without a sparse decode state (dense attention)."""
+    from unified_wm.model.modeling_uwm import stream_layout
+    from unified_wm.tokenization.processor import FRAME
+
+    ids = wm.action_ids(actions) or [wm.default_action()]
+    n_ctx = len(context)
+    act = lambda t: ids[min(t, len(ids) - 1)]  # noqa: E731  (as in WorldModel.rollout)
+    sess = wm.session(text, context, [act(t) for t in range(max(n_ctx - 1, 0))], **rs.kwargs())
+    states = [s for s in getattr(sess.branches[0].cache, "uwm_attn_states", None) or [] if s is not None]
+
+    def counts() -> dict:
+        tot: dict = {}
+        for st in states:
+            cids, c = st.selection_counts()
+            for cid, n in zip(cids[0].tolist(), c.sum(0).tolist()):
+                tot[cid] = tot.get(cid, 0.0) + n
+        return tot
+
+    out, before = [], {}
+    for f in range(frames):
+        if f == frames - 1:
+            before = counts()
+        t = n_ctx + f - 1
+        out.append(sess.step(act(t) if t >= 0 else None)[0])
+    if not states:
+        return np.stack(out), None
+    after = counts()
+    cache_ids = sess.branches[0].cache.uwm_ids[:1]
+    meta, _ = stream_layout(cache_ids, wm.model.config)
+    frame_pos = torch.nonzero(cache_ids[0] == FRAME).flatten().tolist()
+    by_frame = {}
+    for i, pos in enumerate(frame_pos):
+        cid = int(meta.chunk_ids[0, pos])
+        by_frame[i] = after.get(cid, 0.0) - before.get(cid, 0.0)
+    return np.stack(out), by_frame
+
+
+def routing_shares(by_frame: dict, t0: int, visible: list[int]) -> dict:
+    """Shares of the return frame's routed frame selections: on the frame where the object was
+    last seen, on every frame where it was in view, on the frames generated while the camera
+    looked away (and the return frame itself), next to what uniform routing over the earlier
+    frames would give the last-seen frame."""
+    total = sum(v for k, v in by_frame.items())
+    if total <= 0:
+        return {}
+    last = max(visible) if visible else None
+    earlier = max(len(by_frame) - 1, 1)
+    return {
+        "last_seen": (by_frame.get(last, 0.0) / total) if last is not None else 0.0,
+        "visible": sum(by_frame.get(t, 0.0) for t in visible) / total,
+        "away": sum(v for k, v in by_frame.items() if k >= t0) / total,
+        "uniform_last_seen": 1.0 / earlier,
+        "uniform_visible": len(visible) / earlier,
+    }
+
+
+def mean_shares(rows: list[dict]) -> dict:
+    rows = [r for r in rows if r]
+    if not rows:
+        return {}
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"n": len(rows)}
 
 
 def eval_revisit(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
@@ -829,6 +909,15 @@ def markdown_table(r: dict) -> str:
             med = "n/a" if o["median_error_px"] is None else f"{o['median_error_px']:.1f}"
             lines.append(f"| offscreen ({k}) | success <= {off['threshold_px']:g}px / found / median err px | "
                          f"{o['success_rate']:.2f} / {o['found_rate']:.2f} / {med} |")
+        for n, d in off.get("by_N", {}).items():
+            lines.append(f"| offscreen N={n} | success: model / stayed / tokenizer on real (n) | "
+                         f"{d['model']['success_rate']:.2f} / {d['stayed']['success_rate']:.2f} / "
+                         f"{d['tokenizer_real']['success_rate']:.2f} ({d['model']['n']}) |")
+        ro_ = off.get("overall", {}).get("routing")
+        if ro_:
+            lines.append("| offscreen routing (return frame) | share on last-seen frame (uniform) / frames in view (uniform) / "
+                         f"away frames | {ro_['last_seen']:.3f} ({ro_['uniform_last_seen']:.3f}) / {ro_['visible']:.3f} "
+                         f"({ro_['uniform_visible']:.3f}) / {ro_['away']:.3f} |")
     rv = r.get("revisit")
     if rv:
         lines.append(f"| revisit | return-frame PSNR (model / tokenizer ceiling) | {rv['return_psnr']:.2f} / {rv['tokenizer_ceiling_psnr']:.2f} |")
