@@ -201,3 +201,47 @@ def test_prompt_longer_than_context(trained, tmp_path):
     r = uwm("rollout", "--model", trained["hf"], "--prompt", long_prompt, "--frames", "2", "--out", tmp_path / "x.mp4", check=False)
     assert r.returncode == 2 and "more than the model's context of 2048 tokens" in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_uwm_pipeline_runs_every_stage_once_and_resumes(tmp_path):
+    """`uwm pipeline`: data -> tokenizers -> processor -> tokens -> deepspeed training -> export
+    -> eval on a tiny config; run again, every stage is skipped; training resumes from its
+    checkpoint when asked to redo it; an unknown stage is named."""
+    w = tmp_path / "work"
+    vt = yaml.safe_load((ROOT / "tokenizers/video_fsq_tiny.yaml").read_text())
+    vt["channels"] = [8, 16, 16]
+    vt["train"].update(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, log_every=2)
+    (tmp_path / "video.yaml").write_text(yaml.safe_dump(vt))
+    recipe = yaml.safe_load((ROOT / "recipes/tiny_cpu.yaml").read_text())
+    recipe["model"].update(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=2, rope_mode="3d")
+    recipe["train"].update(max_steps=2, seq_len=1152, micro_batch_size=1, log_every=1, save_every=2, warmup_steps=1)
+    recipe["tasks"] = {"interleaved": recipe["tasks"]["interleaved"], "dynamics": {"weight": 0.5}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    suite = {"name": "p", "data": "unused", "tasks": ["nll"], "n_episodes": 2, "templates": ["dynamics"],
+             "baselines": ["copy_last", "copy_shift"], "clip_frames": 16}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    cfg = {"workdir": str(w), "world": str(ROOT / "recipes/data/world_tiny.yaml"), "recipe": str(tmp_path / "recipe.yaml"),
+           "episodes": {"train": 3, "val": 2, "probe_offscreen": 0, "probe_revisit": 0},
+           "video_tokenizer": str(tmp_path / "video.yaml"), "clip_frames": 16,
+           "templates": ["interleaved", "dynamics"], "ranks": 1, "eval": [str(tmp_path / "suite.yaml")],
+           "text_tokenizer": str(ROOT / "tokenizers/text_captions.yaml"), "processor": str(ROOT / "tokenizers/processor.yaml"),
+           "deepspeed": str(ROOT / "ds_configs/zero2.json")}
+    cp = tmp_path / "pipeline.yaml"
+    cp.write_text(yaml.safe_dump(cfg))
+    r = uwm("pipeline", "--config", cp, timeout=900)
+    state = json.loads((w / "pipeline_state.json").read_text())
+    assert list(state["done"]) == ["data", "text_tokenizer", "video_tokenizer", "processor", "tokens", "train", "export", "eval"]
+    res = json.loads((w / "eval_suite" / "results.json").read_text())
+    assert 0.0 <= res["nll"]["dynamics"]["next_frame_token_acc"] <= 1.0 and "copy_shift" in res["nll"]["baselines"]
+    again = uwm("pipeline", "--config", cp)
+    assert again.stdout.count("skipped") == 8 and "$ " not in again.stdout
+    redo = uwm("pipeline", "--config", cp, "--redo", "train", "--dry-run")
+    assert "--resume latest" in redo.stdout and "[pipeline] data: done" in redo.stdout
+    bad = uwm("pipeline", "--config", cp, "--redo", "training", check=False)
+    assert bad.returncode == 2 and "unknown stage 'training'" in bad.stderr
+    cfg["templates"] = ["interleaved"]
+    cp.write_text(yaml.safe_dump(cfg))
+    bad = uwm("pipeline", "--config", cp, check=False)
+    assert bad.returncode == 2 and "trains on 'dynamics', which this pipeline does not tokenize" in bad.stderr

@@ -62,6 +62,12 @@ class Pipeline:
                 raise ValueError(f"{key}: file '{path}' does not exist")
         if self.ranks < 1 or self.clip_frames < 2:
             raise ValueError("ranks must be >= 1 and clip_frames >= 2")
+        from unified_wm.train import load_recipe
+
+        missing = [t for t, tr in load_recipe(self.recipe).tasks.items() if tr.weight > 0 and t not in self.templates]
+        if missing:  # found now, not after the data and tokenizers are made
+            raise ValueError(f"templates: recipe '{self.recipe}' trains on '{missing[0]}', which this pipeline does not "
+                             f"tokenize (templates: {', '.join(self.templates)})")
 
 
 def _world_config(p: Pipeline, w: Path) -> str:

@@ -58,6 +58,7 @@ class ModelRecipe:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_mode: str = "1d"  # "3d": rotary pairs split over document position, frame, row and column
+    attention_bias: bool = False  # biases on the query, key and value projections
 
 
 @dataclass

@@ -53,6 +53,7 @@ class UnifiedWMConfig(PretrainedConfig):
         max_position_embeddings: int = 4096,
         rope_theta: float = 10000.0,
         rope_mode: str = "1d",
+        attention_bias: bool = False,
         video_grid: tuple[int, int] | None = None,
         rms_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
@@ -90,6 +91,7 @@ class UnifiedWMConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         self.rope_mode = rope_mode
+        self.attention_bias = attention_bias
         if video_grid is None:  # square grids (every processor so far): derived from tokens_per_frame
             side = int(round(tokens_per_frame ** 0.5))
             video_grid = (side, tokens_per_frame // max(side, 1))
@@ -316,9 +318,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        # attention_bias (as Qwen2's): a query and key part that does not depend on the token, so a
+        # purely positional pattern ("the same cell one frame back") is there to learn from step one
+        bias = bool(getattr(cfg, "attention_bias", False))
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.settings = cfg.attention_settings()
 
