@@ -102,13 +102,14 @@ def test_save_load_round_trip_with_auto_classes(tmp_path):
     assert m2.lm_head.weight.data_ptr() == m2.embed_tokens.weight.data_ptr()  # tied
 
 
-@pytest.mark.parametrize("cache_kind,rope_mode", [("uwm", "1d"), ("hf_dynamic", "1d"), ("uwm", "3d")])
-def test_incremental_decoding_matches_full_forward(cache_kind, rope_mode):
+@pytest.mark.parametrize("cache_kind,rope_mode,bias", [("uwm", "1d", False), ("hf_dynamic", "1d", False), ("uwm", "3d", True)])
+def test_incremental_decoding_matches_full_forward(cache_kind, rope_mode, bias):
     from transformers import DynamicCache
 
     from unified_wm.model.modeling_uwm import UWMCache
 
-    m = model(rope_mode=rope_mode)
+    m = model(rope_mode=rope_mode, attention_bias=bias)
+    assert (m.layers[0].self_attn.q_proj.bias is not None) == bias
     ids = torch.tensor([DOC])
     full = m(ids).logits
     cache = UWMCache(m.config) if cache_kind == "uwm" else DynamicCache(config=m.config)
