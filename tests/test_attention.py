@@ -236,7 +236,9 @@ def test_flash_unavailable_names_the_setting():
 def test_moc_alias_resolves_per_device():
     s = AttentionSettings(backend="moc")
     assert resolve_backend(s, torch.device("cpu")) == "gather"
-    assert resolve_backend(s, torch.device("cuda")) == "flex"
+    from unified_wm.model import attention_triton
+
+    assert resolve_backend(s, torch.device("cuda")) == ("triton" if attention_triton.available() else "flex")
     meta = make_meta(2, 50, seed=2)
     q, k, v = qkv(N=50, seed=2)
     a = attend(q, k, v, meta, meta, AttentionSettings(backend="moc", top_k=2))
@@ -463,7 +465,7 @@ def test_bad_chunk_layout_is_rejected():
 
 
 def test_backends_tuple_lists_all_moc_backends():
-    assert {"dense", "reference", "gather", "flex", "flash", "moc"} <= set(BACKENDS)
+    assert {"dense", "reference", "gather", "triton", "flex", "flash", "moc"} <= set(BACKENDS)
     # dense backend is untouched: same as SDPA with the dense mask
     meta = make_meta(2, 30, seed=16)
     q, k, v = qkv(N=30, seed=16)

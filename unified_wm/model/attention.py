@@ -31,7 +31,12 @@ Backends (``AttentionSettings.backend``)
                do not; the varlen path itself is NOT implemented yet (per-query chunk
                selection needs an LSE-merging backward around the varlen kernels), so it
                also raises where they do exist and points to ``flex``.
-``moc``        alias resolved per call: ``flex`` on CUDA, ``gather`` on CPU.
+``triton``     MoC with Triton kernels, forward and backward (``attention_triton.py``):
+               per (query block, head) lists of key blocks to visit, the exact per-query
+               mask inside the kernel, online softmax, LSE kept for a flash-attention-2
+               style backward. CUDA; on CPU only under ``TRITON_INTERPRET=1`` (tests).
+``moc``        alias resolved per call: ``triton`` on CUDA (``flex`` when triton is not
+               installed), ``gather`` on CPU.
 
 Mixture-of-Contexts semantics (one definition for every MoC backend)
 --------------------------------------------------------------------
@@ -87,8 +92,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("dense", "reference", "gather", "flex", "flash", "moc")
-MOC_BACKENDS = ("reference", "gather", "flex", "flash", "moc")
+BACKENDS = ("dense", "reference", "gather", "triton", "flex", "flash", "moc")
+MOC_BACKENDS = ("reference", "gather", "triton", "flex", "flash", "moc")
 _BIG = torch.iinfo(torch.int64).max // 4
 # Decode path (per-token gather) is used for at most this many new queries per call.
 DECODE_MAX_QUERIES = 16
@@ -175,6 +180,8 @@ class AttentionSettings:
             raise ValueError(f"attention setting 'own_chunk_in_k' must be true or false, got {self.own_chunk_in_k!r}")
         if self.backend == "flash":
             _require_flash(None)
+        if self.backend == "triton":
+            _require_triton(None)
 
 
 def _require_flash(device: torch.device | None) -> None:
@@ -186,8 +193,20 @@ def _require_flash(device: torch.device | None) -> None:
         why = "no CUDA GPU holds the tensors"
     if why:
         raise ValueError(
-            f"attention backend 'flash' needs flash-attn and a CUDA GPU; {why}. "
+            f"attention backend 'flash' needs flash-attn and a CUDA GPU (recipe key attention.backend); {why}. "
             "Set attention backend to 'gather' (CPU) or 'flex'/'moc' instead."
+        )
+
+
+def _require_triton(device: torch.device | None) -> None:
+    """Raise a ValueError naming the setting when the Triton kernels cannot run here."""
+    from unified_wm.model import attention_triton
+
+    why = attention_triton.unavailable_reason(None if device is None else device.type)
+    if why:
+        raise ValueError(
+            f"attention backend 'triton' (recipe key attention.backend) cannot run on this machine: {why}. "
+            "Set attention backend to 'moc' (Triton on CUDA, the compiled kernel on CPU) or 'gather' (CPU)."
         )
 
 
@@ -1209,14 +1228,32 @@ def new_decode_state(settings: AttentionSettings) -> MoCDecodeState | None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def resolve_backend(settings: AttentionSettings, device: torch.device) -> str:
-    """The concrete backend that runs: ``moc`` -> ``flex`` on CUDA, ``gather`` elsewhere."""
+def resolve_backend(settings: AttentionSettings, device: torch.device | str) -> str:
+    """The concrete backend that runs on ``device`` (a device or its type, e.g. "cuda"):
+    ``moc`` -> ``triton`` on CUDA (``flex`` when triton is not installed), ``gather`` elsewhere."""
     if settings.backend == "moc":
-        return "flex" if device.type == "cuda" else "gather"
+        kind = device if isinstance(device, str) else device.type
+        if kind == "cuda":
+            from unified_wm.model import attention_triton
+
+            return "triton" if attention_triton.available() else "flex"
+        return "gather"
     return settings.backend
 
 
-_MOC_IMPL = {"reference": _reference_attend, "gather": _gather_attend, "flex": _flex_attend, "flash": _flash_attend}
+def _triton_attend(q, k, v, q_meta, k_meta, settings, training, stats):
+    from unified_wm.model import attention_triton
+
+    _require_triton(q.device)
+    r = _plan_routing(q, k, q_meta, k_meta, settings, training, stats)
+    if not bool((r.qslot >= 0).any()):
+        return _self_values(v, q.shape[1], q.shape[2]).to(q.dtype)
+    out = attention_triton.moc_attention(q, k, v, q_meta, k_meta, r)
+    return _with_padding(out, v, r)
+
+
+_MOC_IMPL = {"reference": _reference_attend, "gather": _gather_attend, "triton": _triton_attend,
+             "flex": _flex_attend, "flash": _flash_attend}
 
 
 def attend(
