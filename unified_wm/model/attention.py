@@ -26,11 +26,12 @@ Backends (``AttentionSettings.backend``)
 ``flex``       MoC through ``torch.nn.attention.flex_attention`` with a ``mask_mod``
                built from the routing. CUDA: compiled, forward and backward. CPU:
                eager, inference only (PyTorch has no FlexAttention backward on CPU).
-``flash``      reserved for flash-attn varlen kernels. Selecting it checks that flash-attn
-               and a CUDA GPU exist and raises a ValueError naming the setting when they
-               do not; the varlen path itself is NOT implemented yet (per-query chunk
-               selection needs an LSE-merging backward around the varlen kernels), so it
-               also raises where they do exist and points to ``flex``.
+``flash``      MoC through flash-attn's varlen kernel, the MoBA scheme (own chunk causal,
+               routed chunks, earlier mandatory keys: three varlen calls merged by LSE;
+               ``attention_flash.py``, which also has the dense packed-document path).
+               Needs flash-attn and CUDA (checked when the settings are validated). Its
+               glue is tested on CPU with a pure-torch stand-in for the kernel; it has NOT
+               been run on a GPU yet.
 ``triton``     MoC with Triton kernels, forward and backward (``attention_triton.py``):
                per (query block, head) lists of key blocks to visit, the exact per-query
                mask inside the kernel, online softmax, LSE kept for a flash-attention-2
@@ -981,12 +982,11 @@ def _flex_attend(q, k, v, q_meta, k_meta, settings, training, stats):
 
 
 def _flash_attend(q, k, v, q_meta, k_meta, settings, training, stats):
+    from unified_wm.model import attention_flash
+
     _require_flash(q.device)
-    raise ValueError(
-        "attention backend 'flash' is not available in this build: flash-attn varlen cannot express "
-        "per-query chunk selection without an LSE-merging kernel; set attention backend to 'flex' "
-        "(or 'moc') on CUDA"
-    )
+    r = _plan_routing(q, k, q_meta, k_meta, settings, training, stats)
+    return _with_padding(attention_flash.moc(q, k, v, q_meta, k_meta, r), v, r)
 
 
 # ----------------------------------------------------------------------------- decoding
