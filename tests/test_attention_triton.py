@@ -175,3 +175,32 @@ def test_triton_model_trains_under_the_interpreter():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------------------- the prepared GPU check
+def test_bench_gpu_without_cuda_says_it_needs_a_gpu(monkeypatch, capsys, tmp_path):
+    from unified_wm import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "gpu", "--out", str(tmp_path / "x.json")]) == 1
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_gpu_arguments_and_shapes():
+    from unified_wm import bench_gpu
+    from unified_wm.bench_attention import allowed_pairs, choose_k
+
+    a = bench_gpu.parse_args(["--lengths", "32768,65536,131072", "--skip", "train"])
+    assert a.lengths == [32768, 65536, 131072] and a.skip == {"train"}
+    for n in a.lengths:  # the default chunk / text give ~85 % sparsity at every length
+        k = choose_k(n, a.chunk, a.text, a.sparsity)
+        assert abs(1 - allowed_pairs(n, a.chunk, a.text, k) / (n * (n + 1) / 2) - 0.85) < 0.05
+    with pytest.raises(ValueError, match="--skip"):
+        bench_gpu.parse_args(["--skip", "everything"])
+    with pytest.raises(ValueError, match="--kv-heads"):
+        bench_gpu.parse_args(["--heads", "6", "--kv-heads", "4"])
+    meta = bench_gpu._packed_meta(300, 64, 10, "cpu")
+    assert meta.doc_ids[0, 179].item() == 0 and meta.doc_ids[0, 180].item() == 1
+    assert meta.is_text[0, :10].all() and meta.is_text[0, 180:190].all() and not meta.is_text[0, 10:180].any()
+    assert bool((meta.chunk_ids[0, 1:] >= meta.chunk_ids[0, :-1]).all())
