@@ -236,7 +236,9 @@ def test_flash_unavailable_names_the_setting():
 def test_moc_alias_resolves_per_device():
     s = AttentionSettings(backend="moc")
     assert resolve_backend(s, torch.device("cpu")) == "gather"
-    assert resolve_backend(s, torch.device("cuda")) == "flex"
+    from unified_wm.model import attention_triton
+
+    assert resolve_backend(s, torch.device("cuda")) == ("triton" if attention_triton.available() else "flex")
     meta = make_meta(2, 50, seed=2)
     q, k, v = qkv(N=50, seed=2)
     a = attend(q, k, v, meta, meta, AttentionSettings(backend="moc", top_k=2))
@@ -387,6 +389,29 @@ def test_incremental_decoding_matches_full_reference():
     torch.testing.assert_close(again, full[:, :, :5], atol=2e-5, rtol=1e-4)
 
 
+def test_decode_state_reads_sizes_back_only_now_and_then(monkeypatch):
+    """Single-token steps keep the decode state's bookkeeping on the device: the host reads the
+    exact table sizes back for the prefill and then once every DECODE_REFRESH_EVERY tokens."""
+    from unified_wm.model import attention
+
+    calls = []
+    orig = MoCDecodeState._refresh
+    monkeypatch.setattr(MoCDecodeState, "_refresh", lambda self: (calls.append(1), orig(self))[1])
+    B, N, p = 1, 60, 20
+    meta = make_meta(B, N, seed=17, n_docs=2, pad_max=0)
+    q, k, v = qkv(B=B, N=N, seed=17)
+    s = AttentionSettings(backend="gather", top_k=2, n_sink=2)
+    state = new_decode_state(s)
+    with torch.no_grad():
+        full = attend(q, k, v, meta, meta, AttentionSettings(backend="reference", top_k=2, n_sink=2))
+        outs = [attend(q[:, :, :p], k[:, :, :p], v[:, :, :p], meta.slice(0, p), meta.slice(0, p), s, state=state)]
+        for t in range(p, N):
+            outs.append(attend(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], meta.slice(t, t + 1),
+                               meta.slice(0, t + 1), s, state=state))
+    assert len(calls) == 1 + (N - p) // attention.DECODE_REFRESH_EVERY
+    torch.testing.assert_close(torch.cat(outs, 2), full, atol=2e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- stats, regularisers, errors
 def test_stats_count_the_mask():
     meta = make_meta(2, 83, seed=14)
@@ -463,7 +488,7 @@ def test_bad_chunk_layout_is_rejected():
 
 
 def test_backends_tuple_lists_all_moc_backends():
-    assert {"dense", "reference", "gather", "flex", "flash", "moc"} <= set(BACKENDS)
+    assert {"dense", "reference", "gather", "triton", "flex", "flash", "moc"} <= set(BACKENDS)
     # dense backend is untouched: same as SDPA with the dense mask
     meta = make_meta(2, 30, seed=16)
     q, k, v = qkv(N=30, seed=16)

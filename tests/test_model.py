@@ -233,3 +233,34 @@ def test_moc_model_decodes_like_full_forward_and_trains(rope_mode):
     loss = m(ids, labels=ids).loss
     loss.backward()
     assert m.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["dense", "moc"])
+def test_activation_checkpointing_gives_the_same_gradients(backend):
+    """gradient_checkpointing_enable() recomputes each Block in the backward: same loss, same
+    gradients, routing statistics counted once (not again in the recompute)."""
+    from unified_wm.train import enable_checkpointing
+
+    doc = [1, 3, 20, 21, 4] + sum(([7, 50, 51, 52, 53, 5, 41, 6] for _ in range(4)), []) + [2]
+    ids = torch.tensor([doc, doc[:20] + [0] * (len(doc) - 20)])
+    runs = []
+    for ckpt in (False, True):
+        m = model(attn_backend=backend, moc_top_k=2, max_chunk_len=4, moc_drop_off=0.3)
+        assert m.supports_gradient_checkpointing and not m.gradient_checkpointing
+        if ckpt:
+            enable_checkpointing(m)
+            assert m.gradient_checkpointing
+        calls = []
+        m.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        m.train()
+        torch.manual_seed(1)  # the drop_off regulariser draws the same routing (the recompute replays the RNG)
+        out = m(ids, labels=ids, return_routing_stats=True)
+        out.loss.backward()
+        assert len(calls) == (2 if ckpt else 1)  # checkpointing really recomputed the Block
+        runs.append((out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, out.routing_stats))
+    (l0, g0, s0), (l1, g1, s1) = runs
+    assert torch.equal(l0, l1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-7, rtol=1e-6, msg=lambda msg: f"{n}: {msg}")
+    if backend == "moc":
+        assert s1["layer0"]["moc_calls"] == s0["layer0"]["moc_calls"] == 1.0

@@ -10,6 +10,8 @@
   uwm play                                  play the model in the browser (a local page)
   uwm eval                                  run an evaluation suite
   uwm bench attention | rollout             Mixture-of-Contexts vs dense: attention, decoding
+  uwm bench train | data | memory           training throughput, data pipeline, checkpointing memory
+  uwm bench gpu                             the prepared GPU check (Triton MoC, SDPA, deepspeed; needs CUDA)
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "rollout"): "unified_wm.bench_rollout:main",
     ("bench", "train"): "unified_wm.bench_train:main",
     ("bench", "data"): "unified_wm.bench_data:main",
+    ("bench", "memory"): "unified_wm.bench_memory:main",
+    ("bench", "gpu"): "unified_wm.bench_gpu:main",
 }
 
 

@@ -111,6 +111,9 @@ class TrainRecipe:
     text_dropout: float = 0.0
     action_dropout: float = 0.0
     torch_threads: int = 0  # 0: leave torch's default
+    # activation checkpointing: keep only each Block's input, recompute the Block in the
+    # backward (less memory at long seq_len for ~1/3 more compute; same gradients)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -636,6 +639,16 @@ def build_model(recipe: Recipe, processor):
     return UnifiedWMForCausalLM(cfg)
 
 
+def enable_checkpointing(model) -> None:
+    """``model.gradient_checkpointing_enable()`` (non-reentrant), under transformers' newer
+    name where it has one (the old name is a deprecated alias there)."""
+    fn = getattr(model, "activation_checkpointing_enable", None)
+    if fn is not None:
+        fn({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lr_lambda(recipe: Recipe):
     t = recipe.train
 
@@ -743,6 +756,8 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
     processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
     torch.manual_seed(t.seed)  # same initial weights on every rank
     model = build_model(recipe, processor)
+    if t.gradient_checkpointing:
+        enable_checkpointing(model)
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed * 7919 + 1 + rank)  # per-rank stream for the MoC regularisers

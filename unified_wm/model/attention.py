@@ -26,12 +26,18 @@ Backends (``AttentionSettings.backend``)
 ``flex``       MoC through ``torch.nn.attention.flex_attention`` with a ``mask_mod``
                built from the routing. CUDA: compiled, forward and backward. CPU:
                eager, inference only (PyTorch has no FlexAttention backward on CPU).
-``flash``      reserved for flash-attn varlen kernels. Selecting it checks that flash-attn
-               and a CUDA GPU exist and raises a ValueError naming the setting when they
-               do not; the varlen path itself is NOT implemented yet (per-query chunk
-               selection needs an LSE-merging backward around the varlen kernels), so it
-               also raises where they do exist and points to ``flex``.
-``moc``        alias resolved per call: ``flex`` on CUDA, ``gather`` on CPU.
+``flash``      MoC through flash-attn's varlen kernel, the MoBA scheme (own chunk causal,
+               routed chunks, earlier mandatory keys: three varlen calls merged by LSE;
+               ``attention_flash.py``, which also has the dense packed-document path).
+               Needs flash-attn and CUDA (checked when the settings are validated). Its
+               glue is tested on CPU with a pure-torch stand-in for the kernel; it has NOT
+               been run on a GPU yet.
+``triton``     MoC with Triton kernels, forward and backward (``attention_triton.py``):
+               per (query block, head) lists of key blocks to visit, the exact per-query
+               mask inside the kernel, online softmax, LSE kept for a flash-attention-2
+               style backward. CUDA; on CPU only under ``TRITON_INTERPRET=1`` (tests).
+``moc``        alias resolved per call: ``triton`` on CUDA (``flex`` when triton is not
+               installed), ``gather`` on CPU.
 
 Mixture-of-Contexts semantics (one definition for every MoC backend)
 --------------------------------------------------------------------
@@ -87,11 +93,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("dense", "reference", "gather", "flex", "flash", "moc")
-MOC_BACKENDS = ("reference", "gather", "flex", "flash", "moc")
+BACKENDS = ("dense", "reference", "gather", "triton", "flex", "flash", "moc")
+MOC_BACKENDS = ("reference", "gather", "triton", "flex", "flash", "moc")
 _BIG = torch.iinfo(torch.int64).max // 4
 # Decode path (per-token gather) is used for at most this many new queries per call.
 DECODE_MAX_QUERIES = 16
+# Single-token decode steps read the decode state's exact table sizes back to the host
+# only every this many tokens (upper bounds in between: no device->host sync per token).
+DECODE_REFRESH_EVERY = 16
 # Cached calls with more queries (a frame decoded in parallel) but at most this many
 # query x key pairs per row and head use the decode state's routing with a routed boolean
 # mask over the cache (one fused kernel; the same semantics as ``reference``) instead of
@@ -175,6 +184,8 @@ class AttentionSettings:
             raise ValueError(f"attention setting 'own_chunk_in_k' must be true or false, got {self.own_chunk_in_k!r}")
         if self.backend == "flash":
             _require_flash(None)
+        if self.backend == "triton":
+            _require_triton(None)
 
 
 def _require_flash(device: torch.device | None) -> None:
@@ -186,8 +197,20 @@ def _require_flash(device: torch.device | None) -> None:
         why = "no CUDA GPU holds the tensors"
     if why:
         raise ValueError(
-            f"attention backend 'flash' needs flash-attn and a CUDA GPU; {why}. "
+            f"attention backend 'flash' needs flash-attn and a CUDA GPU (recipe key attention.backend); {why}. "
             "Set attention backend to 'gather' (CPU) or 'flex'/'moc' instead."
+        )
+
+
+def _require_triton(device: torch.device | None) -> None:
+    """Raise a ValueError naming the setting when the Triton kernels cannot run here."""
+    from unified_wm.model import attention_triton
+
+    why = attention_triton.unavailable_reason(None if device is None else device.type)
+    if why:
+        raise ValueError(
+            f"attention backend 'triton' (recipe key attention.backend) cannot run on this machine: {why}. "
+            "Set attention backend to 'moc' (Triton on CUDA, the compiled kernel on CPU) or 'gather' (CPU)."
         )
 
 
@@ -962,12 +985,11 @@ def _flex_attend(q, k, v, q_meta, k_meta, settings, training, stats):
 
 
 def _flash_attend(q, k, v, q_meta, k_meta, settings, training, stats):
+    from unified_wm.model import attention_flash
+
     _require_flash(q.device)
-    raise ValueError(
-        "attention backend 'flash' is not available in this build: flash-attn varlen cannot express "
-        "per-query chunk selection without an LSE-merging kernel; set attention backend to 'flex' "
-        "(or 'moc') on CUDA"
-    )
+    r = _plan_routing(q, k, q_meta, k_meta, settings, training, stats)
+    return _with_padding(attention_flash.moc(q, k, v, q_meta, k_meta, r), v, r)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -989,15 +1011,15 @@ class MoCDecodeState:
         self.n_seen = 0
         self.batch = None
 
-    _TENSORS = ("cid", "doc", "start", "length", "mand_count", "sink_count", "sums", "mand_idx", "sel_count")
+    _TENSORS = ("cid", "doc", "start", "length", "mand_count", "sink_count", "sums", "mand_idx", "sel_count",
+                "nc", "nm", "bad")
 
     def snapshot(self) -> dict:
         """Copies of everything :meth:`update`/:meth:`attend` change (see :meth:`restore`)."""
         if self.batch is None:
             return {"batch": None}
         snap = {name: getattr(self, name).clone() for name in self._TENSORS}
-        snap.update(batch=self.batch, n_seen=self.n_seen, n_chunks=list(self.n_chunks), n_mand=list(self.n_mand),
-                    lmax=self.lmax)
+        snap.update(batch=self.batch, n_seen=self.n_seen, c_hi=self.c_hi, m_hi=self.m_hi, lmax=self.lmax, drift=self.drift)
         return snap
 
     def restore(self, snap: dict) -> None:
@@ -1007,90 +1029,112 @@ class MoCDecodeState:
         for name in self._TENSORS:
             setattr(self, name, snap[name].clone())
         self.batch, self.n_seen, self.lmax = snap["batch"], snap["n_seen"], snap["lmax"]
-        self.n_chunks, self.n_mand = list(snap["n_chunks"]), list(snap["n_mand"])
+        self.c_hi, self.m_hi, self.drift = snap["c_hi"], snap["m_hi"], snap["drift"]
 
     def selection_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(chunk ids [B, C], how often routing selected each chunk since the state was built)."""
-        C = max(self.n_chunks) if self.batch is not None and self.n_chunks else 0
-        if C == 0:
+        if self.batch is None:
             return torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0)
+        C = int(self.nc.max())
         return self.cid[:, :C], self.sel_count[:, :C]
+
+    # Tables hold one spare column at the end (index ``width - 1``): the scatters of an update
+    # send padding tokens there, and it is reset to its fill value afterwards.
+    _FILL = {"cid": _BIG, "doc": -2, "start": _BIG, "length": 0, "mand_count": 0, "sink_count": 0, "sums": 0.0,
+             "sel_count": 0.0}
 
     def _alloc(self, B: int, Hkv: int, D: int, device) -> None:
         cap = 16
-        L = lambda fill: torch.full((B, cap), fill, dtype=torch.long, device=device)  # noqa: E731
         self.batch, self.Hkv, self.D = B, Hkv, D
-        self.cid, self.doc, self.start = L(_BIG), L(-2), L(_BIG)
-        self.length, self.mand_count, self.sink_count = L(0), L(0), L(0)
-        self.sums = torch.zeros(B, Hkv, cap, D, dtype=torch.float32, device=device)
-        self.n_chunks = [0] * B
-        self.mand_idx = torch.full((B, cap), -1, dtype=torch.long, device=device)
-        self.sel_count = torch.zeros(B, cap, dtype=torch.float32, device=device)
-        self.n_mand = [0] * B
-        self.lmax = 0
+        for name, fill in self._FILL.items():
+            shape = (B, Hkv, cap + 1, D) if name == "sums" else (B, cap + 1)
+            setattr(self, name, torch.full(shape, fill, dtype=torch.float32 if isinstance(fill, float) else torch.long, device=device))
+        self.mand_idx = torch.full((B, cap + 1), -1, dtype=torch.long, device=device)
+        self.nc = torch.zeros(B, dtype=torch.long, device=device)  # chunks per row (on the device)
+        self.nm = torch.zeros(B, dtype=torch.long, device=device)  # mandatory keys per row
+        self.bad = torch.zeros(2, dtype=torch.bool, device=device)  # (chunk id -1 in a document, ids not increasing)
+        # host-side upper bounds of max(nc), max(nm) and the longest chunk: exact after a
+        # refresh (one device->host read), then grown by the number of new tokens
+        self.c_hi = self.m_hi = self.lmax = self.drift = 0
 
     def _grow(self, name: str, need: int, fill) -> None:
+        """At least ``need`` usable columns (plus the spare one)."""
         x = getattr(self, name)
         dim = 2 if name == "sums" else 1
-        cap = x.shape[dim]
+        cap = x.shape[dim] - 1
         if need <= cap:
             return
-        new_cap = max(need, 2 * cap)
         shape = list(x.shape)
-        shape[dim] = new_cap - cap
+        shape[dim] = max(need, 2 * cap) - cap
         setattr(self, name, torch.cat([x, torch.full(shape, fill, dtype=x.dtype, device=x.device)], dim))
+
+    def _refresh(self) -> None:
+        """Exact bounds from the device (one read), and the layout errors found since the last one."""
+        nc, nm, lmax, missing, order = torch.cat([torch.stack([self.nc.max(), self.nm.max(), self.length.max()]),
+                                                  self.bad.long()]).tolist()
+        if missing:
+            raise ValueError("StreamMeta.chunk_ids is -1 for a token whose doc_ids is >= 0; every non-padding token needs a chunk")
+        if order:
+            raise ValueError("StreamMeta.chunk_ids must increase along the row")
+        self.c_hi, self.m_hi, self.lmax, self.drift = nc, nm, lmax, 0
 
     @torch.no_grad()
     def update(self, k: torch.Tensor, k_meta: StreamMeta) -> None:
-        """Ingest keys ``k[:, :, n_seen:]`` (and their metas) into the per-chunk tables."""
+        """Ingest keys ``k[:, :, n_seen:]`` (and their metas) into the per-chunk tables.
+
+        All bookkeeping stays on the device; the host reads the exact table sizes back only
+        for multi-token calls (prefill) and every ``DECODE_REFRESH_EVERY`` single-token steps,
+        using upper bounds in between (extra empty chunk slots and gather columns, masked).
+        """
         B, Hkv, Nk, D = k.shape
         if self.batch != B or Nk < self.n_seen or getattr(self, "Hkv", None) != Hkv:
             self.reset()
             self._alloc(B, Hkv, D, k.device)
         n0 = self.n_seen
-        if Nk == n0:
+        T = Nk - n0
+        if T == 0:
             return
-        new_meta = k_meta.slice(n0)
-        if bool(((new_meta.doc_ids >= 0) & (new_meta.chunk_ids < 0)).any()):
-            raise ValueError("StreamMeta.chunk_ids is -1 for a token whose doc_ids is >= 0; every non-padding token needs a chunk")
-        mand_all = _key_mandatory(new_meta, self.n_sink)
-        sink_all = (new_meta.pos_in_doc < self.n_sink) & (new_meta.chunk_ids >= 0)
-        idx_all = torch.arange(n0, Nk, device=k.device)
-        for b in range(B):
-            cid = new_meta.chunk_ids[b].long()
-            valid = cid >= 0
-            if not bool(valid.any()):
-                continue
-            idx, cidv = idx_all[valid], cid[valid]
-            uniq, inv = torch.unique_consecutive(cidv, return_inverse=True)
-            nc = self.n_chunks[b]
-            last = int(self.cid[b, nc - 1]) if nc else None
-            if len(uniq) > 1 and bool((uniq[1:] <= uniq[:-1]).any()) or (last is not None and int(uniq[0]) < last):
-                raise ValueError("StreamMeta.chunk_ids must increase along the row")
-            base = nc - 1 if last is not None and int(uniq[0]) == last else nc
-            slots = base + inv
-            n_new = base + len(uniq)
-            for name, fill in (("cid", _BIG), ("doc", -2), ("start", _BIG), ("length", 0), ("mand_count", 0), ("sink_count", 0), ("sums", 0.0),
-                               ("sel_count", 0.0)):
-                self._grow(name, n_new, fill)
-            self.cid[b].scatter_(0, slots, cidv)
-            self.doc[b].scatter_(0, slots, new_meta.doc_ids[b][valid].long())
-            self.start[b].scatter_reduce_(0, slots, idx, "amin")
-            self.length[b].index_add_(0, slots, torch.ones_like(slots))
-            self.mand_count[b].index_add_(0, slots, mand_all[b][valid].long())
-            self.sink_count[b].index_add_(0, slots, sink_all[b][valid].long())
-            self.sums[b].index_add_(1, slots, k[b, :, idx].detach().float())
-            self.n_chunks[b] = n_new
-            mi = idx[mand_all[b][valid]]
-            if len(mi):
-                self._grow("mand_idx", self.n_mand[b] + len(mi), -1)
-                self.mand_idx[b, self.n_mand[b]:self.n_mand[b] + len(mi)] = mi
-                self.n_mand[b] += len(mi)
-        self.lmax = int(self.length.max())
+        m = k_meta.slice(n0)
+        cid = m.chunk_ids.long()
+        valid = cid >= 0
+        self.bad[0] |= ((m.doc_ids >= 0) & ~valid).any()
+        mand = _key_mandatory(m, self.n_sink) & valid
+        sink = (m.pos_in_doc < self.n_sink) & valid
+        for name, fill in self._FILL.items():
+            self._grow(name, self.c_hi + T, fill)
+        self._grow("mand_idx", self.m_hi + T, -1)
+        spare = self.cid.shape[1] - 1
+        # the previous valid chunk id of each token (ids increase, so a running max)
+        last = torch.where(self.nc > 0, self.cid.gather(1, (self.nc - 1).clamp(min=0)[:, None])[:, 0], torch.full_like(self.nc, -1))
+        run = torch.maximum(torch.cat([last[:, None], cid[:, :-1]], 1).cummax(1).values, last[:, None])
+        self.bad[1] |= (valid & (cid < run)).any()
+        new = valid & (cid > run)
+        slot = self.nc[:, None] - 1 + new.long().cumsum(1)
+        at = torch.where(valid, slot, torch.full_like(slot, spare))
+        at_new = torch.where(new, slot, torch.full_like(slot, spare))
+        idx = torch.arange(n0, Nk, device=k.device).expand(B, T)
+        self.cid.scatter_(1, at_new, cid)
+        self.doc.scatter_(1, at_new, m.doc_ids.long())
+        self.start.scatter_reduce_(1, at, idx, "amin")
+        self.length.scatter_add_(1, at, valid.long())
+        self.mand_count.scatter_add_(1, at, mand.long())
+        self.sink_count.scatter_add_(1, at, sink.long())
+        self.sums.scatter_add_(2, at[:, None, :, None].expand(B, Hkv, T, D), k[:, :, n0:].detach().float())
+        mspare = self.mand_idx.shape[1] - 1
+        rank = self.nm[:, None] - 1 + mand.long().cumsum(1)
+        self.mand_idx.scatter_(1, torch.where(mand, rank, torch.full_like(rank, mspare)), idx)
+        for name, fill in self._FILL.items():  # reset the spare column
+            (self.sums[:, :, spare] if name == "sums" else getattr(self, name)[:, spare]).fill_(fill)
+        self.mand_idx[:, mspare] = -1
+        self.nc += new.sum(1)
+        self.nm += mand.sum(1)
         self.n_seen = Nk
+        self.c_hi, self.m_hi, self.lmax, self.drift = self.c_hi + T, self.m_hi + T, self.lmax + T, self.drift + T
+        if T > 1 or self.drift >= DECODE_REFRESH_EVERY:
+            self._refresh()
 
     def table(self) -> _ChunkTable:
-        C = max(self.n_chunks) if self.n_chunks else 0
+        C = self.c_hi
         return _ChunkTable(None, self.cid[:, :C], self.doc[:, :C], self.start[:, :C], self.length[:, :C],
                            self.mand_count[:, :C], self.sink_count[:, :C] > 0, None, self.sums[:, :, :C], self.lmax)
 
@@ -1124,7 +1168,7 @@ class MoCDecodeState:
         rv &= ~key_mand_full.gather(1, ri.view(B, -1)).view(ri.shape)
         ri, rv = ri.flatten(-2), rv.flatten(-2)
         # mandatory keys before the own chunk, same document -> [B, 1, Nq, M]
-        M = max(self.n_mand) if self.n_mand else 0
+        M = self.m_hi
         mi = self.mand_idx[:, :M]
         mic = mi.clamp(min=0)
         mv = (mi[:, None, :] >= 0) & (mic[:, None, :] < own_start[:, :, None]) & (qslot >= 0)[:, :, None]
@@ -1209,14 +1253,32 @@ def new_decode_state(settings: AttentionSettings) -> MoCDecodeState | None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def resolve_backend(settings: AttentionSettings, device: torch.device) -> str:
-    """The concrete backend that runs: ``moc`` -> ``flex`` on CUDA, ``gather`` elsewhere."""
+def resolve_backend(settings: AttentionSettings, device: torch.device | str) -> str:
+    """The concrete backend that runs on ``device`` (a device or its type, e.g. "cuda"):
+    ``moc`` -> ``triton`` on CUDA (``flex`` when triton is not installed), ``gather`` elsewhere."""
     if settings.backend == "moc":
-        return "flex" if device.type == "cuda" else "gather"
+        kind = device if isinstance(device, str) else device.type
+        if kind == "cuda":
+            from unified_wm.model import attention_triton
+
+            return "triton" if attention_triton.available() else "flex"
+        return "gather"
     return settings.backend
 
 
-_MOC_IMPL = {"reference": _reference_attend, "gather": _gather_attend, "flex": _flex_attend, "flash": _flash_attend}
+def _triton_attend(q, k, v, q_meta, k_meta, settings, training, stats):
+    from unified_wm.model import attention_triton
+
+    _require_triton(q.device)
+    r = _plan_routing(q, k, q_meta, k_meta, settings, training, stats)
+    if not bool((r.qslot >= 0).any()):
+        return _self_values(v, q.shape[1], q.shape[2]).to(q.dtype)
+    out = attention_triton.moc_attention(q, k, v, q_meta, k_meta, r)
+    return _with_padding(out, v, r)
+
+
+_MOC_IMPL = {"reference": _reference_attend, "gather": _gather_attend, "triton": _triton_attend,
+             "flex": _flex_attend, "flash": _flash_attend}
 
 
 def attend(

@@ -474,7 +474,10 @@ class UnifiedWMPreTrainedModel(PreTrainedModel):
     config_class = UnifiedWMConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
-    supports_gradient_checkpointing = False
+    # activation checkpointing: model.gradient_checkpointing_enable() (or transformers'
+    # activation_checkpointing_enable) recomputes each Block in the backward (non-reentrant)
+    supports_gradient_checkpointing = True
+    gradient_checkpointing = False
     _supports_sdpa = True
 
     def _init_weights(self, module):
@@ -560,7 +563,16 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         rope = (rope_q, rope_q if self.config.rope_mode == "1d" else rope_for(k_coords, self.config, x.dtype))
         stats: dict | None = {} if return_routing_stats else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, q_meta, k_meta, cache, None if stats is None else stats.setdefault(f"layer{i}", {}))
+            st = None if stats is None else stats.setdefault(f"layer{i}", {})
+            if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                # routing statistics are counted in the forward only, not again in the recompute
+                def run(h, layer=layer, st=[st]):
+                    out, st[0] = layer(h, rope, q_meta, k_meta, None, st[0]), None
+                    return out
+
+                x = self._gradient_checkpointing_func(run, x)
+            else:
+                x = layer(x, rope, q_meta, k_meta, cache, st)
         x = self.norm(x)
         if isinstance(logits_to_keep, torch.Tensor) and labels is None:
             x = x[:, logits_to_keep]  # logits at these positions only (transformers' convention)
