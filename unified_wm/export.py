@@ -145,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--recipe", default=None, help="recipe that trained it (default: the one recorded in the run)")
     ap.add_argument("--eval-results", default=None, help="results.json from `uwm eval`, listed in the model card")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
     a = ap.parse_args(argv)
+    from unified_wm.utils import guarded_out
+
     try:
-        out = export(a.checkpoint, a.out, a.recipe, a.eval_results)
+        with guarded_out(a.out, "export", a.overwrite):
+            out = export(a.checkpoint, a.out, a.recipe, a.eval_results)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
