@@ -855,8 +855,10 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
 
 
 def parse_override(item: str) -> dict:
-    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}} (the value is read as YAML)."""
+    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}} (the value is read as YAML, 1e-3 being a float)."""
     import yaml
+
+    from unified_wm.utils import load_yaml
 
     if "=" not in item:
         raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. train.lr=3e-4")
@@ -866,7 +868,12 @@ def parse_override(item: str) -> dict:
     parts = key.strip().split(".")
     for k in parts[:-1]:
         cur = cur.setdefault(k, {})
-    cur[parts[-1]] = yaml.safe_load(value)
+    if not all(parts):
+        raise ConfigError(f"--set '{item}': the key '{key}' has an empty part (expected e.g. train.lr)")
+    try:
+        cur[parts[-1]] = load_yaml(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set '{item}': the value is not valid YAML: {e}") from None
     return out
 
 

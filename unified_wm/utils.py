@@ -10,6 +10,7 @@ import contextvars
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -120,20 +121,64 @@ def from_dict(cls: type[T], data: dict, source: str = "<dict>", prefix: str = ""
     return obj
 
 
-def load_config(cls: type[T], path: str | os.PathLike, overrides: dict | None = None) -> T:
-    """Load YAML file ``path`` into dataclass ``cls`` (strict: unknown keys are errors)."""
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with floats as YAML 1.2 (and people) write them: ``1e-3``, ``1E5``, ``.5``.
+
+    YAML 1.1 reads ``1e-3`` (no dot) as the string '1e-3'; a learning rate written that way
+    would be refused as "not a number"."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text the way every config in this project is read (safe; 1e-3 is a float)."""
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _flat_items(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flat_items(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def load_config(cls: type[T], path: str | os.PathLike, overrides: dict | None = None,
+                override_flag: typing.Callable[[str], str] = lambda key: f"--set {key}") -> T:
+    """Load YAML file ``path`` into dataclass ``cls`` (strict: unknown keys are errors).
+
+    ``overrides`` (nested keys, e.g. from ``--set train.lr=1e-3``) replace values of the file; an
+    error about one of them names the override (``override_flag(key)``), not the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist (expected a YAML file for {cls.__name__})")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     if overrides:
         data = deep_update(data, overrides)
-    return from_dict(cls, data, source=str(p))
+    try:
+        return from_dict(cls, data, source=str(p))
+    except ConfigError as e:
+        msg = str(e).removeprefix(f"{p}: ")
+        for key, value in _flat_items(overrides or {}):
+            if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", msg):
+                raise ConfigError(f"{override_flag(key)}={value!r}: {msg} (over the config file '{p}')") from None
+        raise
 
 
 def deep_update(base: dict, upd: dict) -> dict:

@@ -688,7 +688,7 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
 
     overrides = {k: v for k, v in (("data", data), ("offscreen_data", offscreen_data), ("revisit_data", revisit_data),
                                    ("train_data", train_data)) if v}
-    suite = load_config(Suite, suite_path, overrides)
+    suite = load_config(Suite, suite_path, overrides, override_flag=lambda key: "--" + key.replace("_", "-"))
     _check_extras(suite, suite_path)
     model_dir = Path(model_dir)
     wm = WorldModel.from_pretrained(model_dir)
