@@ -60,3 +60,77 @@ def test_eval_suite_and_world_and_tokenizer_configs_take_exponent_floats(tmp_pat
     v = tmp_path / "vt.yaml"
     v.write_text((ROOT / "tokenizers/video_fsq_tiny.yaml").read_text().replace("lr: 0.002", "lr: 2e-3"))
     assert load_config(VideoTokenizerConfig, v).train.lr == 0.002
+
+
+# ----------------------------------------------------------------------------- value checks (key and file named)
+
+
+@pytest.mark.parametrize("override,key", [
+    ({"train": {"min_lr_ratio": 1.5}}, "train.min_lr_ratio"),
+    ({"train": {"min_lr_ratio": -0.1}}, "train.min_lr_ratio"),
+    ({"train": {"grad_clip": -1.0}}, "train.grad_clip"),
+    ({"tasks": {"interleaved": {"weight": 1.0, "loss": {"video": -1.0}}}}, "tasks.interleaved.loss.video"),
+    ({"tasks": {"interleaved": {"weight": -1.0}, "caption": {"weight": 2.0}}}, "tasks.interleaved.weight"),
+])
+def test_recipe_values_out_of_range_name_the_key_and_file(tiny_recipe, override, key):
+    from unified_wm.train import load_recipe
+
+    data = yaml.safe_load(tiny_recipe.read_text())
+    for section, values in override.items():
+        data[section].update(values)
+    tiny_recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as e:
+        load_recipe(tiny_recipe)
+    assert str(e.value).startswith(f"{tiny_recipe}: ") and f"'{key}'" in str(e.value)
+
+
+def test_video_tokenizer_values_out_of_range(tmp_path):
+    from unified_wm.tokenization.video import VideoTokenizerConfig
+
+    base = (ROOT / "tokenizers/video_fsq_tiny.yaml").read_text()
+    p = tmp_path / "vt.yaml"
+    for old, new, key in (("min_lr_ratio: 0.05", "min_lr_ratio: 2", "train.min_lr_ratio"),
+                          ("grad_loss_weight: 0.0", "grad_loss_weight: -1", "train.grad_loss_weight"),
+                          ("threads: 1", "threads: 1\n  grad_clip: -2", "train.grad_clip")):
+        p.write_text(base.replace(old, new))
+        with pytest.raises(ConfigError, match=rf"^{p}: {key} = "):
+            load_config(VideoTokenizerConfig, p)
+
+
+@pytest.mark.parametrize("key", ["n_landmarks", "max_offscreen"])
+def test_world_counts_must_not_be_negative(tmp_path, key):
+    from unified_wm.data.world import WorldConfig
+
+    p = tmp_path / "w.yaml"
+    p.write_text(f"{key}: -1\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: {key} must be >= 0, got -1"):
+        load_config(WorldConfig, p)
+
+
+@pytest.mark.parametrize("edit,key", [({"n_episodes": 0}, "n_episodes"), ({"n_probes": 0}, "n_probes")])
+def test_suite_with_nothing_to_evaluate_is_refused(tmp_path, edit, key):
+    from unified_wm.eval.runner import Suite
+
+    suite = yaml.safe_load((ROOT / "eval/quick.yaml").read_text())
+    assert "offscreen" in suite["tasks"]
+    suite.update(edit)
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(suite))
+    with pytest.raises(ConfigError, match=rf"^{p}: {key} = 0"):
+        load_config(Suite, p)
+
+
+def test_misspelled_deepspeed_key_is_named_with_the_file(tiny_recipe):
+    import json
+
+    from unified_wm.train import fill_ds_config, load_recipe
+
+    recipe = load_recipe(tiny_recipe)
+    for f in sorted((ROOT / "ds_configs").glob("*.json")):  # every shipped config passes
+        fill_ds_config(json.loads(f.read_text()), recipe, 2, str(f))
+    with pytest.raises(ConfigError, match=r"^my_ds.json: unknown DeepSpeed config key 'train_batch_sze' "
+                                          r"\(did you mean 'train_batch_size'\?\)"):
+        fill_ds_config({"train_batch_sze": 2, "zero_optimization": {"stage": 0}}, recipe, 2, "my_ds.json")
+    # keys DeepSpeed reads but the shipped configs do not use still pass
+    fill_ds_config({"wall_clock_breakdown": False, "tensorboard": {"enabled": False}, "flops_profiler": {"enabled": False},
+                    "activation_checkpointing": {}, "communication_data_type": None, "compile": {}}, recipe, 2, "x.json")

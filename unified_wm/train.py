@@ -28,6 +28,8 @@ Test-only hooks (environment variables, read by the loop; never set them in real
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -125,9 +127,21 @@ class Recipe:
         for name in self.tasks:
             if name not in TEMPLATES:
                 raise ValueError(f"tasks: unknown task template '{name}'; valid templates: {', '.join(TEMPLATES)}")
+        for name, task in self.tasks.items():
+            if not (task.weight >= 0 and math.isfinite(task.weight)):
+                raise ValueError(f"'tasks.{name}.weight' must be >= 0, got {task.weight}")
+            for mod, w in dataclasses.asdict(task.loss).items():
+                if not (w >= 0 and math.isfinite(w)):
+                    raise ValueError(f"'tasks.{name}.loss.{mod}' is a loss weight and must be >= 0, got {w}")
         if not self.tasks or sum(t.weight for t in self.tasks.values()) <= 0:
             raise ValueError("tasks: at least one task needs a positive weight")
         t = self.train
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise ValueError(f"'train.min_lr_ratio' must be in [0, 1] (the final lr as a share of train.lr), got {t.min_lr_ratio}")
+        if not (t.grad_clip >= 0 and math.isfinite(t.grad_clip)):
+            raise ValueError(f"'train.grad_clip' must be >= 0 (0: no clipping), got {t.grad_clip}")
+        if t.weight_decay < 0:
+            raise ValueError(f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
         for key in ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "log_every", "eval_batches"):
             if getattr(t, key) <= 0:
                 raise ValueError(f"'train.{key}' must be positive, got {getattr(t, key)}")
@@ -165,6 +179,36 @@ def check_recipe_inputs(recipe: Recipe, recipe_path) -> None:
 
 
 # ----------------------------------------------------------------------------- deepspeed config
+@functools.lru_cache(maxsize=1)
+def deepspeed_config_keys() -> frozenset[str]:
+    """The keys DeepSpeed's config reads, taken from the installed DeepSpeed itself: the string
+    constants of its config/constants modules, the fields (and aliases) of its pydantic config
+    classes, the literal keys ``deepspeed.runtime.config`` reads, and the removed top-level keys it
+    refuses with its own message. A superset of the top-level keys, so a misspelling (``train_batch_sze``)
+    is caught while every real key passes."""
+    import inspect
+    import re
+
+    import deepspeed.runtime.config as dsc
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    keys: set[str] = set()
+    for name, mod in list(sys.modules.items()):
+        if mod is not None and name.startswith("deepspeed") and ("constants" in name or name.endswith("config")):
+            keys.update(v for k, v in list(vars(mod).items()) if k.isupper() and isinstance(v, str))
+    stack = list(DeepSpeedConfigModel.__subclasses__())
+    while stack:
+        c = stack.pop()
+        stack += c.__subclasses__()
+        for fname, f in getattr(c, "model_fields", {}).items():
+            keys.add(fname)
+            if getattr(f, "alias", None):
+                keys.add(f.alias)
+    keys.update(re.findall(r"""param_dict(?:\.get\(|\[)\s*['"](\w+)['"]""", inspect.getsource(dsc)))
+    keys.update(getattr(dsc, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))  # DeepSpeed refuses these with its own reason
+    return frozenset(keys)
+
+
 def fill_ds_config(ds_cfg: dict, recipe: Recipe, world_size: int, source: str) -> dict:
     """Fill ``"auto"`` values from the recipe; refuse values that contradict it (naming file and key)."""
     t = recipe.train
@@ -176,6 +220,14 @@ def fill_ds_config(ds_cfg: dict, recipe: Recipe, world_size: int, source: str) -
     }
     if not isinstance(ds_cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object at the top level")
+    known = deepspeed_config_keys()
+    unknown = [k for k in ds_cfg if k not in known]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.75)
+        raise ConfigError(f"{source}: unknown DeepSpeed config key '{unknown[0]}'"
+                          + (f" (did you mean '{close[0]}'?)" if close else " (not a key DeepSpeed reads)"))
     cfg = json.loads(json.dumps(ds_cfg))
     for key, value in want.items():
         have = cfg.get(key, "auto")

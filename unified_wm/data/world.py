@@ -179,6 +179,9 @@ class WorldConfig:
             raise ValueError(f"episode_length ({self.episode_length}) and probe_frames ({self.probe_frames}) must be >= 2")
         if self.n_episodes < 1 or self.probe_episodes < 1:
             raise ValueError("n_episodes and probe_episodes must be >= 1")
+        for name in ("n_landmarks", "max_offscreen"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.seed < SPLIT_SEED_SPAN:
             raise ValueError(f"seed must be in [0, {SPLIT_SEED_SPAN}), got {self.seed}")
         if not self.probe_offscreen_N or min(self.probe_offscreen_N) < 1:

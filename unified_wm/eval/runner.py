@@ -151,6 +151,13 @@ class Suite:
         for task, key in (("offscreen", "offscreen_data"), ("revisit", "revisit_data")):
             if task in self.tasks and not getattr(self, key):
                 raise ValueError(f"task '{task}' needs '{key}' (a probe episode dataset)")
+        if self.n_episodes < 1:
+            raise ValueError(f"n_episodes = {self.n_episodes}; the suite needs at least 1 episode to evaluate")
+        probes = [t for t in ("offscreen", "revisit") if t in self.tasks]
+        if probes and self.n_probes < 1:
+            raise ValueError(f"n_probes = {self.n_probes}; task '{probes[0]}' needs at least 1 probe episode")
+        if self.train_episodes < 1:
+            raise ValueError(f"train_episodes = {self.train_episodes}; expected >= 1")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -120,6 +120,12 @@ class TrainConfig:
                 raise ValueError(f"train.{name} = {getattr(self, name)}; expected >= 1")
         if self.lr <= 0:
             raise ValueError(f"train.lr = {self.lr}; expected > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio = {self.min_lr_ratio}; expected a share of train.lr in [0, 1]")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip = {self.grad_clip}; expected >= 0 (0: no clipping)")
+        if self.grad_loss_weight < 0:
+            raise ValueError(f"train.grad_loss_weight = {self.grad_loss_weight}; a loss weight must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay = {self.ema_decay}; expected 0 (off) or a decay in (0, 1), e.g. 0.999")
 
