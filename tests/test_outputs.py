@@ -171,3 +171,32 @@ def test_train_video_keeps_a_users_folder_and_replaces_its_own_only_with_overwri
     assert main(base + ["--out", str(out), "--overwrite"]) == 0
     assert not (out / "extra.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "v", "video", "vt.yaml"]
+
+
+# ----------------------------------------------------------------------------- permissions
+
+
+def test_files_and_folders_are_written_with_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    from unified_wm.tokenization.video import FSQConfig, QuantizerConfig, VideoTokenizer, VideoTokenizerConfig
+    from unified_wm.utils import atomic_file, write_json
+
+    tok = VideoTokenizer(VideoTokenizerConfig(image_size=16, downsample=4, patch_size=1, channels=[4, 4, 4],
+                                              quantizer=QuantizerConfig(kind="fsq", fsq=FSQConfig(levels=[3, 3]))))
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        with atomic_file(tmp_path / "b.gif", "wb") as f:
+            f.write(b"GIF89a")
+        with guarded_out(tmp_path / "video", "tokenizer train-video"), atomic_dir(tmp_path / "video") as tmp:
+            tok.save_pretrained(tmp)
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    for p in (tmp_path / "a.json", tmp_path / "b.gif", tmp_path / "video" / "model.safetensors",
+              tmp_path / "video" / "config.json", tmp_path / "video" / OUTPUT_MARKER):
+        assert mode(p) == 0o640, (p, oct(mode(p)))
+    assert mode(tmp_path / "video") == 0o750
+    assert VideoTokenizer.from_pretrained(tmp_path / "video").codebook_size == 9

@@ -304,20 +304,32 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(final: str | os.PathLike, mode: str = "w"):
-    """Open a temporary file next to ``final``; rename it into place only on success."""
+def atomic_path(final: str | os.PathLike):
+    """Yield the path of a temporary file next to ``final`` (to be written by any writer); rename it
+    into place only on success. The file gets the permissions of an ordinary new file (0666 less
+    the umask), not mkstemp's private 0600."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent, suffix=final.suffix)
-    os.close(fd)
     try:
-        with open(tmp, mode) as f:
-            yield f
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # again: some writers (safetensors) replace the file with a private one
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike, mode: str = "w"):
+    """Open a temporary file next to ``final``; rename it into place only on success (see :func:`atomic_path`)."""
+    with atomic_path(final) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

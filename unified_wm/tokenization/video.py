@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -574,15 +573,10 @@ class VideoTokenizer(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.tmp-", dir=d)
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"format": "pt", "kind": "unified_wm.video_tokenizer"})
-            os.replace(tmp, d / WEIGHTS_NAME)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        from unified_wm.utils import atomic_path
+
+        with atomic_path(d / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "kind": "unified_wm.video_tokenizer"})
         meta = {
             "tokenizer_type": "video",
             "format_version": FORMAT_VERSION,
@@ -1037,15 +1031,10 @@ def save_side_by_side(originals: np.ndarray, recons: np.ndarray, path: str | os.
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    from unified_wm.utils import atomic_path
+
+    with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
