@@ -134,3 +134,23 @@ def test_misspelled_deepspeed_key_is_named_with_the_file(tiny_recipe):
     # keys DeepSpeed reads but the shipped configs do not use still pass
     fill_ds_config({"wall_clock_breakdown": False, "tensorboard": {"enabled": False}, "flops_profiler": {"enabled": False},
                     "activation_checkpointing": {}, "communication_data_type": None, "compile": {}}, recipe, 2, "x.json")
+
+
+# ----------------------------------------------------------------------------- eval: held-out status
+
+
+def test_eval_without_training_seeds_says_not_checked(tmp_path):
+    import datasets
+
+    from unified_wm.eval.runner import check_held_out, markdown_table
+
+    ds = datasets.Dataset.from_dict({"seed": [5, 6]})
+    assert check_held_out(tmp_path, ds, "s.yaml") == "not checked"
+    (tmp_path / "training_seeds.json").write_text('{"seeds": [1, 2]}')
+    assert check_held_out(tmp_path, ds, "s.yaml") == "checked"
+    (tmp_path / "training_seeds.json").write_text('{"seeds": [5]}')
+    with pytest.raises(ConfigError, match="shares 1 episode seeds"):
+        check_held_out(tmp_path, ds, "s.yaml")
+    table = markdown_table({"suite": "quick", "n_episodes": 2, "held_out": "not checked"})
+    assert "held-out: not checked" in table.splitlines()[0]
+    assert "on 2 held-out episodes" in markdown_table({"suite": "quick", "n_episodes": 2, "held_out": "checked"})
