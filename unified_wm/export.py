@@ -2,7 +2,7 @@
 
 ``uwm export --checkpoint runs/x/checkpoints[/stepN] --out runs/x/hf [--eval-results runs/x/eval/results.json]``
 
-Consolidates the (ZeRO 0-3) checkpoint with DeepSpeed's ``zero_to_fp32`` into fp32 weights
+Consolidates the checkpoint into fp32 weights (ZeRO 1-3 with DeepSpeed's ``zero_to_fp32``; ZeRO-0 from its module states file)
 (ZeRO-3 shards of every rank are gathered), saves them as safetensors with
 ``save_pretrained``, copies the processor beside them, and writes a model card (recipe,
 data, final training metrics, and the eval results when given) and the training data's
@@ -71,6 +71,34 @@ def eval_section(results_path: str | Path | None) -> list[str]:
     return lines + [""]
 
 
+def zero0_state_dict(tag_dir: Path) -> dict:
+    """The model weights of a ZeRO-0 save: ``mp_rank_00_model_states.pt``'s ``module`` (fp32 upcast).
+    Read with ``weights_only=True``; a file that needs full unpickling (objects DeepSpeed stored next
+    to the weights) is read again without it only if it is a checkpoint this project wrote."""
+    import pickle
+
+    import torch
+
+    f = Path(tag_dir) / "mp_rank_00_model_states.pt"
+    if not f.is_file():
+        raise FileNotFoundError(f"'{f}' is missing (a ZeRO-0 checkpoint keeps the whole model there)")
+    try:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        from unified_wm.train import DONE_MARKER
+
+        if not (Path(tag_dir) / DONE_MARKER).is_file():
+            raise ValueError(f"'{f}' cannot be read with weights_only=True and its folder has no {DONE_MARKER}; "
+                             f"not loading it as a full pickle") from None
+        obj = torch.load(f, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"'{f}' is not a readable PyTorch file ({e})") from None
+    module = obj.get("module") if isinstance(obj, dict) else None
+    if not isinstance(module, dict):
+        raise ValueError(f"'{f}' has no 'module' state dict (not a DeepSpeed model states file)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
 def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = None, eval_results: str | Path | None = None) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -92,7 +120,17 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
     recipe = load_recipe(recipe_path, {**overrides, "output_dir": str(run_dir)})
     processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
     model = build_model(recipe, processor)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    zero = ds_cfg.get("zero_optimization", {}).get("stage")
+    from unified_wm.train import checkpoint_zero_stage
+
+    saved_stage = checkpoint_zero_stage(ckpt_dir / tag)
+    zero = saved_stage if saved_stage is not None else zero
+    if zero == 0 or (zero is None and not list((ckpt_dir / tag).glob("*optim_states.pt"))):
+        # ZeRO-0 (one process, or no partitioning): the module states file holds the whole model
+        state = zero0_state_dict(ckpt_dir / tag)
+        zero = 0
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
@@ -115,11 +153,12 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
         write_json(tmp / "training_seeds.json", {"data": recipe.data.tokens, "seeds": seeds})
         last = metrics[-1] if metrics else {}
         n_params = sum(p.numel() for p in model.parameters())
-        zero = ds_cfg.get("zero_optimization", {}).get("stage", "?")
+        zero = "?" if zero is None else zero
         card = [
             "---", "library_name: transformers", "tags: [unified_wm, world-model, video, mixture-of-contexts]", "---", "",
             "# unified_wm world model", "",
-            f"Exported from `{ckpt_dir}/{tag}` (DeepSpeed ZeRO stage {zero}, consolidated with `zero_to_fp32`) by `uwm export`. "
+            f"Exported from `{ckpt_dir}/{tag}` (DeepSpeed ZeRO stage {zero}, "
+            + ("the module states file" if zero == 0 else "consolidated with `zero_to_fp32`") + ") by `uwm export`. "
             f"{n_params / 1e6:.2f}M parameters, attention "
             f"`{model.config.attn_backend}`, vocabulary {model.config.vocab_size} (text {processor.action_offset - processor.text_offset}, "
             f"actions {len(processor.action_names)}, video codes {processor.video.codebook_size}).", "",
@@ -145,9 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--recipe", default=None, help="recipe that trained it (default: the one recorded in the run)")
     ap.add_argument("--eval-results", default=None, help="results.json from `uwm eval`, listed in the model card")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
     a = ap.parse_args(argv)
+    from unified_wm.utils import guarded_out
+
     try:
-        out = export(a.checkpoint, a.out, a.recipe, a.eval_results)
+        with guarded_out(a.out, "export", a.overwrite):
+            out = export(a.checkpoint, a.out, a.recipe, a.eval_results)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,8 @@ Test-only hooks (environment variables, read by the loop; never set them in real
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -130,9 +132,21 @@ class Recipe:
         for name in self.tasks:
             if name not in TEMPLATES:
                 raise ValueError(f"tasks: unknown task template '{name}'; valid templates: {', '.join(TEMPLATES)}")
+        for name, task in self.tasks.items():
+            if not (task.weight >= 0 and math.isfinite(task.weight)):
+                raise ValueError(f"'tasks.{name}.weight' must be >= 0, got {task.weight}")
+            for mod, w in dataclasses.asdict(task.loss).items():
+                if not (w >= 0 and math.isfinite(w)):
+                    raise ValueError(f"'tasks.{name}.loss.{mod}' is a loss weight and must be >= 0, got {w}")
         if not self.tasks or sum(t.weight for t in self.tasks.values()) <= 0:
             raise ValueError("tasks: at least one task needs a positive weight")
         t = self.train
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise ValueError(f"'train.min_lr_ratio' must be in [0, 1] (the final lr as a share of train.lr), got {t.min_lr_ratio}")
+        if not (t.grad_clip >= 0 and math.isfinite(t.grad_clip)):
+            raise ValueError(f"'train.grad_clip' must be >= 0 (0: no clipping), got {t.grad_clip}")
+        if t.weight_decay < 0:
+            raise ValueError(f"'train.weight_decay' must be >= 0, got {t.weight_decay}")
         for key in ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "log_every", "eval_batches"):
             if getattr(t, key) <= 0:
                 raise ValueError(f"'train.{key}' must be positive, got {getattr(t, key)}")
@@ -170,6 +184,36 @@ def check_recipe_inputs(recipe: Recipe, recipe_path) -> None:
 
 
 # ----------------------------------------------------------------------------- deepspeed config
+@functools.lru_cache(maxsize=1)
+def deepspeed_config_keys() -> frozenset[str]:
+    """The keys DeepSpeed's config reads, taken from the installed DeepSpeed itself: the string
+    constants of its config/constants modules, the fields (and aliases) of its pydantic config
+    classes, the literal keys ``deepspeed.runtime.config`` reads, and the removed top-level keys it
+    refuses with its own message. A superset of the top-level keys, so a misspelling (``train_batch_sze``)
+    is caught while every real key passes."""
+    import inspect
+    import re
+
+    import deepspeed.runtime.config as dsc
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    keys: set[str] = set()
+    for name, mod in list(sys.modules.items()):
+        if mod is not None and name.startswith("deepspeed") and ("constants" in name or name.endswith("config")):
+            keys.update(v for k, v in list(vars(mod).items()) if k.isupper() and isinstance(v, str))
+    stack = list(DeepSpeedConfigModel.__subclasses__())
+    while stack:
+        c = stack.pop()
+        stack += c.__subclasses__()
+        for fname, f in getattr(c, "model_fields", {}).items():
+            keys.add(fname)
+            if getattr(f, "alias", None):
+                keys.add(f.alias)
+    keys.update(re.findall(r"""param_dict(?:\.get\(|\[)\s*['"](\w+)['"]""", inspect.getsource(dsc)))
+    keys.update(getattr(dsc, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {}))  # DeepSpeed refuses these with its own reason
+    return frozenset(keys)
+
+
 def fill_ds_config(ds_cfg: dict, recipe: Recipe, world_size: int, source: str) -> dict:
     """Fill ``"auto"`` values from the recipe; refuse values that contradict it (naming file and key)."""
     t = recipe.train
@@ -181,6 +225,14 @@ def fill_ds_config(ds_cfg: dict, recipe: Recipe, world_size: int, source: str) -
     }
     if not isinstance(ds_cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object at the top level")
+    known = deepspeed_config_keys()
+    unknown = [k for k in ds_cfg if k not in known]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.75)
+        raise ConfigError(f"{source}: unknown DeepSpeed config key '{unknown[0]}'"
+                          + (f" (did you mean '{close[0]}'?)" if close else " (not a key DeepSpeed reads)"))
     cfg = json.loads(json.dumps(ds_cfg))
     for key, value in want.items():
         have = cfg.get(key, "auto")
@@ -446,11 +498,60 @@ def read_latest(ckpt_dir: str | Path) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
-def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path:
-    """The complete checkpoint folder that ``--resume`` means.
+def _sha256(path: Path) -> str:
+    import hashlib
 
-    ``latest``: the run's ``checkpoints/latest`` if complete, else the newest complete one.
-    A checkpoints folder: the same rule inside it. A ``stepN`` folder: itself, if complete."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(d: Path) -> dict[str, dict]:
+    """Size and sha256 of every file under ``d`` (relative names), as ``complete.json`` records them."""
+    return {str(f.relative_to(d)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(d.rglob("*")) if f.is_file() and f.name != DONE_MARKER}
+
+
+def check_checkpoint(p: Path) -> list[str]:
+    """What is wrong with checkpoint folder ``p`` (empty list: it verifies): ``complete.json`` must
+    be readable and every file it lists present with its recorded size and sha256. Checkpoints
+    saved before sizes and hashes were recorded (a list of names) are checked for presence only."""
+    marker = p / DONE_MARKER
+    if not marker.is_file():
+        return [f"no {DONE_MARKER} (its save was interrupted)"]
+    try:
+        info = json.loads(marker.read_text())
+        files = info.get("files", [])  # older saves: a list of names, or nothing
+        if not isinstance(files, (dict, list)):
+            raise TypeError(f"'files' is a {type(files).__name__}")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        return [f"'{marker}' is unreadable ({type(e).__name__}: {e})"]
+    problems = []
+    for name in files:
+        f = p / name
+        rec = files[name] if isinstance(files, dict) else None
+        if not f.is_file():
+            problems.append(f"'{f}' is missing")
+        elif rec is not None and f.stat().st_size != rec.get("size"):
+            problems.append(f"'{f}' has {f.stat().st_size} bytes, {rec.get('size')} were saved (truncated or changed)")
+        elif rec is not None and _sha256(f) != rec.get("sha256"):
+            problems.append(f"'{f}' does not match its sha256 recorded at save (corrupted)")
+    return problems
+
+
+def _say(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path:
+    """The complete, verified checkpoint folder that ``--resume`` means.
+
+    ``latest``: the run's ``checkpoints/latest`` if it verifies (:func:`check_checkpoint`), else
+    the newest one that does; each one skipped is printed with the reason. A checkpoints folder:
+    the same rule inside it. A ``stepN`` folder: itself, if it verifies (else an error naming the file)."""
     if resume == "latest":
         base = Path(ckpt_dir)
     else:
@@ -460,16 +561,33 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path:
         if _step_of(p) is not None or p.name.startswith(TMP_PREFIX):
             if not (p / DONE_MARKER).is_file():
                 raise FileNotFoundError(f"--resume '{p}': checkpoint is incomplete (no {DONE_MARKER}: its save was interrupted)")
+            problems = check_checkpoint(p)
+            if problems:
+                raise ConfigError(f"--resume '{p}': checkpoint does not verify: {'; '.join(problems)}")
             return p
         base = p
     done = complete_checkpoints(base)
     if not done:
         raise FileNotFoundError(f"--resume {resume}: no complete checkpoint in '{base}'")
     tag = read_latest(base)
-    for _, p in done:
-        if p.name == tag:
+    order = [p for _, p in done if p.name == tag] + [p for _, p in reversed(done) if p.name != tag]
+    skipped = []
+    for p in order:
+        problems = check_checkpoint(p)
+        if not problems:
             return p
-    return done[-1][1]
+        skipped.append(f"{p.name}: {'; '.join(problems)}")
+        _say(f"resume: skipping checkpoint '{p}': {'; '.join(problems)}")
+    raise ConfigError(f"--resume {resume}: no checkpoint in '{base}' verifies ({' | '.join(skipped)})")
+
+
+def checkpoint_zero_stage(p: Path) -> int | None:
+    """The ZeRO stage a checkpoint was saved under (from its ``complete.json``), if recorded."""
+    try:
+        stage = json.loads((Path(p) / DONE_MARKER).read_text()).get("zero_stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(stage) if isinstance(stage, int) else None
 
 
 def _fsync_tree(d: Path) -> None:
@@ -528,7 +646,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, world: int,
         if not problems:
             _fsync_tree(tmp)
             write_json(tmp / DONE_MARKER, {"step": step, "world_size": world, "zero_stage": zero_stage, "time": time.time(),
-                                           "files": sorted(p.name for p in tmp.iterdir())})
+                                           "files": file_records(tmp)})
             if final.exists():  # a re-run of the same step (resumed from an older checkpoint)
                 _remove_dir(final)
             os.replace(tmp, final)
@@ -560,6 +678,19 @@ def rotate_checkpoints(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def read_rng_file(path: Path) -> dict:
+    """An ``rng_rank*.json`` of a checkpoint, checked; a corrupted one is a ValueError naming it."""
+    try:
+        st = json.loads(Path(path).read_text())
+        py, npst, tst = st["python"], st["numpy"], st["torch"]
+        if not (len(py) == 3 and len(npst) == 5 and isinstance(tst, list) and tst):
+            raise ValueError("wrong shape")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"RNG state file '{path}' is corrupted ({type(e).__name__}: {e}); "
+                         f"resume from another checkpoint (--resume .../stepN)") from None
+    return st
+
+
 def load_for_resume(engine, ckpt: Path, rank: int) -> int:
     """Load model, optimizer, scheduler and this rank's RNG state; return the step to continue from."""
     load_path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
@@ -567,7 +698,7 @@ def load_for_resume(engine, ckpt: Path, rank: int) -> int:
         raise FileNotFoundError(f"checkpoint '{ckpt}' could not be loaded by DeepSpeed (files missing or another ZeRO layout)")
     rng_file = ckpt / f"rng_rank{rank}.json"
     if rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text()))
+        set_rng_state(read_rng_file(rng_file))
     else:
         print(f"warning: '{rng_file}' is missing (saved with fewer ranks?); RNG state of rank {rank} is not restored",
               file=sys.stderr, flush=True)
@@ -743,10 +874,16 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
     check_recipe_inputs(recipe, recipe_path)
     ds_raw, ds_source = read_ds_config(ds_config_path)
     t = recipe.train
-    fill_ds_config(ds_raw, recipe, int(os.environ.get("WORLD_SIZE", "1")), ds_source)  # bad input: fail before init
+    pre = fill_ds_config(ds_raw, recipe, int(os.environ.get("WORLD_SIZE", "1")), ds_source)  # bad input: fail before init
     out = Path(recipe.output_dir)
     ckpt_dir = out / "checkpoints"
     resume_from = resolve_resume(resume, ckpt_dir) if resume else None  # fail before init too
+    if resume_from is not None:
+        saved_stage, stage = checkpoint_zero_stage(resume_from), int(pre["zero_optimization"].get("stage", 0))
+        if saved_stage is not None and saved_stage != stage:
+            raise ConfigError(f"--resume: checkpoint '{resume_from}' was saved under ZeRO stage {saved_stage}, but this run's "
+                              f"DeepSpeed config '{ds_source}' uses ZeRO stage {stage}; resume with a stage-{saved_stage} "
+                              f"config (or export the checkpoint and start a new run)")
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
     rank, world = setup_distributed()
@@ -872,8 +1009,10 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
 
 
 def parse_override(item: str) -> dict:
-    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}} (the value is read as YAML)."""
+    """'train.lr=3e-4' -> {'train': {'lr': 0.0003}} (the value is read as YAML, 1e-3 being a float)."""
     import yaml
+
+    from unified_wm.utils import load_yaml
 
     if "=" not in item:
         raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. train.lr=3e-4")
@@ -883,7 +1022,12 @@ def parse_override(item: str) -> dict:
     parts = key.strip().split(".")
     for k in parts[:-1]:
         cur = cur.setdefault(k, {})
-    cur[parts[-1]] = yaml.safe_load(value)
+    if not all(parts):
+        raise ConfigError(f"--set '{item}': the key '{key}' has an empty part (expected e.g. train.lr)")
+    try:
+        cur[parts[-1]] = load_yaml(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set '{item}': the value is not valid YAML: {e}") from None
     return out
 
 

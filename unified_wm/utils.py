@@ -6,9 +6,11 @@ Every user-facing config in this project is a typed dataclass loaded from YAML w
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -119,20 +121,64 @@ def from_dict(cls: type[T], data: dict, source: str = "<dict>", prefix: str = ""
     return obj
 
 
-def load_config(cls: type[T], path: str | os.PathLike, overrides: dict | None = None) -> T:
-    """Load YAML file ``path`` into dataclass ``cls`` (strict: unknown keys are errors)."""
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with floats as YAML 1.2 (and people) write them: ``1e-3``, ``1E5``, ``.5``.
+
+    YAML 1.1 reads ``1e-3`` (no dot) as the string '1e-3'; a learning rate written that way
+    would be refused as "not a number"."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text the way every config in this project is read (safe; 1e-3 is a float)."""
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _flat_items(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flat_items(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def load_config(cls: type[T], path: str | os.PathLike, overrides: dict | None = None,
+                override_flag: typing.Callable[[str], str] = lambda key: f"--set {key}") -> T:
+    """Load YAML file ``path`` into dataclass ``cls`` (strict: unknown keys are errors).
+
+    ``overrides`` (nested keys, e.g. from ``--set train.lr=1e-3``) replace values of the file; an
+    error about one of them names the override (``override_flag(key)``), not the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist (expected a YAML file for {cls.__name__})")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     if overrides:
         data = deep_update(data, overrides)
-    return from_dict(cls, data, source=str(p))
+    try:
+        return from_dict(cls, data, source=str(p))
+    except ConfigError as e:
+        msg = str(e).removeprefix(f"{p}: ")
+        for key, value in _flat_items(overrides or {}):
+            if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", msg):
+                raise ConfigError(f"{override_flag(key)}={value!r}: {msg} (over the config file '{p}')") from None
+        raise
 
 
 def deep_update(base: dict, upd: dict) -> dict:
@@ -149,15 +195,93 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
+OUTPUT_MARKER = ".uwm_output.json"
+# the --out folder the running command may replace (set by :func:`guarded_out`, read by :func:`atomic_dir`)
+_OUT_GUARD: contextvars.ContextVar = contextvars.ContextVar("uwm_out_guard", default=None)
+
+
+class OutputError(ValueError):
+    """``--out`` cannot be written: it is a file, a folder the user made, or the parent is not writable."""
+
+
+def output_owner(path: str | os.PathLike) -> str | None:
+    """The command named in ``path``'s marker file (a folder this project wrote), else None."""
+    marker = Path(path) / OUTPUT_MARKER
+    try:
+        return str(json.loads(marker.read_text()).get("command")) if marker.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def mark_output(path: str | os.PathLike, command: str) -> None:
+    """Write the marker that says ``path`` is the output of ``uwm <command>`` (and may be replaced by it)."""
+    write_json(Path(path) / OUTPUT_MARKER, {"command": command, "created": time.time()})
+
+
+def check_out(path: str | os.PathLike, command: str, overwrite: bool = False, flag: str = "--out",
+              allow_own: bool = False) -> Path:
+    """Refuse an output folder before any work is done; return it as a Path.
+
+    Refused: ``path`` exists as a file; its parent is not a writable folder; it is a non-empty
+    folder without this command's marker (a folder the user made is never replaced); it is this
+    command's own earlier output and ``overwrite`` is False (``allow_own`` accepts it, e.g. for
+    ``--resume``). An empty folder or a missing path is fine.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{flag} '{p}' exists and is not a folder (expected a new folder for `uwm {command}`)")
+    anc = p.absolute().parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"{flag} '{p}': '{anc}' is not a folder, so the output cannot be created there")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} '{p}': the folder '{anc}' is not writable")
+    if p.is_dir() and any(p.iterdir()):
+        owner = output_owner(p)
+        if owner is None:
+            raise OutputError(
+                f"{flag} '{p}' is an existing folder that `uwm {command}` did not write (no {OUTPUT_MARKER} in it); "
+                f"it is never replaced: choose a new or empty folder, or remove it yourself")
+        if owner != command:
+            raise OutputError(f"{flag} '{p}' holds the output of `uwm {owner}`, not of `uwm {command}`; choose another folder")
+        if not overwrite and not allow_own:
+            raise OutputError(f"{flag} '{p}' holds an earlier output of `uwm {command}`; pass --overwrite to replace it")
+    return p
+
+
+@contextlib.contextmanager
+def guarded_out(path: str | os.PathLike, command: str, overwrite: bool = False):
+    """For a command's ``--out`` folder: check it up front (:func:`check_out`), then let the
+    :func:`atomic_dir` that builds exactly this folder swap in the new output (marked as
+    ``command``'s), re-checking at the swap that nobody put files there in the meantime."""
+    p = check_out(path, command, overwrite)
+    token = _OUT_GUARD.set((p.absolute(), command, overwrite))
+    try:
+        yield p
+    finally:
+        _OUT_GUARD.reset(token)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = True):
-    """Yield a temporary directory next to ``final``; rename it into place only on success."""
+    """Yield a temporary directory next to ``final``; rename it into place only on success.
+
+    Inside :func:`guarded_out` for this very folder, the new folder gets the command's marker and
+    replaces ``final`` only if ``final`` is missing, empty or that command's earlier output."""
     final = Path(final)
+    guard = _OUT_GUARD.get()
+    guard = guard if guard is not None and guard[0] == final.absolute() else None
+    if guard is not None:
+        check_out(final, guard[1], guard[2])
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
+        if guard is not None:
+            mark_output(tmp, guard[1])
+            check_out(final, guard[1], guard[2])  # still ours (or empty) at the moment of the swap
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -173,21 +297,39 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True):
         os.replace(tmp, final)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def atomic_file(final: str | os.PathLike, mode: str = "w"):
-    """Open a temporary file next to ``final``; rename it into place only on success."""
+def atomic_path(final: str | os.PathLike):
+    """Yield the path of a temporary file next to ``final`` (to be written by any writer); rename it
+    into place only on success. The file gets the permissions of an ordinary new file (0666 less
+    the umask), not mkstemp's private 0600."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent, suffix=final.suffix)
-    os.close(fd)
     try:
-        with open(tmp, mode) as f:
-            yield f
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # again: some writers (safetensors) replace the file with a private one
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | os.PathLike, mode: str = "w"):
+    """Open a temporary file next to ``final``; rename it into place only on success (see :func:`atomic_path`)."""
+    with atomic_path(final) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -351,11 +351,15 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished shards of an interrupted run (in .<out>.work next to --out)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
     a = ap.parse_args(argv)
-    out = tokenize_dataset(a.data, a.processor, a.out, clip_frames=a.clip_frames,
-                           templates=[t for t in a.templates.split(",") if t], progress=not a.no_progress,
-                           workers=a.workers, resume=a.resume, shard_episodes=a.shard_episodes,
-                           threads_per_worker=a.threads_per_worker)
+    from unified_wm.utils import guarded_out
+
+    with guarded_out(a.out, "data tokenize", a.overwrite):
+        out = tokenize_dataset(a.data, a.processor, a.out, clip_frames=a.clip_frames,
+                               templates=[t for t in a.templates.split(",") if t], progress=not a.no_progress,
+                               workers=a.workers, resume=a.resume, shard_episodes=a.shard_episodes,
+                               threads_per_worker=a.threads_per_worker)
     n = len(load_token_documents(out))
     print(f"wrote {n} documents to {out}")
     return 0

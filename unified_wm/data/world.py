@@ -179,6 +179,9 @@ class WorldConfig:
             raise ValueError(f"episode_length ({self.episode_length}) and probe_frames ({self.probe_frames}) must be >= 2")
         if self.n_episodes < 1 or self.probe_episodes < 1:
             raise ValueError("n_episodes and probe_episodes must be >= 1")
+        for name in ("n_landmarks", "max_offscreen"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.seed < SPLIT_SEED_SPAN:
             raise ValueError(f"seed must be in [0, {SPLIT_SEED_SPAN}), got {self.seed}")
         if not self.probe_offscreen_N or min(self.probe_offscreen_N) < 1:
@@ -993,11 +996,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="train", choices=list(SPLIT_SEED_OFFSETS))
     ap.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard, e.g. 500MB or 1GB (default 500MB)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
     args = ap.parse_args(argv)
-    cfg = load_config(WorldConfig, args.config)
-    t0 = time.perf_counter()
-    out = generate_world(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=args.split, progress=not args.no_progress,
-                         max_shard_size=args.max_shard_size)
+    from unified_wm.utils import guarded_out
+
+    with guarded_out(args.out, "data gen-world", args.overwrite):
+        cfg = load_config(WorldConfig, args.config)
+        t0 = time.perf_counter()
+        out = generate_world(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=args.split,
+                             progress=not args.no_progress, max_shard_size=args.max_shard_size)
     n = args.episodes or (cfg.probe_episodes if args.split in PROBE_KINDS else cfg.n_episodes)
     print(f"wrote {n} {args.split} episodes to {out} in {time.perf_counter() - t0:.1f}s")
     return 0

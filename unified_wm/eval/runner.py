@@ -159,6 +159,13 @@ class Suite:
         for task, key in (("offscreen", "offscreen_data"), ("revisit", "revisit_data")):
             if task in self.tasks and not getattr(self, key):
                 raise ValueError(f"task '{task}' needs '{key}' (a probe episode dataset)")
+        if self.n_episodes < 1:
+            raise ValueError(f"n_episodes = {self.n_episodes}; the suite needs at least 1 episode to evaluate")
+        probes = [t for t in ("offscreen", "revisit") if t in self.tasks]
+        if probes and self.n_probes < 1:
+            raise ValueError(f"n_probes = {self.n_probes}; task '{probes[0]}' needs at least 1 probe episode")
+        if self.train_episodes < 1:
+            raise ValueError(f"train_episodes = {self.train_episodes}; expected >= 1")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -175,11 +182,13 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(_ssim(a, b))
 
 
-def check_held_out(model_dir: Path, ds, suite_path: str) -> None:
-    seeds_file = model_dir / "training_seeds.json"
+def check_held_out(model_dir: Path, ds, suite_path: str) -> str:
+    """"checked" when the data's episode seeds were compared with the model's training seeds (an
+    overlap is an error), "not checked" when the model has no ``training_seeds.json``."""
+    seeds_file = Path(model_dir) / "training_seeds.json"
     if not seeds_file.is_file():
         print(f"warning: '{seeds_file}' is missing; cannot check that the suite's data is held out", file=sys.stderr)
-        return
+        return "not checked"
     train_seeds = set(json.loads(seeds_file.read_text())["seeds"])
     overlap = sorted(train_seeds & {int(s) for s in ds["seed"]})
     if overlap:
@@ -187,6 +196,7 @@ def check_held_out(model_dir: Path, ds, suite_path: str) -> None:
             f"{suite_path}: the suite's data shares {len(overlap)} episode seeds with the model's training data "
             f"(e.g. {overlap[:5]}); evaluate on held-out episodes only"
         )
+    return "checked"
 
 
 def episode_cameras(wm, episodes, suite: Suite) -> list:
@@ -816,7 +826,7 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
 
     overrides = {k: v for k, v in (("data", data), ("offscreen_data", offscreen_data), ("revisit_data", revisit_data),
                                    ("train_data", train_data)) if v}
-    suite = load_config(Suite, suite_path, overrides)
+    suite = load_config(Suite, suite_path, overrides, override_flag=lambda key: "--" + key.replace("_", "-"))
     _check_extras(suite, suite_path)
     model_dir = Path(model_dir)
     ds = load_episodes(suite.data)
@@ -825,15 +835,15 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
             bl.require_camera(get_episode(ds, 0), (1, 1), (1, 1), suite.data)
         except bl.BaselineUnavailable as e:
             raise ConfigError(f"{suite_path}: {e}") from None
+    held_out = check_held_out(model_dir, ds, suite_path)
     wm = WorldModel.from_pretrained(model_dir)
-    check_held_out(model_dir, ds, suite_path)
     n = min(suite.n_episodes, len(ds))
     episodes = []
     for i in tqdm(range(n), desc="encode", disable=not progress):
         ep = get_episode(ds, i)
         episodes.append((ep, wm.processor.encode_frames(ep["frames"])))
     t0 = time.time()
-    results: dict = {"suite": suite.name, "model": str(model_dir), "data": suite.data, "n_episodes": n}
+    results: dict = {"suite": suite.name, "model": str(model_dir), "data": suite.data, "n_episodes": n, "held_out": held_out}
     roll = Rollouts(wm, suite.rollout)
     ref: list = []
 
@@ -869,7 +879,9 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
 
 
 def markdown_table(r: dict) -> str:
-    lines = [f"### eval suite `{r['suite']}` on {r['n_episodes']} held-out episodes", "", "| task | metric | value |", "|---|---|---|"]
+    which = ("held-out episodes" if r.get("held_out", "checked") == "checked"
+             else "episodes (held-out: not checked, the model has no training_seeds.json)")
+    lines = [f"### eval suite `{r['suite']}` on {r['n_episodes']} {which}", "", "| task | metric | value |", "|---|---|---|"]
     nll = r.get("nll", {})
     for tpl, m in nll.items():
         if tpl == "baselines":
@@ -979,7 +991,7 @@ def compare(a: str, b: str, out: str | None = None) -> str:
 
     full_a, full_b = load(a), load(b)
     ra, rb = flatten(full_a), flatten(full_b)
-    keys = [k for k in ra if k in rb and k not in ("n_episodes", "seconds", "rollouts_generated") and not k.endswith("_seconds")]
+    keys = [k for k in ra if k in rb and k not in ("n_episodes", "held_out", "seconds", "rollouts_generated") and not k.endswith("_seconds")]
     w = max(len(k) for k in keys) if keys else 10
     lines = [f"{'metric':<{w}} {'A':>10} {'B':>10} {'B-A':>10}", f"A = {a}", f"B = {b}"]
     for k in keys:
@@ -1044,10 +1056,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--revisit-data", default=None, help="override the suite's probe_revisit dataset")
     ap.add_argument("--train-data", default=None,
                     help="override the suite's train_data (episodes the controllability probe and the caption baseline learn from)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
     try:
-        run_suite(a.model, a.suite, a.out, data=a.data, offscreen_data=a.offscreen_data, revisit_data=a.revisit_data,
-                  train_data=a.train_data)
+        run_suite(a.model, a.suite, a.out, progress=not a.no_progress, data=a.data, offscreen_data=a.offscreen_data,
+                  revisit_data=a.revisit_data, train_data=a.train_data)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -346,12 +346,16 @@ def main_build(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", required=True, help="SentencePiece .model")
     ap.add_argument("--video", required=True, help="video tokenizer folder")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
     a = ap.parse_args(argv)
+    from unified_wm.utils import check_out, guarded_out
+
+    check_out(a.out, "tokenizer build-processor", a.overwrite)
     cfg = load_config(ProcessorConfig, a.config)
     cont = cfg.continuous_actions.to_dict() if cfg.continuous_actions is not None else None
     proc = UnifiedProcessor(a.text, action_vocabulary(cfg.action_sets), a.video, cfg.max_chunk_len, cfg.tokens_per_action,
                             continuous_actions=cont)
-    with atomic_dir(a.out) as tmp:
+    with guarded_out(a.out, "tokenizer build-processor", a.overwrite), atomic_dir(a.out) as tmp:
         proc.save_pretrained(tmp)
     print(f"processor -> {a.out}: vocab {proc.vocab_size} (special {N_SPECIAL}, text {proc.action_offset - proc.text_offset}, "
           f"actions {proc.video_offset - proc.action_offset}, video {proc.video.codebook_size}), {proc.tokens_per_frame} tokens per frame")

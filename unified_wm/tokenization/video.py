@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +119,12 @@ class TrainConfig:
                 raise ValueError(f"train.{name} = {getattr(self, name)}; expected >= 1")
         if self.lr <= 0:
             raise ValueError(f"train.lr = {self.lr}; expected > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio = {self.min_lr_ratio}; expected a share of train.lr in [0, 1]")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip = {self.grad_clip}; expected >= 0 (0: no clipping)")
+        if self.grad_loss_weight < 0:
+            raise ValueError(f"train.grad_loss_weight = {self.grad_loss_weight}; a loss weight must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay = {self.ema_decay}; expected 0 (off) or a decay in (0, 1), e.g. 0.999")
 
@@ -568,15 +573,10 @@ class VideoTokenizer(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.tmp-", dir=d)
-        os.close(fd)
-        try:
-            save_file(state, tmp, metadata={"format": "pt", "kind": "unified_wm.video_tokenizer"})
-            os.replace(tmp, d / WEIGHTS_NAME)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        from unified_wm.utils import atomic_path
+
+        with atomic_path(d / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt", "kind": "unified_wm.video_tokenizer"})
         meta = {
             "tokenizer_type": "video",
             "format_version": FORMAT_VERSION,
@@ -845,6 +845,7 @@ def train_video_tokenizer(
     resume: bool = False,
     progress: bool = True,
     config: VideoTokenizerConfig | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train a video tokenizer on the frames of an episode dataset; returns a summary dict.
 
@@ -853,8 +854,12 @@ def train_video_tokenizer(
     ``max_steps`` stops early at that global step (the LR schedule still follows
     ``train.steps``); ``resume`` continues from the newest checkpoint in ``out_dir``.
     ``config`` may be passed instead of reading ``config_path`` (tests, sweeps).
+    ``overwrite`` replaces an earlier output in ``out_dir``: the new run trains in a temporary
+    folder next to it, which replaces it only when training is complete.
     """
     from tqdm.auto import tqdm
+
+    from unified_wm.utils import atomic_dir, mark_output
 
     cfg = config if config is not None else load_config(VideoTokenizerConfig, config_path)
     cfg.validate()
@@ -862,10 +867,17 @@ def train_video_tokenizer(
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     out = Path(out_dir)
+    if overwrite and not resume and out.is_dir() and any(out.iterdir()):
+        with atomic_dir(out) as tmp:  # the earlier output stays in place until the new one is complete
+            summary = train_video_tokenizer(config_path, data_dir, tmp, max_steps=max_steps, progress=progress, config=cfg)
+            summary["out_dir"] = str(out)
+            write_json(tmp / "train_summary.json", summary)
+        return summary
     ckpt_root = out / "checkpoints"
     if not resume and _list_checkpoints(ckpt_root):
         raise FileExistsError(f"output folder '{out}' already holds checkpoints; pass resume=True (--resume) or choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "tokenizer train-video")
 
     frames_np, starts, note = load_episode_frames(data_dir, cfg.image_size, "train", tc.max_frames)
     frames = torch.from_numpy(frames_np)  # uint8 [N,S,S,3]
@@ -1019,15 +1031,10 @@ def save_side_by_side(originals: np.ndarray, recons: np.ndarray, path: str | os.
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    from unified_wm.utils import atomic_path
+
+    with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
@@ -1093,8 +1100,17 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ap.add_argument("--max-steps", type=int, default=None, help="stop at this global step")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
     a = ap.parse_args(argv)
-    summary = train_video_tokenizer(a.config, a.data, a.out, max_steps=a.max_steps, resume=a.resume, progress=not a.no_progress)
+    from unified_wm.utils import check_out, guarded_out
+
+    if a.resume and a.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    check_out(a.out, "tokenizer train-video", a.overwrite, allow_own=a.resume)
+    with guarded_out(a.out, "tokenizer train-video", a.overwrite or a.resume):
+        summary = train_video_tokenizer(a.config, a.data, a.out, max_steps=a.max_steps, resume=a.resume,
+                                        progress=not a.no_progress, overwrite=a.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
