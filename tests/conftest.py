@@ -9,6 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton's kernels run on CPU tensors under its interpreter; the flag must be set before anything
+# (torch, deepspeed, a test module) first imports triton, or its jit functions are compiled ones.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
