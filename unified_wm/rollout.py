@@ -123,7 +123,7 @@ class WorldModel:
                 t = n_ctx + f - 1  # the frame before this one
                 fr = sess.step(act(t) if t >= 0 else None)
                 out.append(fr)
-                codes.append(sess.prev_codes.numpy())
+                codes.append(sess.prev_codes.cpu().numpy())
                 if on_frame is not None:
                     on_frame(f, fr)
                 bar.update(1)
@@ -213,12 +213,13 @@ class RolloutSession:
             raise ValueError(f"diagonals_per_pass must be >= 1, got {diagonals_per_pass}")
         self.diagonals_per_pass = diagonals_per_pass
         self.B = batch
-        self.gens = [torch.Generator().manual_seed(seed + i) if seed is not None else None for i in range(batch)]
-        self.allowed = wm.video_allowed
+        self.dev = dev = self.model.device  # every tensor of the session lives where the model does
+        self.gens = [torch.Generator(device=dev).manual_seed(seed + i) if seed is not None else None for i in range(batch)]
+        self.allowed = wm.video_allowed.to(dev)
         ctx_ids = self.p.encode_frames(context) if context is not None else None
         ctx_actions = [list(a) for a in context_actions] if len(context_actions) else None
         self.n_frames = 0 if ctx_ids is None else len(ctx_ids)
-        self.prev_codes = None if ctx_ids is None else torch.as_tensor(ctx_ids[-1]).expand(batch, -1).clone()
+        self.prev_codes = None if ctx_ids is None else torch.as_tensor(ctx_ids[-1], device=dev).expand(batch, -1).clone()
         b = wm.builder
         specs = [("cond", text, True)]
         if cfg_text != 1.0:
@@ -244,12 +245,12 @@ class RolloutSession:
         self.pending: torch.Tensor | None = None  # codes sampled but not yet fed to the caches
         with _one_thread():
             for br in self.branches:
-                self._feed(br, torch.tensor([br.prompt] * batch))
+                self._feed(br, torch.tensor([br.prompt] * batch, device=dev))
 
     # -- model calls -------------------------------------------------------------------
     def _feed(self, br: _Branch, ids: torch.Tensor, at: list[int] | None = None) -> torch.Tensor:
         """Feed ``ids`` [B, n]; logits [B, V] of the last token, or [B, len(at), V] at positions ``at``."""
-        keep = 1 if at is None else torch.tensor(at)
+        keep = 1 if at is None else torch.tensor(at, device=self.dev)
         out = self.model(ids, cache=br.cache, use_cache=True, logits_to_keep=keep)
         return out.logits[:, -1] if at is None else out.logits
 
@@ -298,7 +299,7 @@ class RolloutSession:
             # the previous frame's unfed codes, the action and <frame> go in one forward pass
             first = []
             for br in self.branches:
-                ids = torch.tensor([(seg if br.with_actions else []) + [FRAME]] * self.B)
+                ids = torch.tensor([(seg if br.with_actions else []) + [FRAME]] * self.B, device=self.dev)
                 if self.pending is not None:
                     ids = torch.cat([self.pending, ids], 1)
                 first.append(self._feed(br, ids))
@@ -307,7 +308,7 @@ class RolloutSession:
         self.prev_codes = codes
         self.n_frames += 1
         self.length = self.branches[0].length + self._pending_len()
-        return self.p.decode_frames(codes.numpy())
+        return self.p.decode_frames(codes.cpu().numpy())
 
     def _pending_len(self) -> int:
         return 0 if self.pending is None else self.pending.shape[1]
@@ -340,7 +341,7 @@ class RolloutSession:
         T = h * w
         guess = self.prev_codes.clone() if self.prev_codes is not None else None
         snaps = [br.cache.snapshot() for br in self.branches]
-        G = torch.full((self.B, T), self.p.video_offset, dtype=torch.long)  # placeholder: code 0
+        G = torch.full((self.B, T), self.p.video_offset, dtype=torch.long, device=self.dev)  # placeholder: code 0
         step = self.diagonals_per_pass
         for d0 in range(0, h + w - 1, step):
             d = d0 + step - 1  # this pass samples diagonals d0..d
@@ -352,7 +353,7 @@ class RolloutSession:
             else:
                 fill = G.clone()
                 if guess is not None:  # codes not sampled yet hold the previous frame's code
-                    done = torch.zeros(T, dtype=torch.bool)
+                    done = torch.zeros(T, dtype=torch.bool, device=self.dev)
                     done[[i * w + j for i in range(h) for j in range(w) if i + j < d0]] = True
                     fill[:, ~done] = guess[:, ~done]
                 logits = []
@@ -388,14 +389,14 @@ class RolloutSession:
             # older frames by how often routing selected them (summed over layers and rows)
             meta, _ = stream_layout(br.cache.uwm_ids[:1], cfg)
             chunk_of = meta.chunk_ids[0]
-            score = torch.zeros(N)
+            score = torch.zeros(N, device=self.dev)
             for st in getattr(br.cache, "uwm_attn_states", None) or []:
                 if st is None:
                     continue
                 cids, counts = st.selection_counts()
                 if cids.numel():  # the rows of a session share one layout: sum their counts
                     lookup = dict(zip(cids[0].tolist(), counts.sum(0).tolist()))
-                    score += torch.tensor([lookup.get(int(c), 0.0) for c in chunk_of.tolist()])
+                    score += torch.tensor([lookup.get(int(c), 0.0) for c in chunk_of.tolist()], device=self.dev)
             old = [i for i in range(len(units)) if i not in keep_units]
             old.sort(key=lambda i: -float(score[units[i][0]:units[i][1]].sum()))
             for i in old:
@@ -406,7 +407,7 @@ class RolloutSession:
             keep = list(range(prefix))
             for i in sorted(keep_units):
                 keep += list(range(*units[i]))
-            br.cache.keep_tokens(torch.tensor(keep), cfg)
+            br.cache.keep_tokens(torch.tensor(keep, device=self.dev), cfg)
         self.evictions += 1
 
 
