@@ -124,6 +124,11 @@ def test_recipes_load_and_world_twins_differ_only_in_attention_backend():
     for d in (moc, dense):
         d.pop("output_dir"), d.pop("description")
     assert moc == dense
+    cpu, cpu_dense = (dataclasses.asdict(load_recipe(ROOT / "recipes" / f"{n}.yaml")) for n in ("world_cpu", "world_cpu_dense"))
+    assert cpu["attention"].pop("backend") == "moc" and cpu_dense["attention"].pop("backend") == "dense"
+    for d in (cpu, cpu_dense):
+        d.pop("output_dir"), d.pop("description")
+    assert cpu == cpu_dense and cpu["model"]["rope_mode"] == "3d"
     long = recipes["base_moc_long"]
     assert long.train.seq_len >= 32768 and long.attention.backend == "moc"
     assert long.model.max_position_embeddings >= long.train.seq_len
