@@ -73,8 +73,7 @@ def eval_section(results_path: str | Path | None) -> list[str]:
 
 def zero0_state_dict(tag_dir: Path) -> dict:
     """The model weights of a ZeRO-0 save: ``mp_rank_00_model_states.pt``'s ``module`` (fp32 upcast).
-    Read with ``weights_only=True``; a file that needs full unpickling (objects DeepSpeed stored next
-    to the weights) is read again without it only if it is a checkpoint this project wrote."""
+    Read with ``weights_only=True`` only; a file that would need full unpickling is refused."""
     import pickle
 
     import torch
@@ -84,13 +83,9 @@ def zero0_state_dict(tag_dir: Path) -> dict:
         raise FileNotFoundError(f"'{f}' is missing (a ZeRO-0 checkpoint keeps the whole model there)")
     try:
         obj = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        from unified_wm.train import DONE_MARKER
-
-        if not (Path(tag_dir) / DONE_MARKER).is_file():
-            raise ValueError(f"'{f}' cannot be read with weights_only=True and its folder has no {DONE_MARKER}; "
-                             f"not loading it as a full pickle") from None
-        obj = torch.load(f, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"'{f}' cannot be read with weights_only=True ({str(e).splitlines()[0]}); "
+                         f"weights are never loaded as a full pickle") from None
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"'{f}' is not a readable PyTorch file ({e})") from None
     module = obj.get("module") if isinstance(obj, dict) else None
