@@ -31,6 +31,7 @@ browser:
 	fi
 
 test: $(STAMP) browser
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 clean:

@@ -22,7 +22,7 @@ def fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     assert q.dim() == 3 and k.shape == v.shape and q.shape[1] % k.shape[1] == 0
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
     assert len(cu_seqlens_q) == len(cu_seqlens_k) and int(cu_seqlens_q[-1]) == q.shape[0] and int(cu_seqlens_k[-1]) == k.shape[0]
-    H, G = q.shape[1], q.shape[1] // k.shape[1]
+    G = q.shape[1] // k.shape[1]
     scale = softmax_scale or q.shape[-1] ** -0.5
     outs, lses = [], []
     for i in range(len(cu_seqlens_q) - 1):

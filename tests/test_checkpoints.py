@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_tiny_recipe
-from unified_wm.train import DONE_MARKER, check_checkpoint, file_records, read_rng_file, resolve_resume, rng_state
+from unified_wm.checkpoint import DONE_MARKER, check_checkpoint, file_records, read_rng_file, resolve_resume, rng_state
 from unified_wm.utils import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ def test_yaml_reads_exponent_and_leading_dot_floats():
 
 
 def test_recipe_with_exponent_lr_loads(tiny_recipe):
-    from unified_wm.train import load_recipe, parse_override
+    from unified_wm.recipe import load_recipe
+    from unified_wm.train import parse_override
 
     text = tiny_recipe.read_text().replace("lr: 0.003", "lr: 1e-3")
     assert "lr: 1e-3" in text
@@ -30,7 +31,8 @@ def test_recipe_with_exponent_lr_loads(tiny_recipe):
 
 
 def test_bad_set_value_names_set_not_the_recipe(tiny_recipe, capsys):
-    from unified_wm.train import load_recipe, main, parse_override
+    from unified_wm.recipe import load_recipe
+    from unified_wm.train import main, parse_override
 
     with pytest.raises(ConfigError) as e:
         load_recipe(tiny_recipe, parse_override("train.lr=fast"))
@@ -73,7 +75,7 @@ def test_eval_suite_and_world_and_tokenizer_configs_take_exponent_floats(tmp_pat
     ({"tasks": {"interleaved": {"weight": -1.0}, "caption": {"weight": 2.0}}}, "tasks.interleaved.weight"),
 ])
 def test_recipe_values_out_of_range_name_the_key_and_file(tiny_recipe, override, key):
-    from unified_wm.train import load_recipe
+    from unified_wm.recipe import load_recipe
 
     data = yaml.safe_load(tiny_recipe.read_text())
     for section, values in override.items():
@@ -123,7 +125,7 @@ def test_suite_with_nothing_to_evaluate_is_refused(tmp_path, edit, key):
 def test_misspelled_deepspeed_key_is_named_with_the_file(tiny_recipe):
     import json
 
-    from unified_wm.train import fill_ds_config, load_recipe
+    from unified_wm.recipe import fill_ds_config, load_recipe
 
     recipe = load_recipe(tiny_recipe)
     for f in sorted((ROOT / "ds_configs").glob("*.json")):  # every shipped config passes

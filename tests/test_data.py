@@ -268,7 +268,8 @@ def test_recipes_load_and_cli_main(tmp_path, capsys):
         cfg = W.as_config(RECIPES / f"{name}.yaml")
         assert cfg.view_width == 64 and cfg.n_episodes >= 300
     assert W.as_config(RECIPES / "world.yaml").occluder_density > 0
-    assert W.main(["--config", str(RECIPES / "world_tiny.yaml"), "--out", str(tmp_path / "d"), "--episodes", "3", "--seed", "7", "--no-progress"]) == 0
+    assert W.main(["--config", str(RECIPES / "world_tiny.yaml"), "--out", str(tmp_path / "d"), "--episodes", "3",
+                   "--seed", "7", "--no-progress"]) == 0
     assert W.seeds_of(tmp_path / "d") == {7, 8, 9}
     assert get_episode(load_episodes(tmp_path / "d"), 0)["frames"].shape[0] == 16
 
@@ -313,7 +314,8 @@ def test_atari_unknown_game_is_named_with_the_valid_ones(tmp_path):
         pytest.skip(f"gymnasium/ale-py not importable ({e}); install unified_wm[atari]")
     from unified_wm.data import atari
 
-    with pytest.raises(ValueError, match=r"unknown Atari game 'Pongg' \(config key 'game'\)\. Did you mean 'Pong'\?.*Valid games \(\d+\): .*Breakout"):
+    with pytest.raises(ValueError, match=r"unknown Atari game 'Pongg' \(config key 'game'\)\. Did you mean 'Pong'\?"
+                       r".*Valid games \(\d+\): .*Breakout"):
         atari.make_env(atari.AtariConfig(game="Pongg"))
     p = tmp_path / "a.yaml"
     p.write_text("game: NotAGame\nframes: 4\n")

@@ -4,7 +4,6 @@ the clear errors that bad input gets."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from unified_wm.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -23,14 +23,6 @@ def uwm(*args, check=True, timeout=600):
     if check and r.returncode != 0:
         raise AssertionError(f"uwm {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +222,7 @@ def test_uwm_pipeline_runs_every_stage_once_and_resumes(tmp_path):
            "deepspeed": str(ROOT / "ds_configs/zero2.json")}
     cp = tmp_path / "pipeline.yaml"
     cp.write_text(yaml.safe_dump(cfg))
-    r = uwm("pipeline", "--config", cp, timeout=900)
+    uwm("pipeline", "--config", cp, timeout=900)
     state = json.loads((w / "pipeline_state.json").read_text())
     assert list(state["done"]) == ["data", "text_tokenizer", "video_tokenizer", "processor", "tokens", "train", "export", "eval"]
     res = json.loads((w / "eval_suite" / "results.json").read_text())

@@ -233,7 +233,8 @@ def test_condition_dropout_removes_text_and_action_segments(tokens_dir, processo
     from tests.conftest import write_tiny_recipe
     from unified_wm.data.tokenize import load_token_documents
     from unified_wm.tokenization.processor import ACT_OPEN, TEXT_OPEN
-    from unified_wm.train import PackedBatches, drop_segments, load_recipe
+    from unified_wm.data.packing import PackedBatches, drop_segments
+    from unified_wm.recipe import load_recipe
 
     assert drop_segments([1, 3, 20, 4, 7, 50, 5, 41, 6, 2], list(range(10)), 5, 6) == \
         ([1, 3, 20, 4, 7, 50, 2], [0, 1, 2, 3, 4, 5, 9])

@@ -110,7 +110,8 @@ def test_inverse_layout_and_loss_on_actions(processor):
 def test_policy_layout_and_loss_on_actions(processor):
     ids, w, fids, acts = _build(processor, "policy", T=4)
     # history then the next action; the last frame has no action after it and is left out
-    want = _expected(processor, fids, acts, [("t", "a red car"), ("f", 0), ("a", 0), ("t", "the camera pans left"), ("f", 1), ("a", 1), ("f", 2), ("a", 2)])
+    want = _expected(processor, fids, acts, [("t", "a red car"), ("f", 0), ("a", 0), ("t", "the camera pans left"),
+                                               ("f", 1), ("a", 1), ("f", 2), ("a", 2)])
     assert ids.tolist() == want
     assert _segments(ids)[-1] == "a" and ids[-2] == ACT_CLOSE
     text, action, video = _kinds(processor, ids)
@@ -183,7 +184,7 @@ def test_unknown_template_and_mismatched_actions(processor):
 def test_new_templates_through_tokenize_and_a_recipe(processor, world_data):
     from unified_wm.data.episodes import get_episode, load_episodes
     from unified_wm.data.tokenize import episode_documents
-    from unified_wm.train import Recipe
+    from unified_wm.recipe import Recipe
     from unified_wm.utils import from_dict
 
     ep = get_episode(load_episodes(world_data), 0)

@@ -16,10 +16,12 @@ import pytest
 import torch
 import yaml
 
-from unified_wm.train import (
-    DONE_MARKER, TMP_PREFIX, TensorBoard, complete_checkpoints, fill_ds_config, load_recipe, per_task_ce,
-    resolve_resume, rng_state, rotate_checkpoints, set_rng_state,
+from unified_wm.checkpoint import (
+    DONE_MARKER, TMP_PREFIX, complete_checkpoints, resolve_resume, rng_state, rotate_checkpoints, set_rng_state,
 )
+from unified_wm.distributed import free_port
+from unified_wm.recipe import fill_ds_config, load_recipe
+from unified_wm.train import TensorBoard, per_task_ce
 from unified_wm.utils import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,14 +29,6 @@ PY = sys.executable
 DEEPSPEED = str(Path(PY).parent / "deepspeed")
 TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 2048}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_recipe(d: Path, tokens_dir, processor_dir, **train) -> Path:

@@ -14,7 +14,7 @@ One run measures, on this machine:
   made here (SentencePiece on the episodes' captions; the FSQ video tokenizer of
   ``tokenizers/video_fsq_tiny.yaml`` at its initial weights: encoding costs the same
   trained or not);
-* the packed loader against the model: ``unified_wm.train.PackedBatches`` over those token
+* the packed loader against the model: ``unified_wm.data.packing.PackedBatches`` over those token
   documents with the recipe ``--recipe`` (default ``recipes/tiny_cpu.yaml``), producing
   micro-batches exactly as training does (``prepare_batch``: packing, chunk layout, loss
   weights), in tokens/s; and the recipe's model (``build_model``) consuming such batches,
@@ -159,7 +159,8 @@ def bench_loader_and_model(recipe_path: Path, tokens: Path, processor_dir: Path,
 
     from unified_wm.data.tokenize import load_token_documents
     from unified_wm.tokenization.processor import UnifiedProcessor
-    from unified_wm.train import PackedBatches, build_model, load_recipe, prepare_batch
+    from unified_wm.data.packing import PackedBatches, prepare_batch
+    from unified_wm.recipe import build_model, load_recipe
 
     recipe = load_recipe(recipe_path, {"output_dir": str(work / "run"), "data": {"tokens": str(tokens), "processor": str(processor_dir)}})
     torch.set_num_threads(threads or recipe.train.torch_threads or torch.get_num_threads())
@@ -223,7 +224,8 @@ def table(res: dict) -> str:
             rows.append((name, "-", "", f"skipped: {r['skipped'][:80]}"))
         elif key == "atari":
             rows.append((name, _fmt(r["frames_per_s"]), "frames/s",
-                         f"{r['game']}, {r['episodes']} eps x {r['frames'] // r['episodes']} frames + {r['warmup_steps']} warm-up steps; {_fmt(r['env_steps_per_s'])} env steps/s"))
+                         f"{r['game']}, {r['episodes']} eps x {r['frames'] // r['episodes']} frames + {r['warmup_steps']} warm-up steps; "
+                         f"{_fmt(r['env_steps_per_s'])} env steps/s"))
         else:
             rows.append((name, _fmt(r["frames_per_s"]), "frames/s",
                          f"{r['scenario']}, {r['episodes']} eps, {r['resolution']} -> 64x64, {r['tics_per_action']} tics/action"))
@@ -235,8 +237,10 @@ def table(res: dict) -> str:
     t = res["tokenize"]
     rows.append(("tokenize (offline)", _fmt(t["frames_per_s"]), "frames/s", f"{t['documents']} documents, templates {','.join(t['templates'])}"))
     m = res["loader_vs_model"]
-    rows.append(("packed loader", _fmt(m["loader_tokens_per_s"]), "tokens/s", f"prepare_batch, {m['micro_batch_size']}x{m['seq_len']}, fill {m['fill']:.2f}"))
-    rows.append(("packed loader + packing", _fmt(m["loader_tokens_per_s_with_packing"]), "tokens/s", f"epoch packing {m['pack_epoch_s']:.3f}s for {m['epoch_rows']} rows"))
+    rows.append(("packed loader", _fmt(m["loader_tokens_per_s"]), "tokens/s",
+                 f"prepare_batch, {m['micro_batch_size']}x{m['seq_len']}, fill {m['fill']:.2f}"))
+    rows.append(("packed loader + packing", _fmt(m["loader_tokens_per_s_with_packing"]), "tokens/s",
+                 f"epoch packing {m['pack_epoch_s']:.3f}s for {m['epoch_rows']} rows"))
     rows.append(("tiny model fwd+bwd", _fmt(m["train_tokens_per_s"]), "tokens/s",
                  f"{m['model_params'] / 1e6:.2f}M params, {m['attention_backend']}, {m['threads']} thread(s), {m['train_fwd_bwd_s']:.2f}s/batch"))
     rows.append(("loader / training", f"{m['loader_over_train']:.0f}x", "", f"the loader costs {100 * m['loader_share_of_step']:.2f}% of a step"))
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from unified_wm.data.tokenize import tokenize_dataset
-        from unified_wm.train import load_recipe
+        from unified_wm.recipe import load_recipe
 
         res: dict = {"machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
                                  "load_avg_1m_start": os.getloadavg()[0]}}

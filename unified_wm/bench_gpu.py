@@ -185,14 +185,14 @@ def _tiny_world(root: Path) -> tuple[Path, Path]:
 
 
 def train(a) -> dict:
-    from unified_wm.bench_train import _free_port
+    from unified_wm.distributed import free_port
 
     repo = Path(__file__).resolve().parents[1]
     work = Path(tempfile.mkdtemp(prefix="uwm_bench_gpu_"))
     try:
         tokens, processor = _tiny_world(work)
         ds = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-        cmd = [ds, "--num_gpus", "1", "--master_port", str(_free_port()), "--module", "unified_wm.train",
+        cmd = [ds, "--num_gpus", "1", "--master_port", str(free_port()), "--module", "unified_wm.train",
                "--recipe", str(repo / a.recipe), "--deepspeed", str(repo / "ds_configs/zero2_bf16.json"),
                "--output-dir", str(work / "train"), "--max-steps", str(a.steps),
                "--set", f"data.tokens={tokens}", "--set", f"data.processor={processor}",

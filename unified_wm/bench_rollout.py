@@ -14,7 +14,6 @@ Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

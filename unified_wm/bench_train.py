@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from unified_wm.distributed import free_port
 
 N_SPECIAL = 16
 PAD, BOS, EOS, TEXT_OPEN, TEXT_CLOSE, ACT_OPEN, ACT_CLOSE, FRAME = range(8)
@@ -131,7 +132,7 @@ def zero_worker(a) -> int:
     """One rank under the deepspeed launcher: train two steps under ZeRO ``a.stage``, count bytes."""
     import deepspeed
 
-    from unified_wm.train import setup_distributed
+    from unified_wm.distributed import setup_distributed
 
     torch.set_num_threads(1)
     rank, world = setup_distributed()
@@ -178,7 +179,7 @@ def zero_memory(shape: dict, seq_len: int, tmp: Path) -> dict:
         deepspeed = shutil.which("deepspeed") or "deepspeed"
     out: dict = {}
     for stage in (0, 3):
-        port = _free_port()
+        port = free_port()
         cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "--module", "unified_wm.bench_train",
                "--zero-worker", "--stage", str(stage), "--shape", json.dumps(shape), "--seq-len", str(seq_len),
                "--worker-out", str(tmp)]
@@ -190,14 +191,6 @@ def zero_memory(shape: dict, seq_len: int, tmp: Path) -> dict:
     z3 = max(x["total_bytes"] for x in out["zero3"])
     out["ratio_zero3_over_zero0"] = z3 / z0
     return out
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- main

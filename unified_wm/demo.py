@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from unified_wm.distributed import free_port
 
 
 def run(cmd: list[str], log: list) -> None:
@@ -89,9 +89,3 @@ def shutil_which(name: str, py: str) -> str:
     return found
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

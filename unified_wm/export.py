@@ -17,12 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-from unified_wm.utils import atomic_dir, write_json
+from unified_wm.utils import OVERWRITE_HELP, atomic_dir, write_json
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     """(checkpoints folder, tag) from either the folder (uses its ``latest``) or one ``stepN`` folder."""
-    from unified_wm.train import DONE_MARKER, TMP_PREFIX, read_latest
+    from unified_wm.checkpoint import DONE_MARKER, TMP_PREFIX, read_latest
 
     p = Path(path)
     if not p.exists():
@@ -99,7 +99,7 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
 
     from unified_wm.data.tokenize import load_token_documents
     from unified_wm.tokenization.processor import UnifiedProcessor
-    from unified_wm.train import build_model, load_recipe
+    from unified_wm.recipe import build_model, load_recipe
 
     ckpt_dir, tag = resolve_checkpoint(checkpoint)
     eval_lines = eval_section(eval_results)  # bad input fails before the (slow) consolidation
@@ -116,7 +116,7 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
     processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
     model = build_model(recipe, processor)
     zero = ds_cfg.get("zero_optimization", {}).get("stage")
-    from unified_wm.train import checkpoint_zero_stage
+    from unified_wm.checkpoint import checkpoint_zero_stage
 
     saved_stage = checkpoint_zero_stage(ckpt_dir / tag)
     zero = saved_stage if saved_stage is not None else zero
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--recipe", default=None, help="recipe that trained it (default: the one recorded in the run)")
     ap.add_argument("--eval-results", default=None, help="results.json from `uwm eval`, listed in the model card")
-    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a = ap.parse_args(argv)
     from unified_wm.utils import guarded_out
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unified_wm.utils import ConfigError, load_config, write_json
+from unified_wm.distributed import free_port
 
 STAGES = ("data", "text_tokenizer", "video_tokenizer", "processor", "tokens", "train", "export", "eval")
 
@@ -62,7 +63,7 @@ class Pipeline:
                 raise ValueError(f"{key}: file '{path}' does not exist")
         if self.ranks < 1 or self.clip_frames < 2:
             raise ValueError("ranks must be >= 1 and clip_frames >= 2")
-        from unified_wm.train import load_recipe
+        from unified_wm.recipe import load_recipe
 
         missing = [t for t, tr in load_recipe(self.recipe).tasks.items() if tr.weight > 0 and t not in self.templates]
         if missing:  # found now, not after the data and tokenizers are made
@@ -111,7 +112,7 @@ def stage_commands(p: Pipeline, config_path: str) -> dict[str, list[list[str]]]:
                      "--clip-frames", str(p.clip_frames), "--templates", templates, "--resume", "--no-progress"]
               for d, out in (("data", "tokens"), ("data_val", "val_tokens"))]
     launcher = str(Path(py).parent / "deepspeed") if (Path(py).parent / "deepspeed").exists() else "deepspeed"
-    train = [launcher, "--num_gpus", str(p.ranks), "--master_port", str(_free_port()), "--module", "unified_wm.train",
+    train = [launcher, "--num_gpus", str(p.ranks), "--master_port", str(free_port()), "--module", "unified_wm.train",
              "--recipe", p.recipe, "--deepspeed", p.deepspeed, "--output-dir", str(w / "train"),
              "--set", f"data.tokens={w / 'tokens'}", "--set", f"data.processor={w / 'processor'}",
              "--set", f"data.val_tokens={w / 'val_tokens'}", "--no-progress"]
@@ -139,14 +140,6 @@ def stage_commands(p: Pipeline, config_path: str) -> dict[str, list[list[str]]]:
         "export": [uwm + ["export", "--checkpoint", str(w / "train" / "checkpoints"), "--out", str(w / "hf")]],
         "eval": evals,
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_pipeline(config_path: str, *, only: list[str] | None = None, redo: str | None = None, dry_run: bool = False) -> dict:

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -77,6 +78,19 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{where}' must be a string, got {value!r}")
         return value
     return value
+
+
+OVERWRITE_HELP = "replace an earlier output of this command at --out (a folder it did not write is never replaced)"
+
+
+def warmup_cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps``,
+    then cosine decay from ``base_lr`` to ``min_lr_ratio * base_lr`` at ``total_steps``. The one
+    schedule of the toolkit: the world model's recipes and the video tokenizer's configs use it."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    prog = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
 
 
 def extensions_dir() -> str | None:

@@ -30,12 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from unified_wm.sequence import TEMPLATES, StreamBuilder
-
-try:  # the three original templates (interleaved, caption, inverse); newer templates are opt-in
-    from unified_wm.sequence import DEFAULT_TEMPLATES
-except ImportError:  # pragma: no cover - older sequence module
-    DEFAULT_TEMPLATES = TEMPLATES
+from unified_wm.sequence import DEFAULT_TEMPLATES, TEMPLATES, StreamBuilder
+from unified_wm.utils import OVERWRITE_HELP
 
 WORK_FORMAT = 1
 SHARD_PATTERN = "shard-{:05d}.arrow"
@@ -351,7 +347,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="keep the finished shards of an interrupted run (in .<out>.work next to --out)")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a = ap.parse_args(argv)
     from unified_wm.utils import guarded_out
 

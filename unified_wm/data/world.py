@@ -53,7 +53,6 @@ pixels are covered by occluders; ``visible = in_view and not occluded``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -64,7 +63,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from unified_wm.utils import ConfigError, from_dict, load_config
+from unified_wm.utils import OVERWRITE_HELP, from_dict, load_config
 
 ACTION_SPACES: dict[str, list[str]] = {"pan5": ["stay", "left", "right", "up", "down"]}
 ACTION_DELTAS: dict[str, tuple[int, int]] = {"stay": (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -996,7 +995,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="train", choices=list(SPLIT_SEED_OFFSETS))
     ap.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard, e.g. 500MB or 1GB (default 500MB)")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = ap.parse_args(argv)
     from unified_wm.utils import guarded_out
 

@@ -891,7 +891,8 @@ def markdown_table(r: dict) -> str:
         if "next_frame_token_acc" in m and nll.get("baselines"):
             names = list(nll["baselines"])
             lines.append(f"| nll/{tpl} | next-frame code accuracy: model / {' / '.join(n.replace('_', ' ') for n in names)} | "
-                         f"{m['next_frame_token_acc']:.3f} / " + " / ".join(f"{nll['baselines'][n]['next_frame_token_acc']:.3f}" for n in names) + " |")
+                         f"{m['next_frame_token_acc']:.3f} / "
+                         + " / ".join(f"{nll['baselines'][n]['next_frame_token_acc']:.3f}" for n in names) + " |")
     ro = r.get("rollout")
     if ro and "error" not in ro:
         for k in ("psnr_mean", "ssim_mean", "copy_last_psnr_mean", "copy_shift_psnr_mean", "tokenizer_recon_psnr_mean"):
@@ -934,7 +935,8 @@ def markdown_table(r: dict) -> str:
     if rv:
         lines.append(f"| revisit | return-frame PSNR (model / tokenizer ceiling) | {rv['return_psnr']:.2f} / {rv['tokenizer_ceiling_psnr']:.2f} |")
         if "return_lpips" in rv:
-            lines.append(f"| revisit | return-frame LPIPS (model / tokenizer ceiling) | {rv['return_lpips']:.3f} / {rv['tokenizer_ceiling_lpips']:.3f} |")
+            lines.append(f"| revisit | return-frame LPIPS (model / tokenizer ceiling) | "
+                         f"{rv['return_lpips']:.3f} / {rv['tokenizer_ceiling_lpips']:.3f} |")
     co = r.get("controllability")
     if co and "error" in co:
         lines.append(f"| controllability | error | {co['error']} |")

@@ -645,7 +645,6 @@ def _tile_scores(qf, kc, p: _TilePlan, t0: int, t_own: int, t1: int) -> tuple[to
     """Masked scores ``[n, T, L]`` (``-inf`` where not allowed) of tiles ``t0:t1``, and their rows."""
     R = p.rows[t0:t1]
     n, T = R.shape
-    L = kc.shape[1]
     s = torch.bmm(qf.index_select(0, R.reshape(-1)).view(n, T, -1), kc.index_select(0, p.kc[t0:t1]).transpose(1, 2))
     bc, mode = p.bc[t0:t1], p.mode[t0:t1]
     km = p.kmand.index_select(0, bc)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional
 
 import numpy as np
 
 from unified_wm.tokenization.actions import ContinuousActionBinner, parse_actions
-from unified_wm.utils import atomic_dir
+from unified_wm.utils import OVERWRITE_HELP, atomic_dir
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<text>", "</text>", "<act>", "</act>", "<frame>"] + [
     f"<reserved_{i}>" for i in range(8, 16)
@@ -196,7 +198,8 @@ class UnifiedProcessor:
 
         arr = np.asarray(ids, dtype=np.int64).reshape(-1, self.tokens_per_frame) - self.video_offset
         if arr.min() < 0 or arr.max() >= self.video.codebook_size:
-            raise ValueError(f"video ids must lie in [{self.video_offset}, {self.vocab_size}), got {arr.min() + self.video_offset}..{arr.max() + self.video_offset}")
+            raise ValueError(f"video ids must lie in [{self.video_offset}, {self.vocab_size}), "
+                             f"got {arr.min() + self.video_offset}..{arr.max() + self.video_offset}")
         return self.video.decode(torch.from_numpy(arr).view(-1, *self.grid))
 
     # ------------------------------------------------------------------ streams
@@ -291,9 +294,6 @@ def _sizes_from_ranges(vocab_size, text_range, action_range, video_range) -> dic
     }
 
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional
-
 
 @dataclass
 class ContinuousActionsConfig:
@@ -346,7 +346,7 @@ def main_build(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", required=True, help="SentencePiece .model")
     ap.add_argument("--video", required=True, help="video tokenizer folder")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--overwrite", action="store_true", help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a = ap.parse_args(argv)
     from unified_wm.utils import check_out, guarded_out
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -53,8 +54,6 @@ def train_text_tokenizer(
         f.write(buf.getvalue())
     return Path(out_file)
 
-
-from dataclasses import dataclass
 
 
 @dataclass

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unified_wm.utils import ConfigError, MetricsWriter, from_dict, load_config, to_dict, write_json
+from unified_wm.utils import ConfigError, MetricsWriter, from_dict, load_config, to_dict, warmup_cosine_lr, write_json
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -774,10 +774,7 @@ def _sample_batch(frames: torch.Tensor, bs: int, gen: torch.Generator, temporal:
 
 
 def _lr_at(step: int, tc: TrainConfig) -> float:
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    prog = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
-    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+    return warmup_cosine_lr(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
 
 
 def _recon_loss(rec: torch.Tensor, x: torch.Tensor, tc: TrainConfig) -> torch.Tensor:

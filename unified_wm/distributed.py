@@ -1,0 +1,56 @@
+"""Process-group helpers shared by training, benchmarks and the launchers."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from unified_wm.utils import extensions_dir
+
+if TYPE_CHECKING:
+    import torch
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a launcher's ``--master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> tuple[int, int]:
+    """Rank and world size; a plain process becomes a world of one for DeepSpeed."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    ext_dir = extensions_dir()
+    if ext_dir is not None:
+        # DeepSpeed JIT-builds a C++ op at init (CPU: shared-memory comm) into this folder
+        os.environ["TORCH_EXTENSIONS_DIR"] = ext_dir
+    import deepspeed
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def all_reduce_sum(x: torch.Tensor, world: int, device) -> torch.Tensor:
+    """Sum a small tensor over ranks (on the engine's device, so NCCL works too); a copy on CPU."""
+    if world <= 1:
+        return x.clone()
+    import torch.distributed as dist
+
+    y = x.to(device)
+    dist.all_reduce(y)
+    return y.cpu()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
