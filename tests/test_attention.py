@@ -90,11 +90,11 @@ def test_gather_matches_reference_fp32(top_k, own_in_k):
 
 def test_gather_unfused_tile_loop_matches_reference(monkeypatch):
     """The plain bmm/softmax tile loop (used on CUDA and where the fused CPU kernels are missing)."""
-    from unified_wm.model import attention
+    from unified_wm.model import attention_cpu_kernel, attention_gather
 
-    monkeypatch.setattr(attention, "GATHER_FUSED_CPU", False)
-    monkeypatch.setattr(attention, "_CPU_EXT", False)  # not the compiled kernel either
-    assert attention._fused_ops() is None and attention._cpu_kernel() is None
+    monkeypatch.setattr(attention_gather, "GATHER_FUSED_CPU", False)
+    monkeypatch.setattr(attention_cpu_kernel, "_CPU_EXT", False)  # not the compiled kernel either
+    assert attention_gather._fused_ops() is None and attention_cpu_kernel.cpu_kernel() is None
     meta = make_meta(2, 83, seed=21)
     q, k, v = qkv(seed=21)
     ref = run("reference", q, k, v, meta, **moc_kw(top_k=2))
@@ -106,11 +106,11 @@ def test_gather_unfused_tile_loop_matches_reference(monkeypatch):
 def test_cpu_kernel_builds_here():
     """The compiled CPU kernel is what `gather` runs on this machine (a broken build would
     silently fall back to the slower torch tiles, so CI checks that it builds)."""
-    from unified_wm.model import attention
+    from unified_wm.model import attention_cpu_kernel as attention
 
     if not attention.GATHER_KERNEL_CPU:
         pytest.skip("UWM_MOC_CPU_KERNEL=0 turns the compiled kernel off")
-    ext = attention._cpu_kernel()
+    ext = attention.cpu_kernel()
     assert ext is not None and hasattr(ext, "moc_forward")
     # it lives where training builds DeepSpeed's ops too, so rollout and eval reuse the training's build
     from unified_wm.utils import extensions_dir
@@ -141,7 +141,7 @@ def test_extensions_dir_follows_the_environment(monkeypatch, tmp_path):
 def test_cpu_kernel_matches_torch_tiles_and_reference(monkeypatch, D, max_chunk, Hq, Hkv):
     """Chunks longer than 64 and not multiples of 16 (padded tiles), several head dims and
     GQA groups: the compiled kernel, the torch tiles and the oracle agree, gradients too."""
-    from unified_wm.model import attention
+    from unified_wm.model import attention_cpu_kernel as attention
 
     meta = make_meta(2, 160, max_chunk=max_chunk, seed=D + max_chunk)
     q, k, v = qkv(Hq=Hq, Hkv=Hkv, N=160, D=D, seed=D)
@@ -157,16 +157,16 @@ def test_cpu_kernel_matches_torch_tiles_and_reference(monkeypatch, D, max_chunk,
 
 def test_cpu_routing_kernel_selects_the_same_chunks(monkeypatch):
     """The compiled top-k routing picks the same chunk set per query and head as torch.topk."""
-    from unified_wm.model import attention
+    from unified_wm.model import attention_cpu_kernel, attention_routing
 
     meta = make_meta(2, 200, max_chunk=9, seed=4)
     q, k, _ = qkv(Hq=8, Hkv=2, N=200, D=32, seed=4)
     for top_k in (1, 4, 40):
         s = AttentionSettings(backend="gather", top_k=top_k)
-        r_kernel = attention._plan_routing(q, k, meta, meta, s, False, None)
+        r_kernel = attention_routing.plan_routing(q, k, meta, meta, s, False, None)
         with monkeypatch.context() as m:
-            m.setattr(attention, "_CPU_EXT", False)
-            r_torch = attention._plan_routing(q, k, meta, meta, s, False, None)
+            m.setattr(attention_cpu_kernel, "_CPU_EXT", False)
+            r_torch = attention_routing.plan_routing(q, k, meta, meta, s, False, None)
         assert r_kernel.sel.shape == r_torch.sel.shape
         assert (r_kernel.sel >= 0).sum() > 0
         torch.testing.assert_close(r_kernel.sel.sort(-1).values, r_torch.sel.sort(-1).values)
@@ -392,7 +392,7 @@ def test_incremental_decoding_matches_full_reference():
 def test_decode_state_reads_sizes_back_only_now_and_then(monkeypatch):
     """Single-token steps keep the decode state's bookkeeping on the device: the host reads the
     exact table sizes back for the prefill and then once every DECODE_REFRESH_EVERY tokens."""
-    from unified_wm.model import attention
+    from unified_wm.model import attention_decode as attention
 
     calls = []
     orig = MoCDecodeState._refresh
@@ -494,3 +494,31 @@ def test_backends_tuple_lists_all_moc_backends():
     q, k, v = qkv(N=30, seed=16)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(meta, meta), enable_gqa=True)
     torch.testing.assert_close(attend(q, k, v, meta, meta, AttentionSettings()), want)
+
+
+def test_every_backend_is_one_registered_function_and_new_ones_plug_in():
+    """dense is a backend like the others: one registry, one signature; a registered function
+    becomes a backend that attend() and the model run (here a copy of the oracle)."""
+    from unified_wm.model.attention import ATTENTION_FUNCTIONS, register_attention
+
+    assert set(BACKENDS) - {"moc"} <= set(ATTENTION_FUNCTIONS)
+    calls = []
+
+    @register_attention("test_oracle_copy")
+    def _copy(q, k, v, q_meta, k_meta, settings, training, stats):
+        calls.append(q.shape)
+        return ATTENTION_FUNCTIONS["reference"](q, k, v, q_meta, k_meta, settings, training, stats)
+
+    try:
+        meta = make_meta(2, 40, seed=21)
+        q, k, v = qkv(N=40, seed=21)
+        got = attend(q, k, v, meta, meta, AttentionSettings(backend="test_oracle_copy", top_k=2))
+        want = attend(q, k, v, meta, meta, AttentionSettings(backend="reference", top_k=2))
+        torch.testing.assert_close(got, want)
+        assert calls == [q.shape]
+        with pytest.raises(ValueError, match="'moc'"):
+            register_attention("moc")
+    finally:
+        ATTENTION_FUNCTIONS.pop("test_oracle_copy", None)
+    with pytest.raises(ValueError, match="test_oracle_copy' is unknown"):
+        AttentionSettings(backend="test_oracle_copy").validate()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.test_attention import make_meta, moc_kw, qkv
-from unified_wm.model import attention, attention_flash
+from unified_wm.model import attention_flash, attention_routing
 from unified_wm.model.attention import AttentionSettings, attend
 
 
@@ -51,8 +51,8 @@ def grads(out, q, k, v, seed=1):
 
 
 def flash_moc(q, k, v, q_meta, k_meta, settings):
-    r = attention._plan_routing(q, k, q_meta, k_meta, settings, False, None)
-    return attention._with_padding(attention_flash.moc(q, k, v, q_meta, k_meta, r, varlen=fake_varlen), v, r)
+    r = attention_routing.plan_routing(q, k, q_meta, k_meta, settings, False, None)
+    return attention_routing.with_padding(attention_flash.moc(q, k, v, q_meta, k_meta, r, varlen=fake_varlen), v, r)
 
 
 @pytest.mark.parametrize("top_k,own_in_k,Hq,Hkv", [(2, False, 4, 2), (3, True, 4, 1), (1, False, 2, 2)])

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.test_attention import make_meta, moc_kw, qkv, run  # noqa: E402
-from unified_wm.model import attention, attention_triton  # noqa: E402
+from unified_wm.model import attention_routing, attention_triton  # noqa: E402
 from unified_wm.model.attention import AttentionSettings, attend, resolve_backend, routed_mask  # noqa: E402
 
 pytest.importorskip("triton", reason="the triton package is part of the dev extra")
@@ -107,7 +107,7 @@ def test_block_lists_cover_every_allowed_pair():
     q, k, _ = qkv(seed=4)
     s = AttentionSettings(backend="reference", **moc_kw(top_k=2))
     mask = routed_mask(q, k, meta, meta, s) & (meta.doc_ids >= 0)[:, None, :, None]
-    r = attention._plan_routing(q, k, meta, meta, s, False, None)
+    r = attention_routing.plan_routing(q, k, meta, meta, s, False, None)
     p = attention_triton.plan(q, k, meta, meta, r, 16, 16)
     B, Hq, N, _ = mask.shape
     nb = (N + 15) // 16

@@ -156,3 +156,30 @@ def test_eval_without_training_seeds_says_not_checked(tmp_path):
     table = markdown_table({"suite": "quick", "n_episodes": 2, "held_out": "not checked"})
     assert "held-out: not checked" in table.splitlines()[0]
     assert "on 2 held-out episodes" in markdown_table({"suite": "quick", "n_episodes": 2, "held_out": "checked"})
+
+
+def test_recipe_model_and_attention_defaults_are_the_configs():
+    """One set of defaults: a recipe that leaves a model or attention key out gets the value the
+    model config (and the attention settings) would give."""
+    import dataclasses
+    import inspect
+
+    from unified_wm.model.attention import AttentionSettings
+    from unified_wm.model.modeling_uwm import UnifiedWMConfig
+    from unified_wm.recipe import AttentionRecipe, ModelRecipe
+
+    cfg = inspect.signature(UnifiedWMConfig.__init__).parameters
+    for f in dataclasses.fields(ModelRecipe):
+        assert f.default == cfg[f.name].default, f"model.{f.name}: recipe {f.default} vs config {cfg[f.name].default}"
+    st = {f.name: f.default for f in dataclasses.fields(AttentionSettings)}
+    for f in dataclasses.fields(AttentionRecipe):
+        assert f.default == st[f.name], f"attention.{f.name}: recipe {f.default} vs settings {st[f.name]}"
+
+
+def test_unknown_attention_backend_is_refused_when_the_recipe_loads(tiny_recipe):
+    from unified_wm.recipe import load_recipe
+    from unified_wm.train import parse_override
+
+    with pytest.raises(ConfigError, match=r"attention backend 'mocc' is unknown") as e:
+        load_recipe(tiny_recipe, parse_override("attention.backend=mocc"))
+    assert "attention" in str(e.value)

@@ -14,14 +14,17 @@ from pathlib import Path
 
 import torch
 
+from unified_wm.model.attention import AttentionSettings
 from unified_wm.sequence import TEMPLATES, TaskWeights
 from unified_wm.utils import ConfigError, load_config, warmup_cosine_lr
 
 
+# The recipe's `model:` and `attention:` sections: their defaults are those of UnifiedWMConfig and
+# AttentionSettings (tests/test_config.py checks that they agree); build_model maps them onto the config.
 @dataclass
 class ModelRecipe:
-    hidden_size: int = 128
-    intermediate_size: int = 344
+    hidden_size: int = 256
+    intermediate_size: int = 688
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
@@ -130,6 +133,10 @@ class Recipe:
             raise ValueError(f"'train.betas' must hold two numbers, got {t.betas}")
         if t.eval_every and not self.data.val_tokens:
             raise ValueError("'train.eval_every' is set but 'data.val_tokens' is empty (no held-out token documents)")
+        try:  # an unknown or unavailable backend is refused here, before any process starts
+            AttentionSettings(**dataclasses.asdict(self.attention)).validate()
+        except ValueError as e:
+            raise ValueError(f"'attention': {e}") from None
         if self.model.max_position_embeddings < t.seq_len:
             raise ValueError(f"'train.seq_len' = {t.seq_len} exceeds 'model.max_position_embeddings' = {self.model.max_position_embeddings}")
 

@@ -30,6 +30,9 @@ import math
 
 import torch
 
+from .attention_core import register_attention, require_flash
+from .attention_routing import plan_routing, with_padding
+
 
 def _varlen():
     from flash_attn import flash_attn_varlen_func
@@ -215,3 +218,10 @@ def moc(q, k, v, q_meta, k_meta, r, varlen=None) -> torch.Tensor:
         0, tgt, torch.cat(outs).float() * wn[:, None])
     merged = _LseGrad.apply(merged, qh, kh, fn, parts, [o.detach() for o in outs], lses, total, scale)
     return merged.to(q.dtype).view(B, Nq, Hq, D).transpose(1, 2)
+
+
+@register_attention("flash")
+def flash_attend(q, k, v, q_meta, k_meta, settings, training, stats):
+    require_flash(q.device)
+    r = plan_routing(q, k, q_meta, k_meta, settings, training, stats)
+    return with_padding(moc(q, k, v, q_meta, k_meta, r), v, r)

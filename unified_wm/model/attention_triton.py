@@ -1,7 +1,7 @@
 """Mixture-of-Contexts attention in Triton (the ``triton`` backend), forward and backward.
 
 Routing (chunk table, descriptors, per-head top-k) stays in torch
-(:func:`unified_wm.model.attention._plan_routing`); this module runs the attention over
+(:func:`unified_wm.model.attention_routing.plan_routing`); this module runs the attention over
 the routed keys, flash-attention-2 style:
 
 * Plan (torch, no grad): for every (batch row, query head, query block of ``BLOCK_M``
@@ -35,6 +35,9 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from .attention_core import register_attention, require_triton
+from .attention_routing import plan_routing, self_values, with_padding
 
 # Tile sizes: queries per program, keys per visited block. The tests shrink them to 16.
 BLOCK_M = 64
@@ -239,3 +242,13 @@ def moc_attention(q, k, v, q_meta, k_meta, r, bm: int | None = None, bn: int | N
     if why:
         raise ValueError(f"attention backend 'triton' cannot run: {why}")
     return TritonMoC.apply(q, k, v, plan(q, k, q_meta, k_meta, r, bm, bn))
+
+
+@register_attention("triton")
+def triton_attend(q, k, v, q_meta, k_meta, settings, training, stats):
+    require_triton(q.device)
+    r = plan_routing(q, k, q_meta, k_meta, settings, training, stats)
+    if not bool((r.qslot >= 0).any()):
+        return self_values(v, q.shape[1], q.shape[2]).to(q.dtype)
+    out = moc_attention(q, k, v, q_meta, k_meta, r)
+    return with_padding(out, v, r)

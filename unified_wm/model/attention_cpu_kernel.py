@@ -1,0 +1,68 @@
+"""The compiled CPU kernel of Mixture-of-Contexts attention (``moc_cpu.cpp`` beside this file):
+built on first use by torch's C++ extension loader, cached per CPU and source, and optional
+(without a compiler every caller falls back to pure torch, with the same results)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+# ``gather`` on CPU first tries its compiled kernel (``moc_cpu.cpp`` next to this file,
+# built by torch's C++ extension loader on first use and cached); it falls back to the
+# pure-torch tile loop below when no compiler is available, when the head dim is not a
+# multiple of 16, or when this flag (or the environment variable UWM_MOC_CPU_KERNEL=0)
+# turns it off.
+GATHER_KERNEL_CPU = os.environ.get("UWM_MOC_CPU_KERNEL", "1") != "0"
+# Queries per segment of the compiled kernel's work lists (cache / TLB locality).
+KERNEL_SEGMENT = 1024
+_CPU_EXT = None
+
+
+def cpu_kernel():
+    """The compiled CPU kernel module, or None (built once per machine, then cached)."""
+    global _CPU_EXT
+    if _CPU_EXT is None:
+        _CPU_EXT = False
+        if GATHER_KERNEL_CPU:
+            try:
+                from torch.utils.cpp_extension import load
+
+                # -march=native code must not be reused on another CPU: the name carries
+                # a hash of the CPU's feature flags (and the source, via torch's versioning)
+                flags = ""
+                try:
+                    flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("flags", "Features"))), "")
+                except OSError:
+                    pass
+                # and of the source's path: ninja rebuilds a folder whose build file names another
+                # checkout's source, so two checkouts sharing one folder would rebuild in turn.
+                src = Path(__file__).resolve().with_name("moc_cpu.cpp")
+                tag = hashlib.sha1(f"{platform.machine()} {flags} {src}".encode()).hexdigest()[:10]
+                name = f"uwm_moc_cpu_{tag}"
+                from unified_wm.utils import extensions_dir
+
+                root = extensions_dir()  # the folder training uses too, so rollout/eval reuse its build
+                build = Path(root) / name if root is not None else None
+                kw = {}
+                if build is not None:
+                    build.mkdir(parents=True, exist_ok=True)
+                    kw["build_directory"] = str(build)
+                else:
+                    try:  # only for the note below (a private torch helper: never fatal)
+                        from torch.utils.cpp_extension import _get_build_directory
+
+                        build = Path(_get_build_directory(name, verbose=False))
+                    except Exception:
+                        pass
+                if build is None or not any(p.stat().st_mtime >= src.stat().st_mtime for p in build.glob("*.so")):
+                    print(f"[uwm] building the MoC CPU attention kernel in {build or 'torch_extensions'} "
+                          "(first use of this source on this machine, ~30 s)", file=sys.stderr, flush=True)
+                _CPU_EXT = load(name=name, sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                extra_ldflags=["-fopenmp"], verbose=False, **kw)
+            except Exception as e:  # no compiler, no headers, an unsupported CPU...
+                warnings.warn(f"the MoC CPU kernel could not be built ({type(e).__name__}: {str(e)[:300]}); "
+                              "the gather backend uses its pure-torch tiles instead (slower, same results)")
+    return _CPU_EXT or None
