@@ -106,7 +106,7 @@ def test_save_load_round_trip_with_auto_classes(tmp_path):
 def test_incremental_decoding_matches_full_forward(cache_kind, rope_mode, bias):
     from transformers import DynamicCache
 
-    from unified_wm.model.modeling_uwm import UWMCache
+    from unified_wm.model.cache import UWMCache
 
     m = model(rope_mode=rope_mode, attention_bias=bias)
     assert (m.layers[0].self_attn.q_proj.bias is not None) == bias
@@ -193,7 +193,7 @@ def test_per_modality_losses_and_loss_weights():
 
 
 def test_growing_cache_buffers_are_reused():
-    from unified_wm.model.modeling_uwm import UWMCache
+    from unified_wm.model.cache import UWMCache
 
     m = model()
     cache = UWMCache(m.config)
@@ -214,7 +214,8 @@ def test_bad_head_config_is_refused():
 @pytest.mark.parametrize("rope_mode", ["1d", "3d"])
 def test_moc_model_decodes_like_full_forward_and_trains(rope_mode):
     """The model with Mixture-of-Contexts attention: cached sparse decoding == teacher forcing."""
-    from unified_wm.model.modeling_uwm import UWMCache, summarize_routing
+    from unified_wm.model.cache import UWMCache
+    from unified_wm.model.modeling_uwm import summarize_routing
 
     doc = [1, 3, 20, 21, 4] + sum(([7, 50, 51, 52, 53, 5, 41, 6] for _ in range(6)), []) + [2]
     m = model(attn_backend="moc", moc_top_k=2, max_chunk_len=4, rope_mode=rope_mode)

@@ -16,7 +16,8 @@ import torch
 
 import unified_wm  # noqa: F401
 from tests.conftest import tiny_model_config
-from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM, UWMCache
+from unified_wm.model.cache import UWMCache
+from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +136,7 @@ def test_diagonal_mode_leaves_the_cache_as_if_the_frame_was_fed_token_by_token(p
         assert f.shape == (1, 64, 64, 3)
     s.flush()
     cache = s.branches[0].cache
-    ids = cache.uwm_ids
+    ids = cache.uwm_state.ids
     v0 = processor.video_offset
     frames = (ids == 7).nonzero()[:, 1].tolist()
     assert len(frames) == 3
@@ -160,13 +161,13 @@ def test_streaming_outgrows_the_context_and_keeps_the_prompt(processor, backend)
         wm.rollout("a red car", ["right"], 12, temperature=0)
     seen = []
     s = wm.session("a red car", window=600, recent=2, temperature=1.0, mode="token")
-    first_prompt = s.branches[0].cache.uwm_ids[0, :prompt_len].tolist()
+    first_prompt = s.branches[0].cache.uwm_state.ids[0, :prompt_len].tolist()
     for t in range(20):  # 20 x 68 tokens: more than twice the window
         s.step("right")
         seen.append(s.length)
     assert s.evictions >= 2
     assert max(seen) <= 600
-    assert s.branches[0].cache.uwm_ids[0, :prompt_len].tolist() == first_prompt
+    assert s.branches[0].cache.uwm_state.ids[0, :prompt_len].tolist() == first_prompt
     frames = wm.rollout("a red car", ["right"], 14, temperature=0, window=600)
     assert frames.shape == (14, 64, 64, 3)
     rows = wm.rollout("a red car", ["right"], 14, temperature=1.0, window=600, batch=2, mode="diagonal")

@@ -153,7 +153,7 @@ class _Branch:
     unconditional streams of classifier-free guidance (without the text / without actions)."""
 
     def __init__(self, name: str, prompt: list[int], with_actions: bool, cfg):
-        from unified_wm.model.modeling_uwm import UWMCache
+        from unified_wm.model.cache import UWMCache
 
         self.name, self.with_actions = name, with_actions
         self.cache = UWMCache(cfg)
@@ -371,43 +371,9 @@ class RolloutSession:
 
     # -- unbounded streaming -----------------------------------------------------------
     def _evict(self) -> None:
-        from unified_wm.model.modeling_uwm import stream_layout
-        from unified_wm.tokenization.processor import FRAME
-
-        cfg = self.model.config
         target = self.window - max(self.window // 4, self.wm.tokens_per_step)
         for br in self.branches:
-            ids = br.cache.uwm_ids[0]
-            N = ids.shape[0]
-            starts = torch.nonzero(ids == FRAME).flatten().tolist()
-            if not starts:
-                continue
-            prefix = starts[0]
-            units = [(s, starts[i + 1] if i + 1 < len(starts) else N) for i, s in enumerate(starts)]
-            keep_units = set(range(max(0, len(units) - self.recent), len(units)))
-            budget = target - prefix - sum(units[i][1] - units[i][0] for i in keep_units)
-            # older frames by how often routing selected them (summed over layers and rows)
-            meta, _ = stream_layout(br.cache.uwm_ids[:1], cfg)
-            chunk_of = meta.chunk_ids[0]
-            score = torch.zeros(N, device=self.dev)
-            for st in getattr(br.cache, "uwm_attn_states", None) or []:
-                if st is None:
-                    continue
-                cids, counts = st.selection_counts()
-                if cids.numel():  # the rows of a session share one layout: sum their counts
-                    lookup = dict(zip(cids[0].tolist(), counts.sum(0).tolist()))
-                    score += torch.tensor([lookup.get(int(c), 0.0) for c in chunk_of.tolist()], device=self.dev)
-            old = [i for i in range(len(units)) if i not in keep_units]
-            old.sort(key=lambda i: -float(score[units[i][0]:units[i][1]].sum()))
-            for i in old:
-                size = units[i][1] - units[i][0]
-                if size <= budget and float(score[units[i][0]:units[i][1]].sum()) > 0:
-                    keep_units.add(i)
-                    budget -= size
-            keep = list(range(prefix))
-            for i in sorted(keep_units):
-                keep += list(range(*units[i]))
-            br.cache.keep_tokens(torch.tensor(keep, device=self.dev), cfg)
+            br.cache.evict(target, self.recent, self.model.config)
         self.evictions += 1
 
 

@@ -491,26 +491,19 @@ def rollout_with_return_routing(wm, text: str, actions: list, frames: int, conte
     n_ctx = len(context)
     act = lambda t: ids[min(t, len(ids) - 1)]  # noqa: E731  (as in WorldModel.rollout)
     sess = wm.session(text, context, [act(t) for t in range(max(n_ctx - 1, 0))], **rs.kwargs())
-    states = [s for s in getattr(sess.branches[0].cache, "uwm_attn_states", None) or [] if s is not None]
-
-    def counts() -> dict:
-        tot: dict = {}
-        for st in states:
-            cids, c = st.selection_counts()
-            for cid, n in zip(cids[0].tolist(), c.sum(0).tolist()):
-                tot[cid] = tot.get(cid, 0.0) + n
-        return tot
+    cache = sess.branches[0].cache
+    sparse = any(s is not None for s in cache.uwm_state.attn_states or [])
 
     out, before = [], {}
     for f in range(frames):
         if f == frames - 1:
-            before = counts()
+            before = cache.routing_counts()
         t = n_ctx + f - 1
         out.append(sess.step(act(t) if t >= 0 else None)[0])
-    if not states:
+    if not sparse:
         return np.stack(out), None
-    after = counts()
-    cache_ids = sess.branches[0].cache.uwm_ids[:1]
+    after = cache.routing_counts()
+    cache_ids = cache.uwm_state.ids[:1]
     meta, _ = stream_layout(cache_ids, wm.model.config)
     frame_pos = torch.nonzero(cache_ids[0] == FRAME).flatten().tolist()
     by_frame = {}

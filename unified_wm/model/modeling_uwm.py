@@ -23,11 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from unified_wm.model.attention import AttentionSettings, StreamMeta, attend
+from unified_wm.model.cache import UWMCache, layer_decode_state, new_decode_states, stream_state
 
 MODALITIES = ("special", "text", "action", "video")
 # rotary positions: "1d" rotates every token by its position in the document (LLaMA);
@@ -338,102 +339,9 @@ class Attention(nn.Module):
         state = None
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-            state = cache_states(cache, self.layer_idx)
+            state = layer_decode_state(cache, self.layer_idx)
         y = attend(q, k, v, q_meta, k_meta, self.settings, training=self.training, state=state, stats=stats)
         return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))
-
-
-def cache_states(cache: Cache, layer_idx: int):
-    """Per-layer attention decode state kept beside the KV cache (used by sparse decoding)."""
-    states = getattr(cache, "uwm_attn_states", None)
-    if states is None:
-        return None
-    return states[layer_idx]
-
-
-class GrowingKVLayer(DynamicLayer):
-    """A KV-cache layer with amortised O(1) appends.
-
-    ``DynamicLayer`` concatenates, copying the whole history on every new token; here keys and
-    values live in a buffer that doubles when full and are handed out as views, so the cost of
-    one decoding step does not grow with the length of the video.
-    """
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self._kbuf = self._vbuf = None
-        n = 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
-        m = n + key_states.shape[-2]
-        buf = getattr(self, "_kbuf", None)
-        if buf is None or m > buf.shape[-2] or buf.shape[:2] != key_states.shape[:2]:
-            cap = max(256, 2 * m)
-            kb = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
-            vb = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
-            if n:
-                kb[..., :n, :] = self.keys
-                vb[..., :n, :] = self.values
-            self._kbuf, self._vbuf = kb, vb
-        self._kbuf[..., n:m, :] = key_states
-        self._vbuf[..., n:m, :] = value_states
-        self.keys, self.values = self._kbuf[..., :m, :], self._vbuf[..., :m, :]
-        return self.keys, self.values
-
-
-class UWMCache(DynamicCache):
-    """The model's KV cache: ``DynamicCache`` with growing buffers (see ``GrowingKVLayer``).
-
-    The model also keeps the ids seen so far (``uwm_ids``, for the stream layout) and one
-    attention decode state per layer (``uwm_attn_states``, Mixture-of-Contexts chunk sums) on it.
-    """
-
-    def __init__(self, config: PretrainedConfig | None = None, **kwargs):
-        Cache.__init__(self, layer_class_to_replicate=GrowingKVLayer)
-
-    # -- rollback and eviction (used by parallel decoding and unbounded streaming) --------
-    def snapshot(self) -> dict:
-        """A restore point: the current length, the ids and copies of the decode states."""
-        states = getattr(self, "uwm_attn_states", None) or []
-        return {"n": self.get_seq_length(), "ids": getattr(self, "uwm_ids", None),
-                "layout": getattr(self, "uwm_layout", None),
-                "states": [None if s is None else s.snapshot() for s in states]}
-
-    def restore(self, snap: dict) -> None:
-        """Go back to ``snap``: tokens fed after it are forgotten (the snapshot stays reusable)."""
-        n = snap["n"]
-        for layer in self.layers:
-            if layer.is_initialized and layer.keys is not None and layer.keys.shape[-2] > n:
-                layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
-        self.uwm_ids = snap["ids"]
-        self.uwm_layout = snap.get("layout")  # its tensors are never changed in place
-        for s, saved in zip(getattr(self, "uwm_attn_states", None) or [], snap["states"]):
-            if s is not None and saved is not None:
-                s.restore(saved)
-
-    def keep_tokens(self, keep: torch.Tensor, cfg: "UnifiedWMConfig") -> None:
-        """Keep only the cached tokens at sorted indices ``keep`` [n] (the same for every row).
-
-        Keys were rotated (RoPE) at their old coordinates in the document; the kept tokens get
-        contiguous new ones, so each key is rotated once more by (new - old) on every axis:
-        rotations compose, and no pixel or token is re-encoded. The attention decode states rebuild
-        from the kept keys on the next step.
-        """
-        ids = self.uwm_ids
-        old_k = stream_layout_continue(ids, cfg, None)[3][1]
-        new_ids = ids[:, keep]
-        new_k = stream_layout_continue(new_ids, cfg, None)[3][1]
-        delta = new_k - old_k[:, keep]
-        for layer in self.layers:
-            k, v = layer.keys[..., keep, :], layer.values[..., keep, :]
-            cos, sin = rope_for(delta, cfg, torch.float32)
-            k = apply_rope(k.float(), cos, sin).to(v.dtype)
-            layer._kbuf = layer._vbuf = None
-            layer.keys, layer.values = k.contiguous(), v.contiguous()
-        self.uwm_ids = new_ids
-        self.uwm_layout = None  # laid out again from the kept ids on the next step
-        for s in getattr(self, "uwm_attn_states", None) or []:
-            if s is not None:
-                s.reset()
 
 
 # ----------------------------------------------------------------------------- 5. MLP, block
@@ -537,21 +445,22 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = UWMCache(self.config)
         if cache is not None:
-            prev = getattr(cache, "uwm_ids", None)
+            mem = stream_state(cache)
+            prev = mem.ids
             if prev is not None and cache.get_seq_length() == 0:
                 prev = None  # a reused, emptied cache
             all_ids = input_ids if prev is None else torch.cat([prev, input_ids], dim=1)
-            cache.uwm_ids = all_ids
-            if getattr(cache, "uwm_attn_states", None) is None or prev is None:
-                cache.uwm_attn_states = new_decode_states(self.config)
+            mem.ids = all_ids
+            if mem.attn_states is None or prev is None:
+                mem.attn_states = new_decode_states(self.config)
             # the layout of the cached ids, continued over the new ones (O(new tokens))
-            lay = getattr(cache, "uwm_layout", None)
+            lay = mem.layout
             if prev is not None and lay is not None and lay[2]["n"] == prev.shape[1]:
                 meta_new, mod_new, st, coords = stream_layout_continue(input_ids, self.config, lay[2])
                 k_meta, modality_all = _cat_meta(lay[0], meta_new), torch.cat([lay[1], mod_new], 1)
             else:
                 k_meta, modality_all, st, coords = stream_layout_continue(all_ids, self.config, None)
-            cache.uwm_layout = (k_meta, modality_all, st)
+            mem.layout = (k_meta, modality_all, st)
         else:
             all_ids = input_ids
             k_meta, modality_all, _, coords = stream_layout_continue(all_ids, self.config, None)
@@ -639,16 +548,6 @@ def summarize_routing(stats: dict) -> dict:
     for i, v in enumerate(layers):
         out[f"moc_entropy_layer{i}"] = v.get("moc_selection_entropy", 0.0)
     return out
-
-
-def new_decode_states(cfg: UnifiedWMConfig):
-    """One attention decode state per layer (None for backends that need none)."""
-    from unified_wm.model import attention
-
-    factory = getattr(attention, "new_decode_state", None)
-    if factory is None:
-        return [None] * cfg.num_hidden_layers
-    return [factory(cfg.attention_settings()) for _ in range(cfg.num_hidden_layers)]
 
 
 # ----------------------------------------------------------------------------- 7. grammar
