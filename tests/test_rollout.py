@@ -208,7 +208,7 @@ def test_cli_streams_a_batch_from_an_episode(model_dir, val_data, tmp_path):
     r = run_uwm("rollout", "--model", model_dir, "--episode", f"{val_data}:1", "--context-frames", "2", "--frames", "3",
                 "--batch", "2", "--mode", "diagonal", "--window", "1000", "--out", tmp_path / "r.mp4")
     assert r.returncode == 0, r.stderr[-2000:]
-    from unified_wm.rollout import read_video
+    from unified_wm.video_io import read_video
 
     for i in range(2):
         v = read_video(tmp_path / f"r-{i}.mp4")

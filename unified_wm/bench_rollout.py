@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 if a.out:
                     from PIL import Image
 
-                    from unified_wm.rollout import contact_sheet
+                    from unified_wm.video_io import contact_sheet
 
                     sheet = contact_sheet(gen[::8], cols=8, scale=1)
                     png = Path(a.out).with_name(Path(a.out).stem + f"_long_{mode}.png")

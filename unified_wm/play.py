@@ -634,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.allow_remote and not is_loopback(a.host):
         print(f"\n*** WARNING: serving on '{a.host}', beyond this machine, with NO authentication: anyone who can "
               f"reach it can drive the model and use this CPU. ***\n", file=sys.stderr, flush=True)
-    from unified_wm.rollout import WorldModel, read_video
+    from unified_wm.rollout import WorldModel
+    from unified_wm.video_io import read_video
 
     wm = WorldModel.from_pretrained(a.model)
     context = read_video(a.context) if a.context else None

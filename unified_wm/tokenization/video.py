@@ -1052,23 +1052,10 @@ def evaluate_video_tokenizer(tok_dir: str | os.PathLike, data_dir: str | os.Path
 
 
 def read_video_frames(video_path: str | os.PathLike, image_size: int, max_frames: int = 256) -> np.ndarray:
-    """Decode up to ``max_frames`` frames of a video file with ``av``; center-crop + resize."""
-    import av
+    """Up to ``max_frames`` frames of a video file, center-cropped and resized to ``image_size``."""
+    from unified_wm.video_io import read_video
 
-    p = Path(video_path)
-    if not p.is_file():
-        raise FileNotFoundError(f"video file '{p}' does not exist")
-    out = []
-    with av.open(str(p)) as container:
-        if not container.streams.video:
-            raise ValueError(f"'{p}' has no video stream")
-        for frame in container.decode(video=0):
-            out.append(frame.to_ndarray(format="rgb24"))
-            if len(out) >= max_frames:
-                break
-    if not out:
-        raise ValueError(f"'{p}': no frames could be decoded")
-    return resize_frames(np.stack(out), image_size)
+    return resize_frames(read_video(video_path, max_frames, what="video file"), image_size)
 
 
 def evaluate_on_video_file(tok_dir: str | os.PathLike, video_path: str | os.PathLike, max_frames: int = 256,
