@@ -10,21 +10,9 @@ import pytest
 import torch
 
 from unified_wm.data.episodes import save_episodes
-from unified_wm.tokenization.video import (
-    FSQ,
-    AttnBlock,
-    ResBlock,
-    EMAVectorQuantizer,
-    VideoTokenizer,
-    VideoTokenizerConfig,
-    VQConfig,
-    code_usage,
-    evaluate_video_tokenizer,
-    psnr,
-    resize_frames,
-    ssim,
-    train_video_tokenizer,
-)
+from unified_wm.eval.metrics import code_usage, psnr, ssim
+from unified_wm.tokenization.video import FSQ, AttnBlock, EMAVectorQuantizer, ResBlock, VideoTokenizer, VideoTokenizerConfig, VQConfig
+from unified_wm.tokenization.video_train import evaluate_video_tokenizer, resize_frames, train_video_tokenizer
 from unified_wm.utils import ConfigError, from_dict, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]

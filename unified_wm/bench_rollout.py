@@ -103,7 +103,7 @@ def model_quality(wm, data: str, modes: list[tuple[str, int]], episodes: int, co
     """Greedy rollouts from real context under the logged actions: PSNR against the real frames
     (mean over the horizon) for each decoding mode, next to repeating the last context frame."""
     from unified_wm.data.episodes import get_episode, load_episodes
-    from unified_wm.tokenization.video import psnr
+    from unified_wm.eval.metrics import psnr
 
     ds = load_episodes(data)
     eps = [get_episode(ds, i) for i in range(min(episodes, len(ds)))]

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unified_wm.eval.metrics import frame_psnr, frame_ssim
 from unified_wm.eval import baselines as bl
 from unified_wm.eval.baselines import BASELINES
 from unified_wm.sequence import MODALITY_KEYS, TEMPLATES
@@ -166,20 +167,6 @@ class Suite:
             raise ValueError(f"n_probes = {self.n_probes}; task '{probes[0]}' needs at least 1 probe episode")
         if self.train_episodes < 1:
             raise ValueError(f"train_episodes = {self.train_episodes}; expected >= 1")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of two uint8 frames (the video tokenizer's definition); identical frames are capped at 100 dB."""
-    from unified_wm.tokenization.video import psnr as _psnr
-
-    return min(100.0, float(_psnr(a, b)))
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM of two uint8 RGB frames (the video tokenizer's definition)."""
-    from unified_wm.tokenization.video import ssim as _ssim
-
-    return float(_ssim(a, b))
 
 
 def check_held_out(model_dir: Path, ds, suite_path: str) -> str:
@@ -325,12 +312,12 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
             sf = p.decode_frames(sc)
             for h in range(H):
                 shift_acc[h].append(float((sc[h] == np.asarray(fids[c + h])).mean()))
-                shift_psnr[h].append(psnr(sf[h], real[h]))
+                shift_psnr[h].append(frame_psnr(sf[h], real[h]))
         for h in range(H):
-            model_psnr[h].append(psnr(gen[h], real[h]))
-            model_ssim[h].append(ssim(gen[h], real[h]))
-            copy_psnr[h].append(psnr(frames[c - 1], real[h]))
-            recon_psnr[h].append(psnr(recon[h], real[h]))
+            model_psnr[h].append(frame_psnr(gen[h], real[h]))
+            model_ssim[h].append(frame_ssim(gen[h], real[h]))
+            copy_psnr[h].append(frame_psnr(frames[c - 1], real[h]))
+            recon_psnr[h].append(frame_psnr(recon[h], real[h]))
         if use_lpips:
             from unified_wm.eval.learned import lpips
 
@@ -553,10 +540,10 @@ def eval_revisit(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
                          **rs.kwargs())
         real = ep["frames"][t1]
         recon = wm.processor.decode_frames(wm.processor.encode_frames(real[None]))[0]
-        m_psnr.append(psnr(gen[-1], real))
-        m_ssim.append(ssim(gen[-1], real))
-        c_psnr.append(psnr(recon, real))
-        first_psnr.append(psnr(gen[-1], ep["frames"][first]))
+        m_psnr.append(frame_psnr(gen[-1], real))
+        m_ssim.append(frame_ssim(gen[-1], real))
+        c_psnr.append(frame_psnr(recon, real))
+        first_psnr.append(frame_psnr(gen[-1], ep["frames"][first]))
         if use_lpips:
             from unified_wm.eval.learned import lpips
 

@@ -182,7 +182,7 @@ class UnifiedProcessor:
         if frames.ndim != 4 or frames.shape[1:] != (size, size, 3):
             raise ValueError(
                 f"frames must be uint8 [T,{size},{size},3] for this video tokenizer, got shape {frames.shape} "
-                f"(dtype {frames.dtype}); resize with unified_wm.tokenization.video.resize_frames"
+                f"(dtype {frames.dtype}); resize with unified_wm.tokenization.video_train.resize_frames"
             )
         if frames.dtype != np.uint8:
             raise ValueError(
