@@ -49,7 +49,7 @@ def test_bad_set_value_names_set_not_the_recipe(tiny_recipe, capsys):
 
 def test_eval_suite_and_world_and_tokenizer_configs_take_exponent_floats(tmp_path):
     from unified_wm.data.world import WorldConfig
-    from unified_wm.eval.runner import Suite
+    from unified_wm.eval.suite import Suite
     from unified_wm.tokenization.video import VideoTokenizerConfig
 
     suite = yaml.safe_load((ROOT / "eval/quick.yaml").read_text())
@@ -111,7 +111,7 @@ def test_world_counts_must_not_be_negative(tmp_path, key):
 
 @pytest.mark.parametrize("edit,key", [({"n_episodes": 0}, "n_episodes"), ({"n_probes": 0}, "n_probes")])
 def test_suite_with_nothing_to_evaluate_is_refused(tmp_path, edit, key):
-    from unified_wm.eval.runner import Suite
+    from unified_wm.eval.suite import Suite
 
     suite = yaml.safe_load((ROOT / "eval/quick.yaml").read_text())
     assert "offscreen" in suite["tasks"]
@@ -144,7 +144,8 @@ def test_misspelled_deepspeed_key_is_named_with_the_file(tiny_recipe):
 def test_eval_without_training_seeds_says_not_checked(tmp_path):
     import datasets
 
-    from unified_wm.eval.runner import check_held_out, markdown_table
+    from unified_wm.eval.report import markdown_table
+    from unified_wm.eval.suite import check_held_out
 
     ds = datasets.Dataset.from_dict({"seed": [5, 6]})
     assert check_held_out(tmp_path, ds, "s.yaml") == "not checked"

@@ -139,7 +139,8 @@ def test_generated_caption_is_text_only(tiny_hf, val_data):
 
 # ----------------------------------------------------------------------------- whole suite
 def test_suite_runs_controllability_and_caption_end_to_end(tiny_hf, val_data, world_data, tmp_path):
-    from unified_wm.eval.runner import compare, run_suite
+    from unified_wm.eval.report import compare
+    from unified_wm.eval.runner import run_suite
 
     sp = _suite(tmp_path, tasks=["rollout", "controllability", "caption"], train_data=str(world_data), train_episodes=12,
                 controllability={"epochs": 1, "time_limit_s": 2.0}, caption={"max_events_per_episode": 1, "max_new_tokens": 8})
@@ -182,7 +183,7 @@ def test_rollout_longer_than_the_model_context_is_refused_up_front(tiny_hf, val_
 # ----------------------------------------------------------------------------- suite files and bad input
 @pytest.mark.parametrize("path", SUITES, ids=[p.stem for p in SUITES])
 def test_shipped_suites_are_valid(path):
-    from unified_wm.eval.runner import Suite
+    from unified_wm.eval.suite import Suite
     from unified_wm.utils import load_config
 
     s = load_config(Suite, path)
@@ -190,7 +191,7 @@ def test_shipped_suites_are_valid(path):
 
 
 def test_shipped_suites_cover_the_issue():
-    from unified_wm.eval.runner import Suite
+    from unified_wm.eval.suite import Suite
     from unified_wm.utils import load_config
 
     suites = {p.stem: load_config(Suite, p) for p in SUITES}
@@ -278,7 +279,7 @@ def test_suite_with_lpips_and_fvd(tiny_hf, val_data, tmp_path):
 
 def test_compare_plots_two_runs_curves(tmp_path):
     """`uwm eval compare A B --out DIR`: the differences, and both runs' curves in one plot."""
-    from unified_wm.eval.runner import compare
+    from unified_wm.eval.report import compare
 
     for name, curve in (("moc", [20.0, 18.0, 17.0]), ("dense", [20.0, 17.0, 15.5])):
         (tmp_path / name).mkdir()
@@ -295,7 +296,8 @@ def test_shared_rollouts_equal_direct_ones(tiny_hf, val_data):
     """The suite's rollout memory serves a shorter request from a longer rollout: that must give
     exactly the frames a direct, shorter rollout gives (also when sampling)."""
     from unified_wm.data.episodes import get_episode, load_episodes
-    from unified_wm.eval.runner import Rollouts, RolloutSettings
+    from unified_wm.eval.runner import Rollouts
+    from unified_wm.eval.suite import RolloutSettings
     from unified_wm.rollout import WorldModel
 
     wm = WorldModel.from_pretrained(tiny_hf)
@@ -369,7 +371,7 @@ def test_copy_shift_without_a_camera_is_refused_naming_the_data():
     with pytest.raises(BaselineUnavailable, match="copy_shift.*'runs/atari/val'.*pong-3"):
         require_camera(ep, (8, 8), (64, 64), "runs/atari/val")
     with pytest.raises(ValueError, match="unknown baseline 'copy_next'"):
-        from unified_wm.eval.runner import Suite
+        from unified_wm.eval.suite import Suite
 
         Suite(name="x", data="d", baselines=["copy_next"]).validate()
 
@@ -382,7 +384,8 @@ def test_routing_of_the_return_frame_is_counted_per_frame(processor, val_data):
 
     from tests.conftest import tiny_model_config
     from unified_wm.data.episodes import get_episode, load_episodes
-    from unified_wm.eval.runner import RolloutSettings, routing_shares, rollout_with_return_routing
+    from unified_wm.eval.memory import rollout_with_return_routing, routing_shares
+    from unified_wm.eval.suite import RolloutSettings
     from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
     from unified_wm.rollout import WorldModel
 

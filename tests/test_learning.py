@@ -22,7 +22,8 @@ def test_a_tiny_model_overfits_a_few_episodes_through_the_training_path(tmp_path
     from unified_wm.data.episodes import get_episode, load_episodes
     from unified_wm.data.tokenize import tokenize_dataset
     from unified_wm.data.world import generate_world
-    from unified_wm.eval.runner import Suite, eval_nll
+    from unified_wm.eval.runner import eval_nll
+    from unified_wm.eval.suite import Suite
     from unified_wm.export import export
     from unified_wm.rollout import WorldModel
 

@@ -102,7 +102,7 @@ def model_quality(wm, data: str, modes: list[tuple[str, int]], episodes: int, co
                   cfg_actions: list[float]) -> list[dict]:
     """Greedy rollouts from real context under the logged actions: PSNR against the real frames
     (mean over the horizon) for each decoding mode, next to repeating the last context frame."""
-    from unified_wm.data.episodes import get_episode, load_episodes
+    from unified_wm.data.episodes import episode_caption, get_episode, load_episodes
     from unified_wm.eval.metrics import psnr
 
     ds = load_episodes(data)
@@ -113,9 +113,8 @@ def model_quality(wm, data: str, modes: list[tuple[str, int]], episodes: int, co
         vals, copy, secs = [], [], 0.0
         for ep in eps:
             fr = np.asarray(ep["frames"])
-            caps = [c["text"] for c in ep["captions"] if int(c["t"]) == 0]
             t = time.perf_counter()
-            gen = wm.rollout(caps[0] if caps else "", [str(a) for a in ep["actions"]], horizon, context=fr[:context],
+            gen = wm.rollout(episode_caption(ep), [str(a) for a in ep["actions"]], horizon, context=fr[:context],
                              temperature=0.0, mode=mode, diagonals_per_pass=per_pass, cfg_action=cfg_a)
             secs += time.perf_counter() - t
             real = fr[context:context + horizon]
@@ -144,14 +143,13 @@ def long_stream(wm, data: str, frames: int, window: int, mode: str, per_pass: in
     (is it still the same scene?). A rollout that stays coherent keeps these near those of its
     first span (inside the context) and of real video; one that falls apart drifts to noise
     (large change, far histogram) or freezes (change 0)."""
-    from unified_wm.data.episodes import get_episode, load_episodes
+    from unified_wm.data.episodes import episode_caption, get_episode, load_episodes
 
     ds = load_episodes(data)
     real = np.concatenate([np.asarray(get_episode(ds, i)["frames"]) for i in range(min(8, len(ds)))])
     real_hist = _histogram(real)
     ep = get_episode(ds, 0)
     context = np.asarray(ep["frames"])[:2]
-    caps = [c["text"] for c in ep["captions"] if int(c["t"]) == 0]
     ctx_hist = _histogram(context)
     real_change = float(np.abs(np.diff(real.astype(np.int16), axis=0)).mean())
     stamps = [time.perf_counter()]
@@ -162,7 +160,7 @@ def long_stream(wm, data: str, frames: int, window: int, mode: str, per_pass: in
         sess_frames.append(fr[0])
 
     actions = (["right"] * 12 + ["stay"] * 4 + ["left"] * 12 + ["stay"] * 4)
-    wm.rollout(caps[0] if caps else "", actions * (frames // len(actions) + 1), frames, context=context,
+    wm.rollout(episode_caption(ep), actions * (frames // len(actions) + 1), frames, context=context,
                temperature=temperature, top_k=50, seed=0, mode=mode, diagonals_per_pass=per_pass, window=window,
                on_frame=on_frame)
     dt = np.diff(stamps)

@@ -339,3 +339,9 @@ def caption_at(captions: list[dict], t: int) -> str | None:
         if int(c["t"]) == t:
             return c["text"]
     return None
+
+
+def episode_caption(ep: dict) -> str:
+    """The episode's description: its caption at frame 0 ("" when it has none), the prompt a
+    rollout of the episode starts from."""
+    return caption_at(ep["captions"], 0) or ""

@@ -46,145 +46,22 @@ horizon, error vs N), printed to stdout. ``uwm eval compare A B`` prints two run
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from unified_wm.eval.metrics import frame_psnr, frame_ssim
+from unified_wm.data.episodes import episode_caption
 from unified_wm.eval import baselines as bl
-from unified_wm.eval.baselines import BASELINES
-from unified_wm.sequence import MODALITY_KEYS, TEMPLATES
+from unified_wm.eval.memory import eval_offscreen, eval_revisit
+from unified_wm.eval.metrics import frame_psnr, frame_ssim
+from unified_wm.eval.report import compare, markdown_table, write_plots
+from unified_wm.eval.suite import RolloutSettings, Suite, check_held_out
+from unified_wm.sequence import MODALITY_KEYS
 from unified_wm.utils import ConfigError, load_config, write_json
-
-TASKS = ("nll", "rollout", "action_sensitivity", "offscreen", "revisit", "controllability", "caption", "fvd")
-METRICS = ("psnr", "ssim", "lpips")  # frame metrics; lpips needs the metrics extra
-CONTROL_ACTIONS = ("logged", "uniform")
-
-
-@dataclass
-class RolloutSettings:
-    context_frames: int = 1
-    horizon: int = 8
-    temperature: float = 0.0  # 0 = greedy
-    seed: int = 0
-    mode: str = "token"  # token | diagonal (uwm rollout --mode)
-    diagonals_per_pass: int = 1
-    cfg_text: float = 1.0  # classifier-free guidance scales (1 = off)
-    cfg_action: float = 1.0
-
-    def kwargs(self) -> dict:
-        """Sampling keywords for ``WorldModel.rollout``."""
-        return dict(temperature=self.temperature, seed=self.seed, mode=self.mode,
-                    diagonals_per_pass=self.diagonals_per_pass, cfg_text=self.cfg_text, cfg_action=self.cfg_action)
-
-
-@dataclass
-class ControllabilitySettings:
-    actions: str = "logged"  # logged: the episode's own actions; uniform: drawn uniformly from the probe's classes
-    probe_transitions: int = 4000  # real transitions the probe learns from (at most)
-    epochs: int = 6  # raised on small data so that the probe gets at least 400 optimizer steps
-    time_limit_s: float = 60.0  # the probe stops training after this, whatever the epochs
-    downsample: int = 2  # average-pool frames by this before the probe's CNN (1 = full resolution)
-    seed: int = 0
-
-
-@dataclass
-class CaptionSettings:
-    max_events_per_episode: int = 4  # event captions asked per episode (besides its scene caption)
-    max_new_tokens: int = 96
-
-
-@dataclass
-class FVDSettings:
-    frames: int = 16  # window length (16 is the standard FVD window)
-    n_videos: int = 0  # 0 = every evaluated episode long enough; 256+ for a stable figure
-
-
-@dataclass
-class Suite:
-    name: str
-    data: str
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    n_episodes: int = 8
-    templates: list[str] = field(default_factory=lambda: list(TEMPLATES))
-    clip_frames: int = 16
-    rollout: RolloutSettings = field(default_factory=RolloutSettings)
-    sensitivity_actions: list[str] = field(default_factory=lambda: ["left", "right"])
-    offscreen_data: str = ""  # probe_offscreen episodes (uwm data gen-world --split probe_offscreen)
-    revisit_data: str = ""  # probe_revisit episodes
-    n_probes: int = 8
-    offscreen_threshold_px: float = 8.0
-    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
-    # trivial next-frame predictors shown beside the model (unified_wm/eval/baselines.py);
-    # copy_shift needs episodes that record the camera (the procedural world)
-    baselines: list[str] = field(default_factory=lambda: ["copy_last"])
-    # episodes the controllability probe and the caption baseline learn from (normally the
-    # model's training episodes); empty = the held-out episodes after the first n_episodes
-    train_data: str = ""
-    train_episodes: int = 300  # read at most this many of them
-    controllability: ControllabilitySettings = field(default_factory=ControllabilitySettings)
-    caption: CaptionSettings = field(default_factory=CaptionSettings)
-    fvd: FVDSettings = field(default_factory=FVDSettings)
-    description: str = ""
-
-    def validate(self) -> None:
-        for t in self.tasks:
-            if t not in TASKS:
-                raise ValueError(f"tasks: unknown task '{t}'; valid tasks: {', '.join(TASKS)}")
-        for b in self.baselines:
-            if b not in BASELINES:
-                raise ValueError(f"baselines: unknown baseline '{b}'; valid baselines: {', '.join(BASELINES)}")
-        for m in self.metrics:
-            if m not in METRICS:
-                raise ValueError(f"metrics: unknown metric '{m}'; valid metrics: {', '.join(METRICS)}")
-        if self.controllability.actions not in CONTROL_ACTIONS:
-            raise ValueError(f"controllability.actions: unknown value '{self.controllability.actions}'; "
-                             f"valid values: {', '.join(CONTROL_ACTIONS)}")
-        if "fvd" in self.tasks and self.fvd.frames < 9:
-            raise ValueError(f"fvd.frames: {self.fvd.frames} frames is too short for I3D; use 16 (the standard window), at least 9")
-        if "fvd" in self.tasks and self.fvd.frames <= self.rollout.context_frames:
-            raise ValueError(f"fvd.frames ({self.fvd.frames}) must exceed rollout.context_frames ({self.rollout.context_frames})")
-        for t in self.templates:
-            if t not in TEMPLATES:
-                raise ValueError(f"templates: unknown template '{t}'; valid templates: {', '.join(TEMPLATES)}")
-        if self.rollout.mode not in ("token", "diagonal"):
-            raise ValueError(f"rollout.mode: unknown mode '{self.rollout.mode}'; valid modes: token, diagonal")
-        if self.rollout.context_frames < 1 or self.rollout.horizon < 1:
-            raise ValueError("rollout: context_frames and horizon must be >= 1")
-        for task, key in (("offscreen", "offscreen_data"), ("revisit", "revisit_data")):
-            if task in self.tasks and not getattr(self, key):
-                raise ValueError(f"task '{task}' needs '{key}' (a probe episode dataset)")
-        if self.n_episodes < 1:
-            raise ValueError(f"n_episodes = {self.n_episodes}; the suite needs at least 1 episode to evaluate")
-        probes = [t for t in ("offscreen", "revisit") if t in self.tasks]
-        if probes and self.n_probes < 1:
-            raise ValueError(f"n_probes = {self.n_probes}; task '{probes[0]}' needs at least 1 probe episode")
-        if self.train_episodes < 1:
-            raise ValueError(f"train_episodes = {self.train_episodes}; expected >= 1")
-
-
-def check_held_out(model_dir: Path, ds, suite_path: str) -> str:
-    """"checked" when the data's episode seeds were compared with the model's training seeds (an
-    overlap is an error), "not checked" when the model has no ``training_seeds.json``."""
-    seeds_file = Path(model_dir) / "training_seeds.json"
-    if not seeds_file.is_file():
-        print(f"warning: '{seeds_file}' is missing; cannot check that the suite's data is held out", file=sys.stderr)
-        return "not checked"
-    train_seeds = set(json.loads(seeds_file.read_text())["seeds"])
-    overlap = sorted(train_seeds & {int(s) for s in ds["seed"]})
-    if overlap:
-        raise ConfigError(
-            f"{suite_path}: the suite's data shares {len(overlap)} episode seeds with the model's training data "
-            f"(e.g. {overlap[:5]}); evaluate on held-out episodes only"
-        )
-    return "checked"
-
 
 def episode_cameras(wm, episodes, suite: Suite) -> list:
     """Camera positions in code cells per episode for copy_shift (None when not asked)."""
@@ -275,7 +152,7 @@ class Rollouts:
         if hit is not None and len(hit[1]) >= frames and self._effective(hit[0], need) == self._effective(actions, need):
             return (hit[1][:frames], hit[2][:frames]) if with_codes else hit[1][:frames]
         self.calls += 1
-        out, codes = self.wm.rollout(_caption0(ep), actions, frames, context=ep["frames"][:n_ctx],
+        out, codes = self.wm.rollout(episode_caption(ep), actions, frames, context=ep["frames"][:n_ctx],
                                      return_codes=True, **self.rs.kwargs())
         if hit is None or len(out) >= len(hit[1]):
             self._memo[key] = (actions, out, codes)
@@ -352,208 +229,12 @@ def eval_action_sensitivity(wm, episodes, suite: Suite) -> dict:
     a, b = suite.sensitivity_actions
     diffs = []
     for ep, _ in episodes[: max(1, len(episodes) // 2)]:
-        caption = next((x["text"] for x in ep["captions"] if int(x["t"]) == 0), "")
+        caption = episode_caption(ep)
         ctx = ep["frames"][: rs.context_frames]
         ga = wm.rollout(caption, [a] * (rs.context_frames + rs.horizon), rs.horizon, context=ctx, **rs.kwargs())
         gb = wm.rollout(caption, [b] * (rs.context_frames + rs.horizon), rs.horizon, context=ctx, **rs.kwargs())
         diffs.append(float(np.abs(ga.astype(np.float64) - gb.astype(np.float64)).mean()))
     return {"actions": [a, b], "mean_abs_pixel_diff": float(np.mean(diffs)), "n_episodes": len(diffs)}
-
-
-def _probe_episodes(path: str, kind: str, n: int, wm, model_dir: Path, suite_path: str) -> list[dict]:
-    from unified_wm.data.episodes import get_episode, load_episodes
-
-    ds = load_episodes(path)
-    check_held_out(model_dir, ds, suite_path)
-    eps = []
-    for i in range(len(ds)):
-        ep = get_episode(ds, i)
-        st = json.loads(ep["state"]) if isinstance(ep["state"], str) else ep["state"]
-        if st.get("probe", {}).get("kind") == kind:
-            ep["state"] = st
-            eps.append(ep)
-        if len(eps) >= n:
-            break
-    if not eps:
-        raise ValueError(f"'{path}' holds no '{kind}' probe episodes (make them with `uwm data gen-world --split probe_{kind}`)")
-    return eps
-
-
-def locate_color(frame: np.ndarray, rgb, tol: float = 70.0, min_pixels: int = 3):
-    """Centroid (x, y) of the pixels within ``tol`` of colour ``rgb``; None if fewer than ``min_pixels``."""
-    d = np.linalg.norm(frame.astype(np.float64) - np.asarray(rgb, dtype=np.float64), axis=-1)
-    ys, xs = np.nonzero(d < tol)
-    if len(xs) < min_pixels:
-        return None
-    return float(xs.mean()), float(ys.mean())
-
-
-def _caption0(ep) -> str:
-    return next((x["text"] for x in ep["captions"] if int(x["t"]) == 0), "")
-
-
-def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
-    """Off-screen persistence: where does the object reappear after the camera looked away?"""
-    from unified_wm.data.world import PALETTE
-
-    eps = _probe_episodes(suite.offscreen_data, "offscreen", suite.n_probes, wm, model_dir, suite_path)
-    rs = suite.rollout
-    per_n: dict[int, dict[str, list]] = {}
-    routes: dict[int, list[dict]] = {}
-    skipped = 0
-    for ep in eps:
-        probe, frames_state = ep["state"]["probe"], ep["state"]["frames"]
-        t0, oid = int(probe["away_start"]), probe["object_id"]
-        view_w, view_h = ep["state"].get("view", [ep["frames"].shape[2], ep["frames"].shape[1]])
-        # judge at the first frame from the return on where the object is wholly in view and
-        # not hidden (on the return frame itself it is often only a sliver at the border)
-        t1 = None
-        for t in range(int(probe["return_t"]), min(len(ep["frames"]), int(probe["return_t"]) + 7)):
-            if _in_view(frames_state[t], oid, view_w, view_h):
-                t1 = t
-                break
-        if t1 is None:
-            skipped += 1
-            continue
-        ctx = ep["frames"][:t0]
-        gen, routing = rollout_with_return_routing(wm, _caption0(ep), list(ep["actions"][: t1]), t1 - t0 + 1, ctx, rs)
-        obj = next(o for o in frames_state[t1]["objects"] if o["id"] == oid)
-        cam = frames_state[t1]["camera"]
-        bx = obj["bbox"]
-        truth = ((bx[0] + bx[2]) / 2 - cam[0], (bx[1] + bx[3]) / 2 - cam[1])
-        rgb = PALETTE[obj["color"]]
-        last = next(o for o in frames_state[t0 - 1]["objects"] if o["id"] == oid)
-        lb = last["bbox"]
-        stayed = ((lb[0] + lb[2]) / 2 - cam[0], (lb[1] + lb[3]) / 2 - cam[1])  # last seen world position, today's camera
-        recon = wm.processor.decode_frames(wm.processor.encode_frames(ep["frames"][t1:t1 + 1]))[0]
-        found = {"model": locate_color(gen[-1], rgb), "tokenizer_real": locate_color(recon, rgb),
-                 "real": locate_color(ep["frames"][t1], rgb)}
-        d = per_n.setdefault(int(probe["N"]), {"model": [], "tokenizer_real": [], "real": [], "stayed": []})
-        for k, p in found.items():
-            d[k].append(float("inf") if p is None else float(np.hypot(p[0] - truth[0], p[1] - truth[1])))
-        d["stayed"].append(float(np.hypot(stayed[0] - truth[0], stayed[1] - truth[1])))
-        if routing is not None:
-            vis = [t for t in range(t0) if _in_view(frames_state[t], oid, view_w, view_h)]
-            routes.setdefault(int(probe["N"]), []).append(routing_shares(routing, t0, vis))
-    thr = suite.offscreen_threshold_px
-
-    def summary(errs):
-        e = np.array(errs)
-        ok = np.isfinite(e)
-        return {"success_rate": float((e <= thr).mean()), "found_rate": float(ok.mean()),
-                "median_error_px": float(np.median(e[ok])) if ok.any() else None, "n": int(len(e))}
-
-    if not per_n:
-        return {"error": f"none of the {len(eps)} probes shows the object wholly in view after the return"}
-    out = {"threshold_px": thr, "skipped_probes": skipped, "by_N": {}, "overall": {}}
-    for n in sorted(per_n):
-        out["by_N"][str(n)] = {k: summary(v) for k, v in per_n[n].items()}
-    for k in ("model", "stayed", "tokenizer_real", "real"):
-        out["overall"][k] = summary([e for d in per_n.values() for e in d[k]])
-    if routes:
-        for n in sorted(routes):
-            out["by_N"][str(n)]["routing"] = mean_shares(routes[n])
-        out["overall"]["routing"] = mean_shares([r for rs_ in routes.values() for r in rs_])
-    return out
-
-
-def _in_view(frame_state: dict, oid, view_w: int, view_h: int) -> bool:
-    """The object is wholly inside the camera's view and not hidden behind an occluder."""
-    o = next(o for o in frame_state["objects"] if o["id"] == oid)
-    cx, cy = frame_state["camera"]
-    b = o["bbox"]
-    return b[0] >= cx and b[1] >= cy and b[2] < cx + view_w and b[3] < cy + view_h and not o["occluded"]
-
-
-def rollout_with_return_routing(wm, text: str, actions: list, frames: int, context: np.ndarray, rs: RolloutSettings):
-    """``wm.rollout`` (same session, same sampling), and where Mixture-of-Contexts routing went
-    while the model generated the LAST frame: ``{frame index: selections}`` summed over layers,
-    heads and the frame's queries (its ``<frame>`` and codes, plus the action just before it),
-    counting only frame chunks (routed selections of text, sink and action chunks are left out).
-    None for a model without a sparse decode state (dense attention)."""
-    from unified_wm.model.modeling_uwm import stream_layout
-    from unified_wm.tokenization.processor import FRAME
-
-    ids = wm.action_ids(actions) or [wm.default_action()]
-    n_ctx = len(context)
-    act = lambda t: ids[min(t, len(ids) - 1)]  # noqa: E731  (as in WorldModel.rollout)
-    sess = wm.session(text, context, [act(t) for t in range(max(n_ctx - 1, 0))], **rs.kwargs())
-    cache = sess.branches[0].cache
-    sparse = any(s is not None for s in cache.uwm_state.attn_states or [])
-
-    out, before = [], {}
-    for f in range(frames):
-        if f == frames - 1:
-            before = cache.routing_counts()
-        t = n_ctx + f - 1
-        out.append(sess.step(act(t) if t >= 0 else None)[0])
-    if not sparse:
-        return np.stack(out), None
-    after = cache.routing_counts()
-    cache_ids = cache.uwm_state.ids[:1]
-    meta, _ = stream_layout(cache_ids, wm.model.config)
-    frame_pos = torch.nonzero(cache_ids[0] == FRAME).flatten().tolist()
-    by_frame = {}
-    for i, pos in enumerate(frame_pos):
-        cid = int(meta.chunk_ids[0, pos])
-        by_frame[i] = after.get(cid, 0.0) - before.get(cid, 0.0)
-    return np.stack(out), by_frame
-
-
-def routing_shares(by_frame: dict, t0: int, visible: list[int]) -> dict:
-    """Shares of the return frame's routed frame selections: on the frame where the object was
-    last seen, on every frame where it was in view, on the frames generated while the camera
-    looked away (and the return frame itself), next to what uniform routing over the earlier
-    frames would give the last-seen frame."""
-    total = sum(v for k, v in by_frame.items())
-    if total <= 0:
-        return {}
-    last = max(visible) if visible else None
-    earlier = max(len(by_frame) - 1, 1)
-    return {
-        "last_seen": (by_frame.get(last, 0.0) / total) if last is not None else 0.0,
-        "visible": sum(by_frame.get(t, 0.0) for t in visible) / total,
-        "away": sum(v for k, v in by_frame.items() if k >= t0) / total,
-        "uniform_last_seen": 1.0 / earlier,
-        "uniform_visible": len(visible) / earlier,
-    }
-
-
-def mean_shares(rows: list[dict]) -> dict:
-    rows = [r for r in rows if r]
-    if not rows:
-        return {}
-    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} | {"n": len(rows)}
-
-
-def eval_revisit(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
-    eps = _probe_episodes(suite.revisit_data, "revisit", suite.n_probes, wm, model_dir, suite_path)
-    rs = suite.rollout
-    m_psnr, m_ssim, c_psnr, first_psnr = [], [], [], []  # c_psnr: the real return frame through the tokenizer
-    m_lp, c_lp = [], []
-    use_lpips = "lpips" in suite.metrics
-    for ep in eps:
-        probe = ep["state"]["probe"]
-        t0, t1 = int(probe["leave_t"]), int(probe["return_t"])
-        first = int(probe.get("first_visit_t", t0))
-        gen = wm.rollout(_caption0(ep), list(ep["actions"][: t1]), t1 - t0 + 1, context=ep["frames"][:t0],
-                         **rs.kwargs())
-        real = ep["frames"][t1]
-        recon = wm.processor.decode_frames(wm.processor.encode_frames(real[None]))[0]
-        m_psnr.append(frame_psnr(gen[-1], real))
-        m_ssim.append(frame_ssim(gen[-1], real))
-        c_psnr.append(frame_psnr(recon, real))
-        first_psnr.append(frame_psnr(gen[-1], ep["frames"][first]))
-        if use_lpips:
-            from unified_wm.eval.learned import lpips
-
-            m_lp.append(float(lpips(gen[-1:], real[None])[0]))
-            c_lp.append(float(lpips(recon[None], real[None])[0]))
-    out = {"n": len(eps), "return_psnr": float(np.mean(m_psnr)), "return_ssim": float(np.mean(m_ssim)),
-           "return_vs_first_visit_psnr": float(np.mean(first_psnr)), "tokenizer_ceiling_psnr": float(np.mean(c_psnr))}
-    if use_lpips:
-        out.update(return_lpips=float(np.mean(m_lp)), tokenizer_ceiling_lpips=float(np.mean(c_lp)))
-    return out
 
 
 def reference_episodes(suite: Suite, ds, suite_path: str) -> tuple[list[dict], str]:
@@ -694,69 +375,6 @@ def eval_fvd(wm, episodes, suite: Suite, roll: Rollouts) -> dict:
     return out
 
 
-def write_plots(results: dict, out: Path) -> list[str]:
-    """PNG plots: rollout PSNR per horizon step (model vs baselines); off-screen error vs N."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    ro = results.get("rollout") or {}
-    curves = (  # file, y label, title, (key, label) per line: metric vs horizon, model vs baselines
-        ("rollout_psnr.png", "PSNR (dB)", "rollout quality vs horizon",
-         (("psnr_by_step", "model"), ("copy_last_psnr_by_step", "copy last frame"),
-          ("tokenizer_recon_psnr_by_step", "tokenizer ceiling"))),
-        ("rollout_token_acc.png", "video token accuracy", "sampled codes vs the real frame's codes",
-         (("token_acc_by_step", "model"), ("copy_last_token_acc_by_step", "copy last frame"))),
-        ("rollout_lpips.png", "LPIPS (AlexNet, lower is better)", "rollout LPIPS vs horizon",
-         (("lpips_by_step", "model"), ("copy_last_lpips_by_step", "copy last frame"),
-          ("tokenizer_recon_lpips_by_step", "tokenizer ceiling"))),
-    )
-    for fname, ylabel, title, lines in curves:
-        if lines[0][0] not in ro:
-            continue
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for key, label in lines:
-            ax.plot(range(1, len(ro[key]) + 1), ro[key], marker="o", label=label)
-        ax.set_xlabel("rollout step"), ax.set_ylabel(ylabel), ax.legend(), ax.grid(alpha=0.3)
-        ax.set_title(f"{results['suite']}: {title}")
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=100)
-        plt.close(fig)
-        written.append(str(out / fname))
-    co = results.get("controllability")
-    if co and "model" in co:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        steps = range(1, len(co["model"]["accuracy_by_step"]) + 1)
-        ax.plot(steps, co["model"]["accuracy_by_step"], marker="o", label="model's rollout")
-        for key, label, style in (("real", "real frames", "--"), ("tokenizer_real", "real via tokenizer", ":"),
-                                  ("frozen", "frozen frame", "-.")):
-            ax.axhline(co[key]["accuracy"], linestyle=style, color="gray" if key != "real" else "black", label=label)
-        ax.set_xlabel("rollout step"), ax.set_ylabel("inverse-dynamics accuracy"), ax.set_ylim(-0.05, 1.05)
-        ax.legend(fontsize=8), ax.grid(alpha=0.3)
-        ax.set_title(f"{results['suite']}: action controllability ({co['actions']} actions)")
-        fig.tight_layout()
-        fig.savefig(out / "controllability.png", dpi=100)
-        plt.close(fig)
-        written.append(str(out / "controllability.png"))
-    off = results.get("offscreen")
-    if off and off.get("by_N"):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ns = [int(n) for n in off["by_N"]]
-        for key, label in (("model", "model"), ("stayed", "stayed where last seen"),
-                           ("tokenizer_real", "real frame via tokenizer (ceiling)"), ("real", "real frame (detector check)")):
-            ax.plot(ns, [off["by_N"][str(n)][key]["success_rate"] for n in ns], marker="o", label=label)
-        ax.set_xlabel("frames looked away (N)"), ax.set_ylabel(f"success (error <= {off['threshold_px']:g} px)")
-        ax.set_ylim(-0.05, 1.05), ax.legend(), ax.grid(alpha=0.3)
-        ax.set_title(f"{results['suite']}: off-screen persistence")
-        fig.tight_layout()
-        fig.savefig(out / "offscreen.png", dpi=100)
-        plt.close(fig)
-        written.append(str(out / "offscreen.png"))
-    return written
-
-
 def _prewarm(wm, suite: Suite, episodes, roll: Rollouts, suite_path: str) -> None:
     """Check that the longest rollout fits the model's context, then roll it out once per
     episode when several tasks will read it (the shorter ones reuse its first frames)."""
@@ -771,7 +389,7 @@ def _prewarm(wm, suite: Suite, episodes, roll: Rollouts, suite_path: str) -> Non
     longest = max(lengths)
     ep, fids = episodes[0]
     c = min(rs.context_frames, len(fids))
-    prompt = wm.builder.prompt(_caption0(ep), fids[:c], [wm.processor.encode_actions([str(a)]) for a in list(ep["actions"])[:c]])
+    prompt = wm.builder.prompt(episode_caption(ep), fids[:c], [wm.processor.encode_actions([str(a)]) for a in list(ep["actions"])[:c]])
     need = wm.tokens_needed(len(prompt), longest)
     if need > wm.context_limit:
         raise ConfigError(
@@ -856,164 +474,6 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
         (out / "results.md").write_text(table + "\n")
     print(table)
     return results
-
-
-def markdown_table(r: dict) -> str:
-    which = ("held-out episodes" if r.get("held_out", "checked") == "checked"
-             else "episodes (held-out: not checked, the model has no training_seeds.json)")
-    lines = [f"### eval suite `{r['suite']}` on {r['n_episodes']} {which}", "", "| task | metric | value |", "|---|---|---|"]
-    nll = r.get("nll", {})
-    for tpl, m in nll.items():
-        if tpl == "baselines":
-            continue
-        for k, v in m.items():
-            lines.append(f"| nll/{tpl} | {k} | {v:.4f} |")
-        if "next_frame_token_acc" in m and nll.get("baselines"):
-            names = list(nll["baselines"])
-            lines.append(f"| nll/{tpl} | next-frame code accuracy: model / {' / '.join(n.replace('_', ' ') for n in names)} | "
-                         f"{m['next_frame_token_acc']:.3f} / "
-                         + " / ".join(f"{nll['baselines'][n]['next_frame_token_acc']:.3f}" for n in names) + " |")
-    ro = r.get("rollout")
-    if ro and "error" not in ro:
-        for k in ("psnr_mean", "ssim_mean", "copy_last_psnr_mean", "copy_shift_psnr_mean", "tokenizer_recon_psnr_mean"):
-            if k in ro:
-                lines.append(f"| rollout | {k} | {ro[k]:.3f} |")
-        lines.append("| rollout | psnr_by_step | " + " ".join(f"{x:.1f}" for x in ro["psnr_by_step"]) + " |")
-        if "token_acc_mean" in ro:
-            shift = f" / {ro['copy_shift_token_acc_mean']:.3f}" if "copy_shift_token_acc_mean" in ro else ""
-            lines.append(f"| rollout | token_acc_mean (model / copy last{' / copy or shift' if shift else ''}) | "
-                         f"{ro['token_acc_mean']:.3f} / {ro['copy_last_token_acc_mean']:.3f}{shift} |")
-            lines.append("| rollout | token_acc_by_step | " + " ".join(f"{x:.3f}" for x in ro["token_acc_by_step"]) + " |")
-        if "lpips_mean" in ro:
-            lines.append(f"| rollout | lpips_mean (model / copy last / tokenizer ceiling) | {ro['lpips_mean']:.3f} / "
-                         f"{ro['copy_last_lpips_mean']:.3f} / {ro['tokenizer_recon_lpips_mean']:.3f} |")
-            lines.append("| rollout | lpips_by_step | " + " ".join(f"{x:.3f}" for x in ro["lpips_by_step"]) + " |")
-    elif ro:
-        lines.append(f"| rollout | error | {ro['error']} |")
-    s = r.get("action_sensitivity")
-    if s:
-        lines.append(f"| action_sensitivity | mean_abs_pixel_diff ({s['actions'][0]} vs {s['actions'][1]}) | {s['mean_abs_pixel_diff']:.3f} |")
-    off = r.get("offscreen")
-    if off and "error" in off:
-        lines.append(f"| offscreen | error | {off['error']} |")
-    elif off:
-        for k in ("model", "stayed", "tokenizer_real", "real") if "overall" in off else ():
-            o = off["overall"][k]
-            med = "n/a" if o["median_error_px"] is None else f"{o['median_error_px']:.1f}"
-            lines.append(f"| offscreen ({k}) | success <= {off['threshold_px']:g}px / found / median err px | "
-                         f"{o['success_rate']:.2f} / {o['found_rate']:.2f} / {med} |")
-        for n, d in off.get("by_N", {}).items():
-            lines.append(f"| offscreen N={n} | success: model / stayed / tokenizer on real (n) | "
-                         f"{d['model']['success_rate']:.2f} / {d['stayed']['success_rate']:.2f} / "
-                         f"{d['tokenizer_real']['success_rate']:.2f} ({d['model']['n']}) |")
-        ro_ = off.get("overall", {}).get("routing")
-        if ro_:
-            lines.append("| offscreen routing (return frame) | share on last-seen frame (uniform) / frames in view (uniform) / "
-                         f"away frames | {ro_['last_seen']:.3f} ({ro_['uniform_last_seen']:.3f}) / {ro_['visible']:.3f} "
-                         f"({ro_['uniform_visible']:.3f}) / {ro_['away']:.3f} |")
-    rv = r.get("revisit")
-    if rv:
-        lines.append(f"| revisit | return-frame PSNR (model / tokenizer ceiling) | {rv['return_psnr']:.2f} / {rv['tokenizer_ceiling_psnr']:.2f} |")
-        if "return_lpips" in rv:
-            lines.append(f"| revisit | return-frame LPIPS (model / tokenizer ceiling) | "
-                         f"{rv['return_lpips']:.3f} / {rv['tokenizer_ceiling_lpips']:.3f} |")
-    co = r.get("controllability")
-    if co and "error" in co:
-        lines.append(f"| controllability | error | {co['error']} |")
-    elif co:
-        order = ("real", "tokenizer_real", "model", "frozen")
-        for m in ("accuracy", "macro_f1"):
-            lines.append(f"| controllability ({co['actions']} actions) | probe {m}: real / real via tokenizer / model / frozen frame | "
-                         + " / ".join(_fmt(co[k][m]) for k in order) + " |")
-        lines.append(f"| controllability | transitions scored: real / model | {co['real']['n']} / {co['model']['n']} |")
-    cap = r.get("caption")
-    if cap and "error" in cap:
-        lines.append(f"| caption | error | {cap['error']} |")
-    elif cap:
-        for kind, hit in (("scene", "clause_hit"), ("events", "event_hit")):
-            for who, label in (("model", "model"), ("most_frequent_caption", "most frequent training caption")):
-                m = cap[kind][who]
-                if m["n"]:
-                    lines.append(f"| caption {kind} ({label}) | exact / object hit / {hit.replace('_', ' ')} (n={m['n']}) | "
-                                 f"{_fmt(m['exact_match'])} / {_fmt(m['object_hit'])} / {_fmt(m[hit])} |")
-    fv = r.get("fvd")
-    if fv and "error" in fv:
-        lines.append(f"| fvd | error | {fv['error']} |")
-    elif fv:
-        flag = "" if fv["stable"] else "; unstable below 256"
-        lines.append(f"| fvd ({fv['n_videos']} videos x {fv['frames']} frames{flag}) | model / copy last / tokenizer recon | "
-                     f"{fv['fvd']:.1f} / {fv['copy_last_fvd']:.1f} / {fv['tokenizer_recon_fvd']:.1f} |")
-    return "\n".join(lines)
-
-
-def _fmt(x, nd: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = float(v)
-    return out
-
-
-def compare(a: str, b: str, out: str | None = None) -> str:
-    """Two results.json (or folders holding one) side by side with the differences; with ``out``,
-    also a plot of both runs' rollout curves over the horizon (e.g. MoC vs dense, eval/long.yaml)."""
-    def load(p):
-        p = Path(p)
-        f = p / "results.json" if p.is_dir() else p
-        if not f.is_file():
-            raise FileNotFoundError(f"eval results '{f}' do not exist (expected results.json written by `uwm eval --out`)")
-        return json.loads(f.read_text())
-
-    full_a, full_b = load(a), load(b)
-    ra, rb = flatten(full_a), flatten(full_b)
-    keys = [k for k in ra if k in rb and k not in ("n_episodes", "held_out", "seconds", "rollouts_generated") and not k.endswith("_seconds")]
-    w = max(len(k) for k in keys) if keys else 10
-    lines = [f"{'metric':<{w}} {'A':>10} {'B':>10} {'B-A':>10}", f"A = {a}", f"B = {b}"]
-    for k in keys:
-        lines.append(f"{k:<{w}} {ra[k]:10.4f} {rb[k]:10.4f} {rb[k] - ra[k]:+10.4f}")
-    only = sorted(set(ra) ^ set(rb))
-    if only:
-        lines.append(f"(in one run only: {', '.join(only[:10])}{' ...' if len(only) > 10 else ''})")
-    if out:
-        path = plot_compare(full_a, full_b, Path(out), str(a), str(b))
-        lines.append(f"plot: {path}" if path else "plot: neither run has rollout curves to plot")
-    return "\n".join(lines)
-
-
-def plot_compare(ra: dict, rb: dict, out: Path, label_a: str, label_b: str) -> str | None:
-    """Rollout PSNR (and LPIPS where both runs have it) vs horizon for two runs, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ro_a, ro_b = ra.get("rollout") or {}, rb.get("rollout") or {}
-    keys = [k for k in ("psnr_by_step", "token_acc_by_step", "lpips_by_step") if k in ro_a and k in ro_b]
-    if not keys:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for ro, name in ((ro_a, f"A: {Path(label_a).name}"), (ro_b, f"B: {Path(label_b).name}")):
-            ax.plot(range(1, len(ro[key]) + 1), ro[key], marker="o", label=name)
-        base = "copy_last_" + key
-        if base in ro_a:
-            ax.plot(range(1, len(ro_a[base]) + 1), ro_a[base], linestyle="--", color="gray", label="copy last frame")
-        ax.set_xlabel("rollout step"), ax.set_ylabel(key.replace("_by_step", "").upper()), ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("rollout quality vs horizon: A vs B")
-    fig.tight_layout()
-    path = out / "compare_rollout.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
