@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from unified_wm.data import world as W
-from unified_wm.data.episodes import get_episode, iter_episodes, load_episodes, save_episodes, stream_episodes
-from unified_wm.utils import ConfigError
+from unified_wm.data.episodes import (SPLIT_SEED_OFFSETS, SPLIT_SEED_SPAN, episode_seeds, get_episode, iter_episodes, load_episodes,
+                                     save_episodes, seeds_of, stream_episodes)
+from unified_wm.utils import ConfigError, OutputError
 
 PAN = W.ACTION_SPACES["pan5"]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "data"
@@ -189,7 +190,7 @@ def test_objects_leave_and_reenter_view():
 
 def test_probe_offscreen_episodes():
     cfg = cfg_small()
-    for seed in W.episode_seeds("probe_offscreen", 0, 6):
+    for seed in episode_seeds("probe_offscreen", 0, 6):
         ep = W.generate_episode(cfg, seed, "probe_offscreen")
         st = state(ep)
         p = st["probe"]
@@ -202,12 +203,12 @@ def test_probe_offscreen_episodes():
         # the camera is what looked away: it moved, and it came back where it started
         cams = [f["camera"] for f in st["frames"]]
         assert cams[p["away_start"]] != cams[0] and cams[-1] == cams[0]
-        assert ep["split"] == "probe_offscreen" and ep["seed"] >= W.SPLIT_SEED_OFFSETS["probe_offscreen"]
+        assert ep["split"] == "probe_offscreen" and ep["seed"] >= SPLIT_SEED_OFFSETS["probe_offscreen"]
 
 
 def test_probe_revisit_episodes():
     cfg = cfg_small()
-    for seed in W.episode_seeds("probe_revisit", 0, 4):
+    for seed in episode_seeds("probe_revisit", 0, 4):
         ep = W.generate_episode(cfg, seed, "probe_revisit")
         st = state(ep)
         p = st["probe"]
@@ -226,12 +227,12 @@ def test_datasets_round_trip_and_seeds_are_disjoint(tmp_path):
     cfg = cfg_small(n_episodes=4, probe_episodes=3)
     train = W.generate_world(cfg, tmp_path / "train", progress=False)
     probes = W.generate_world(cfg, tmp_path / "probe", split="probe_offscreen", progress=False)
-    revisit = W.generate_probes(cfg, tmp_path / "revisit", "revisit", 2, seed=0, progress=False)
+    revisit = W.generate_world(cfg, tmp_path / "revisit", split="probe_revisit", n_episodes=2, seed=0, progress=False)
     ds = load_episodes(train)
     assert len(ds) == 4
-    assert W.seeds_of(train) == {0, 1, 2, 3}
-    assert W.seeds_of(ds) == {0, 1, 2, 3}
-    assert not (W.seeds_of(train) & W.seeds_of(probes)) and not (W.seeds_of(train) & W.seeds_of(revisit))
+    assert seeds_of(train) == {0, 1, 2, 3}
+    assert seeds_of(ds) == {0, 1, 2, 3}
+    assert not (seeds_of(train) & seeds_of(probes)) and not (seeds_of(train) & seeds_of(revisit))
     assert set(load_episodes(probes)["split"]) == {"probe_offscreen"}
     ep = get_episode(ds, 2)
     ref = W.generate_episode(cfg, 2)
@@ -245,8 +246,8 @@ def test_datasets_round_trip_and_seeds_are_disjoint(tmp_path):
 
 def test_seed_ranges_cannot_collide():
     with pytest.raises(ValueError, match="seed range"):
-        W.episode_seeds("train", W.SPLIT_SEED_SPAN - 2, 5)
-    assert W.episode_seeds("val", 0, 2) == [500_000, 500_001]
+        episode_seeds("train", SPLIT_SEED_SPAN - 2, 5)
+    assert episode_seeds("val", 0, 2) == [500_000, 500_001]
 
 
 def test_bad_config_errors(tmp_path):
@@ -270,7 +271,7 @@ def test_recipes_load_and_cli_main(tmp_path, capsys):
     assert W.as_config(RECIPES / "world.yaml").occluder_density > 0
     assert W.main(["--config", str(RECIPES / "world_tiny.yaml"), "--out", str(tmp_path / "d"), "--episodes", "3",
                    "--seed", "7", "--no-progress"]) == 0
-    assert W.seeds_of(tmp_path / "d") == {7, 8, 9}
+    assert seeds_of(tmp_path / "d") == {7, 8, 9}
     assert get_episode(load_episodes(tmp_path / "d"), 0)["frames"].shape[0] == 16
 
 
@@ -513,7 +514,6 @@ def test_doom_goal_ends_the_episode_and_things_in_view_are_captioned(doom_game):
 def test_doom_revisit_probe_returns_to_the_first_view(doom_game):
     doom = _vizdoom_or_skip()
     cfg, game = doom_game
-    from unified_wm.data.world import episode_seeds
 
     for seed in episode_seeds("probe_revisit", 0, 6):
         ep = doom.generate_episode(cfg, seed, "probe_revisit", game=game)
@@ -553,6 +553,23 @@ def test_doom_cli_writes_a_dataset(tmp_path):
     p.write_text(re.sub(r"^frames: 32$", "frames: 8", (RECIPES / "doom.yaml").read_text(), flags=re.M))
     assert doom.main(["--config", str(p), "--out", str(tmp_path / "d"), "--episodes", "2", "--seed", "3", "--no-progress"]) == 0
     ds = load_episodes(tmp_path / "d")
-    assert W.seeds_of(ds) == {3, 4} and get_episode(ds, 0)["frames"].shape == (8, 64, 64, 3)
+    assert seeds_of(ds) == {3, 4} and get_episode(ds, 0)["frames"].shape == (8, 64, 64, 3)
     assert doom.main(["--config", str(p), "--out", str(tmp_path / "r"), "--episodes", "1", "--split", "probe_revisit", "--no-progress"]) == 0
     assert json.loads(get_episode(load_episodes(tmp_path / "r"), 0)["state"])["probe"]["kind"] == "revisit"
+
+
+def test_every_source_refuses_an_out_folder_it_did_not_write(tmp_path):
+    """One generator command for every source: gen-atari and gen-doom keep a user's folder as
+    gen-world does (refused, nothing deleted), before any emulator starts."""
+    from unified_wm.data import atari, doom
+    from unified_wm.data.sources import EpisodeSource
+
+    for mod, src, cfg in ((W, W.WORLD, RECIPES / "world_tiny.yaml"), (atari, atari.ATARI, RECIPES / "atari_pong.yaml"),
+                          (doom, doom.DOOM, RECIPES / "doom.yaml")):
+        assert isinstance(src, EpisodeSource)
+        mine = tmp_path / src.name
+        mine.mkdir()
+        (mine / "notes.txt").write_text("keep")
+        with pytest.raises(OutputError, match=src.name):
+            mod.main(["--config", str(cfg), "--out", str(mine), "--episodes", "1", "--no-progress"])
+        assert (mine / "notes.txt").read_text() == "keep"

@@ -33,7 +33,7 @@ def tiny_hf(tmp_path_factory, processor, world_data):
     import torch
 
     from tests.conftest import tiny_model_config
-    from unified_wm.data.world import seeds_of
+    from unified_wm.data.episodes import seeds_of
     from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
 
     torch.manual_seed(0)

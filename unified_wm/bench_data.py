@@ -48,9 +48,10 @@ def _rate(n: float, seconds: float) -> float:
 
 def bench_world(n_episodes: int, config: Path) -> tuple[dict, list[dict]]:
     from unified_wm.data import world as W
+    from unified_wm.data.episodes import episode_seeds
 
     cfg = W.as_config(config)
-    seeds = W.episode_seeds("train", 0, n_episodes)
+    seeds = episode_seeds("train", 0, n_episodes)
     t0 = time.perf_counter()
     eps = [W.generate_episode(cfg, s) for s in seeds]
     dt = time.perf_counter() - t0
@@ -63,7 +64,7 @@ def bench_atari(n_episodes: int, config: Path) -> dict:
     from unified_wm.data import atari
 
     try:
-        atari._import_ale()
+        atari.require_ale()
     except atari.AtariUnavailable as e:
         return {"skipped": str(e)}
     cfg = atari.as_config(config)
@@ -85,10 +86,10 @@ def bench_atari(n_episodes: int, config: Path) -> dict:
 
 def bench_doom(n_episodes: int, n_probes: int, config: Path) -> dict:
     from unified_wm.data import doom
-    from unified_wm.data.world import episode_seeds
+    from unified_wm.data.episodes import episode_seeds
 
     try:
-        doom._import_vizdoom()
+        doom.require_vizdoom()
     except doom.DoomUnavailable as e:
         return {"skipped": str(e)}
     cfg = doom.as_config(config)

@@ -19,16 +19,15 @@ val 500_000 + seed + i).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
+from unified_wm.data.sources import EpisodeSource, generate_dataset, generator_main
 from unified_wm.utils import from_dict, load_config
 
 
@@ -74,7 +73,7 @@ def as_config(config) -> AtariConfig:
     return load_config(AtariConfig, config)
 
 
-def _import_ale():
+def require_ale():
     try:
         import ale_py
         import gymnasium
@@ -89,7 +88,7 @@ def _import_ale():
 
 def atari_games() -> list[str]:
     """The ALE game names this install can make (``"Pong"``, ``"Breakout"``, ...), sorted."""
-    gym = _import_ale()
+    gym = require_ale()
     return sorted(k[len("ALE/"):-len("-v5")] for k in gym.registry if k.startswith("ALE/") and k.endswith("-v5"))
 
 
@@ -109,7 +108,7 @@ def check_game(game: str) -> None:
 
 
 def make_env(cfg: AtariConfig):
-    gym = _import_ale()
+    gym = require_ale()
     check_game(cfg.game)
     env_id = f"ALE/{cfg.game}-v5"
     try:
@@ -214,68 +213,22 @@ def generate_episode(cfg: AtariConfig, seed: int, split: str = "train", env=None
     }
 
 
-class AtariEpisodes:
-    """A re-iterable stream of episodes with a length; the env is made inside ``__iter__``
-    and closed when the stream ends."""
-
-    def __init__(self, cfg: AtariConfig, seeds: list[int], split: str, progress: bool = True):
-        self.cfg, self.seeds, self.split, self.progress = cfg, list(seeds), split, progress
-
-    def __len__(self) -> int:
-        return len(self.seeds)
-
-    def __iter__(self) -> Iterator[dict]:
-        from tqdm.auto import tqdm
-
-        env = make_env(self.cfg)
-        try:
-            for s in tqdm(self.seeds, desc=f"atari {self.cfg.game} {self.split}", unit="ep", disable=not self.progress):
-                yield generate_episode(self.cfg, s, self.split, env=env)
-        finally:
-            env.close()
+ATARI = EpisodeSource(
+    name="atari", description="Record Atari episodes (gymnasium + ale-py) as an episode dataset.", config_cls=AtariConfig,
+    as_config=as_config, generate_episode=generate_episode, splits=("train", "val"), frame_hw=lambda c: (c.height, c.width),
+    label=lambda c: f"atari {c.game}", example_config="recipes/data/atari_pong.yaml", open=make_env,
+    check=lambda c: check_game(c.game), listing=("--list-games", "print the valid game names and exit", atari_games),
+)
 
 
-def iter_atari(cfg: AtariConfig, seeds: list[int], split: str, progress: bool = True) -> AtariEpisodes:
-    return AtariEpisodes(cfg, seeds, split, progress)
-
-
-def generate_atari(config, out_dir: str | os.PathLike, *, n_episodes: int | None = None, seed: int | None = None, split: str | None = None,
-                   progress: bool = True, max_shard_size: int | str = "500MB") -> Path:
-    """Write an Atari episode dataset at ``out_dir`` (atomic; Arrow shards of at most ``max_shard_size``)."""
-    from unified_wm.data.episodes import save_episodes
-    from unified_wm.data.world import episode_seeds
-
-    cfg = as_config(config)
-    check_game(cfg.game)  # fail (missing packages, unknown game) before creating anything
-    split = split or cfg.split
-    seeds = episode_seeds(split, cfg.seed if seed is None else seed, cfg.n_episodes if n_episodes is None else n_episodes)
-    return save_episodes(iter_atari(cfg, seeds, split, progress=False), out_dir, cfg.height, cfg.width,
-                         max_shard_size=max_shard_size, progress=progress, desc=f"atari {cfg.game} {split}")
+def generate_atari(config, out_dir: str | os.PathLike, **kw) -> Path:
+    """An Atari episode dataset at ``out_dir`` (:func:`unified_wm.data.sources.generate_dataset`)."""
+    return generate_dataset(ATARI, config, out_dir, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`uwm data gen-atari --config C --out DIR [--episodes N] [--seed S] [--split train|val]` (or `--list-games`)."""
-    ap = argparse.ArgumentParser(prog="uwm data gen-atari", description="Record Atari episodes (gymnasium + ale-py) as an episode dataset.")
-    ap.add_argument("--config", help="Atari YAML (e.g. recipes/data/atari_pong.yaml); required unless --list-games")
-    ap.add_argument("--out", help="output episode dataset folder; required unless --list-games")
-    ap.add_argument("--episodes", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--split", default=None, choices=["train", "val"])
-    ap.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard, e.g. 500MB or 1GB (default 500MB)")
-    ap.add_argument("--list-games", action="store_true", help="print the valid game names and exit")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    if args.list_games:
-        print("\n".join(atari_games()))
-        return 0
-    if not args.config or not args.out:
-        ap.error("--config and --out are required (or --list-games)")
-    cfg = load_config(AtariConfig, args.config)
-    t0 = time.perf_counter()
-    out = generate_atari(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=args.split, progress=not args.no_progress,
-                         max_shard_size=args.max_shard_size)
-    print(f"wrote {args.episodes or cfg.n_episodes} {cfg.game} episodes to {out} in {time.perf_counter() - t0:.1f}s")
-    return 0
+    return generator_main(ATARI, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

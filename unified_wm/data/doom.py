@@ -58,19 +58,18 @@ Seeds follow :func:`unified_wm.data.world.episode_seeds` (train 0 + seed + i, va
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
+from unified_wm.data.sources import EpisodeSource, generate_dataset, generator_main
 from unified_wm.utils import from_dict, load_config
 
 ACTIONS = ["stay", "left", "right", "up", "down"]  # the names of ACTION_SETS["pan5"]
@@ -159,7 +158,7 @@ def as_config(config) -> DoomConfig:
     return load_config(DoomConfig, config)
 
 
-def _import_vizdoom():
+def require_vizdoom():
     try:
         import vizdoom
     except Exception as e:  # ImportError, or a broken binary wheel
@@ -172,7 +171,7 @@ def _import_vizdoom():
 
 def doom_scenarios() -> list[str]:
     """Names of the scenarios that ship in the vizdoom wheel (``my_way_home``, ``basic``, ...)."""
-    vzd = _import_vizdoom()
+    vzd = require_vizdoom()
     return sorted(f[:-4] for f in os.listdir(vzd.scenarios_path) if f.endswith(".cfg"))
 
 
@@ -186,7 +185,7 @@ UNSUPPORTED = {
 
 def scenario_path(scenario: str) -> Path:
     """The .cfg file of ``scenario``; a ValueError naming it and the valid names if there is none."""
-    vzd = _import_vizdoom()
+    vzd = require_vizdoom()
     if scenario.endswith(".cfg"):
         p = Path(scenario)
         if not p.is_file():
@@ -210,7 +209,7 @@ def scenario_name(cfg: DoomConfig) -> str:
 
 def make_game(cfg: DoomConfig):
     """An initialised, windowless DoomGame for ``cfg`` (buttons, variables, screen set here)."""
-    vzd = _import_vizdoom()
+    vzd = require_vizdoom()
     path = scenario_path(cfg.scenario)
     g = vzd.DoomGame()
     g.load_config(str(path))  # a .cfg names its WAD relative to itself
@@ -476,69 +475,23 @@ def _probe_revisit(cfg: DoomConfig, game, seed: int, rng: np.random.Generator, r
 # ----------------------------------------------------------------------------- datasets
 
 
-class DoomEpisodes:
-    """A re-iterable stream of episodes with a length; the game is made inside ``__iter__``
-    and closed when the stream ends."""
-
-    def __init__(self, cfg: DoomConfig, seeds: list[int], split: str, progress: bool = False):
-        self.cfg, self.seeds, self.split, self.progress = cfg, list(seeds), split, progress
-
-    def __len__(self) -> int:
-        return len(self.seeds)
-
-    def __iter__(self) -> Iterator[dict]:
-        from tqdm.auto import tqdm
-
-        game = make_game(self.cfg)
-        try:
-            for s in tqdm(self.seeds, desc=f"doom {self.split}", unit="ep", disable=not self.progress):
-                yield generate_episode(self.cfg, s, self.split, game=game)
-        finally:
-            game.close()
+DOOM = EpisodeSource(
+    name="doom", description="Record first-person ViZDoom episodes (with pose) as an episode dataset.", config_cls=DoomConfig,
+    as_config=as_config, generate_episode=generate_episode, splits=SPLITS, frame_hw=lambda c: (c.height, c.width),
+    label=lambda c: f"doom {scenario_name(c)}", example_config="recipes/data/doom.yaml", open=make_game,
+    check=lambda c: scenario_path(c.scenario), probe_splits=("probe_revisit",),
+    listing=("--list-scenarios", "print the scenarios that ship in the vizdoom wheel and exit", doom_scenarios),
+)
 
 
-def generate_doom(config, out_dir: str | os.PathLike, *, n_episodes: int | None = None, seed: int | None = None,
-                  split: str | None = None, progress: bool = True, max_shard_size: int | str = "500MB") -> Path:
-    """Write a Doom episode dataset at ``out_dir`` (atomic; Arrow shards of at most ``max_shard_size``)."""
-    from unified_wm.data.episodes import save_episodes
-    from unified_wm.data.world import episode_seeds
-
-    cfg = as_config(config)
-    scenario_path(cfg.scenario)  # fail (missing package, unknown scenario) before creating anything
-    split = split or cfg.split
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    default_n = cfg.probe_episodes if split == "probe_revisit" else cfg.n_episodes
-    seeds = episode_seeds(split, cfg.seed if seed is None else seed, default_n if n_episodes is None else n_episodes)
-    return save_episodes(DoomEpisodes(cfg, seeds, split), out_dir, cfg.height, cfg.width, max_shard_size=max_shard_size,
-                         progress=progress, desc=f"doom {scenario_name(cfg)} {split}")
+def generate_doom(config, out_dir: str | os.PathLike, **kw) -> Path:
+    """A Doom episode dataset at ``out_dir`` (:func:`unified_wm.data.sources.generate_dataset`)."""
+    return generate_dataset(DOOM, config, out_dir, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`uwm data gen-doom --config C --out DIR [--episodes N] [--seed S] [--split train|val|probe_revisit]`."""
-    ap = argparse.ArgumentParser(prog="uwm data gen-doom", description="Record first-person ViZDoom episodes (with pose) as an episode dataset.")
-    ap.add_argument("--config", help="Doom YAML (e.g. recipes/data/doom.yaml); required unless --list-scenarios")
-    ap.add_argument("--out", help="output episode dataset folder; required unless --list-scenarios")
-    ap.add_argument("--episodes", type=int, default=None, help="number of episodes (default: n_episodes, or probe_episodes for probes)")
-    ap.add_argument("--seed", type=int, default=None, help="base seed (default: the config's seed)")
-    ap.add_argument("--split", default=None, choices=list(SPLITS))
-    ap.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard, e.g. 500MB or 1GB (default 500MB)")
-    ap.add_argument("--list-scenarios", action="store_true", help="print the scenarios that ship in the vizdoom wheel and exit")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    if args.list_scenarios:
-        print("\n".join(doom_scenarios()))
-        return 0
-    if not args.config or not args.out:
-        ap.error("--config and --out are required (or --list-scenarios)")
-    cfg = load_config(DoomConfig, args.config)
-    t0 = time.perf_counter()
-    split = args.split or cfg.split
-    out = generate_doom(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=split, progress=not args.no_progress,
-                        max_shard_size=args.max_shard_size)
-    n = args.episodes or (cfg.probe_episodes if split == "probe_revisit" else cfg.n_episodes)
-    print(f"wrote {n} doom {scenario_name(cfg)} {split} episodes to {out} in {time.perf_counter() - t0:.1f}s")
-    return 0
+    return generator_main(DOOM, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

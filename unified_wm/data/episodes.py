@@ -43,6 +43,11 @@ import numpy as np
 REQUIRED_COLUMNS = ("episode_id", "source", "seed", "split", "action_space", "frames", "actions", "rewards", "captions", "state")
 DEFAULT_MAX_SHARD_SIZE = "500MB"
 
+# Every dataset's episodes have distinct seeds per split: a split owns [offset, offset + span), so
+# training, validation and probe episodes never share a seed (the eval's held-out check relies on it).
+SPLIT_SEED_OFFSETS: dict[str, int] = {"train": 0, "val": 500_000, "probe_offscreen": 1_000_000, "probe_revisit": 2_000_000}
+SPLIT_SEED_SPAN = 500_000
+
 
 def episode_features(height: int, width: int):
     """The dataset's features. Frames are raw bytes with a per-row ``frame_shape``, so the
@@ -345,3 +350,23 @@ def episode_caption(ep: dict) -> str:
     """The episode's description: its caption at frame 0 ("" when it has none), the prompt a
     rollout of the episode starts from."""
     return caption_at(ep["captions"], 0) or ""
+
+
+def episode_seeds(split: str, seed: int, n: int) -> list[int]:
+    """The seeds of a dataset's episodes: SPLIT_SEED_OFFSETS[split] + seed + i."""
+    if split not in SPLIT_SEED_OFFSETS:
+        raise ValueError(f"split must be one of {list(SPLIT_SEED_OFFSETS)}, got {split!r}")
+    if seed < 0 or n < 1 or seed + n > SPLIT_SEED_SPAN:
+        raise ValueError(
+            f"seed={seed} with {n} episodes leaves the split's seed range [0, {SPLIT_SEED_SPAN}); "
+            f"seeds of different splits would overlap"
+        )
+    off = SPLIT_SEED_OFFSETS[split]
+    return [off + seed + i for i in range(n)]
+
+
+def seeds_of(dataset) -> set[int]:
+    """The set of episode seeds of a dataset (a path or a loaded ``datasets.Dataset``)."""
+    if isinstance(dataset, (str, os.PathLike)):
+        dataset = load_episodes(dataset)
+    return {int(s) for s in dataset["seed"]}

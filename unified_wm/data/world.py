@@ -52,25 +52,23 @@ pixels are covered by occluders; ``visible = in_view and not occluded``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
-from unified_wm.utils import OVERWRITE_HELP, from_dict, load_config
+from unified_wm.data.episodes import SPLIT_SEED_OFFSETS, SPLIT_SEED_SPAN
+from unified_wm.data.sources import EpisodeSource, generate_dataset, generator_main
+from unified_wm.utils import from_dict, load_config
 
 ACTION_SPACES: dict[str, list[str]] = {"pan5": ["stay", "left", "right", "up", "down"]}
 ACTION_DELTAS: dict[str, tuple[int, int]] = {"stay": (0, 0), "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "stay": "stay"}
 
-SPLIT_SEED_OFFSETS: dict[str, int] = {"train": 0, "val": 500_000, "probe_offscreen": 1_000_000, "probe_revisit": 2_000_000}
-SPLIT_SEED_SPAN = 500_000  # a split's seeds live in [offset, offset + span)
 PROBE_KINDS = ("probe_offscreen", "probe_revisit")
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -897,116 +895,23 @@ def _probe_revisit(cfg: WorldConfig, seed: int) -> dict:
     raise ProbeError(f"could not build a probe_revisit episode (seed {seed}); enlarge the world relative to the view")
 
 
-# ----------------------------------------------------------------------------- datasets
+# ----------------------------------------------------------------------------- the source
+WORLD = EpisodeSource(
+    name="world", description="Generate procedural world episodes (or probe episodes).", config_cls=WorldConfig,
+    as_config=as_config, generate_episode=generate_episode, splits=tuple(SPLIT_SEED_OFFSETS),
+    frame_hw=lambda c: (c.view_height, c.view_width), label=lambda c: "world", example_config="recipes/data/world_tiny.yaml",
+    probe_splits=PROBE_KINDS,
+)
 
 
-def episode_seeds(split: str, seed: int, n: int) -> list[int]:
-    """The seeds of a dataset's episodes: SPLIT_SEED_OFFSETS[split] + seed + i."""
-    if split not in SPLIT_SEED_OFFSETS:
-        raise ValueError(f"split must be one of {list(SPLIT_SEED_OFFSETS)}, got {split!r}")
-    if seed < 0 or n < 1 or seed + n > SPLIT_SEED_SPAN:
-        raise ValueError(
-            f"seed={seed} with {n} episodes leaves the split's seed range [0, {SPLIT_SEED_SPAN}); "
-            f"seeds of different splits would overlap"
-        )
-    off = SPLIT_SEED_OFFSETS[split]
-    return [off + seed + i for i in range(n)]
-
-
-class WorldEpisodes:
-    """A re-iterable stream of episodes with a length (``save_episodes`` takes any iterable;
-    this one also knows its size, for the progress bar and ``num_shards``)."""
-
-    def __init__(self, cfg: WorldConfig, seeds: list[int], split: str, progress: bool = True, desc: str | None = None):
-        self.cfg, self.seeds, self.split, self.progress, self.desc = cfg, list(seeds), split, progress, desc
-
-    def __len__(self) -> int:
-        return len(self.seeds)
-
-    def __iter__(self) -> Iterator[dict]:
-        from tqdm.auto import tqdm
-
-        for s in tqdm(self.seeds, desc=self.desc or f"world {self.split}", unit="ep", disable=not self.progress):
-            yield generate_episode(self.cfg, s, self.split)
-
-
-def iter_world(cfg: WorldConfig, seeds: list[int], split: str, progress: bool = True, desc: str | None = None) -> WorldEpisodes:
-    return WorldEpisodes(cfg, seeds, split, progress, desc)
-
-
-def generate_world(
-    config_path_or_cfg: WorldConfig | str | os.PathLike | dict | None,
-    out_dir: str | os.PathLike,
-    *,
-    n_episodes: int | None = None,
-    seed: int | None = None,
-    split: str = "train",
-    progress: bool = True,
-    max_shard_size: int | str = "500MB",
-) -> Path:
-    """Generate an episode dataset at ``out_dir`` (atomic; Arrow shards of at most
-    ``max_shard_size``; tqdm progress). Returns the path."""
-    from unified_wm.data.episodes import save_episodes
-
-    cfg = as_config(config_path_or_cfg)
-    if split in PROBE_KINDS:
-        return generate_probes(cfg, out_dir, split, n_episodes or cfg.probe_episodes, cfg.seed if seed is None else seed,
-                               progress=progress, max_shard_size=max_shard_size)
-    n = cfg.n_episodes if n_episodes is None else n_episodes
-    s = cfg.seed if seed is None else seed
-    seeds = episode_seeds(split, s, n)
-    return save_episodes(iter_world(cfg, seeds, split, progress=False), out_dir, cfg.view_height, cfg.view_width,
-                         max_shard_size=max_shard_size, progress=progress, desc=f"world {split}")
-
-
-def generate_probes(cfg: WorldConfig | str | os.PathLike | dict | None, out_dir, kind: str, n: int, seed: int, *,
-                    progress: bool = True, max_shard_size: int | str = "500MB") -> Path:
-    """Probe dataset ``kind`` ("probe_offscreen"/"offscreen" or "probe_revisit"/"revisit"), n episodes."""
-    from unified_wm.data.episodes import save_episodes
-
-    cfg = as_config(cfg)
-    split = kind if kind.startswith("probe_") else f"probe_{kind}"
-    if split not in PROBE_KINDS:
-        raise ValueError(f"probe kind must be one of {list(PROBE_KINDS)} (or offscreen/revisit), got {kind!r}")
-    seeds = episode_seeds(split, seed, n)
-    return save_episodes(iter_world(cfg, seeds, split, progress=False), out_dir, cfg.view_height, cfg.view_width,
-                         max_shard_size=max_shard_size, progress=progress, desc=f"world {split}")
-
-
-def seeds_of(dataset) -> set[int]:
-    """The set of episode seeds of a dataset (a path or a loaded ``datasets.Dataset``)."""
-    if isinstance(dataset, (str, os.PathLike)):
-        from unified_wm.data.episodes import load_episodes
-
-        dataset = load_episodes(dataset)
-    return {int(s) for s in dataset["seed"]}
-
-
-# ----------------------------------------------------------------------------- CLI
+def generate_world(config, out_dir: str | os.PathLike, **kw) -> Path:
+    """A world episode dataset at ``out_dir`` (:func:`unified_wm.data.sources.generate_dataset`)."""
+    return generate_dataset(WORLD, config, out_dir, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`uwm data gen-world --config C --out DIR [--episodes N] [--seed S] [--split ...]`."""
-    ap = argparse.ArgumentParser(prog="uwm data gen-world", description="Generate procedural world episodes (or probe episodes).")
-    ap.add_argument("--config", required=True, help="world YAML (e.g. recipes/data/world_tiny.yaml)")
-    ap.add_argument("--out", required=True, help="output episode dataset folder")
-    ap.add_argument("--episodes", type=int, default=None, help="number of episodes (default: n_episodes, or probe_episodes for probes)")
-    ap.add_argument("--seed", type=int, default=None, help="base seed (default: the config's seed)")
-    ap.add_argument("--split", default="train", choices=list(SPLIT_SEED_OFFSETS))
-    ap.add_argument("--max-shard-size", default="500MB", help="largest Arrow shard, e.g. 500MB or 1GB (default 500MB)")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    args = ap.parse_args(argv)
-    from unified_wm.utils import guarded_out
-
-    with guarded_out(args.out, "data gen-world", args.overwrite):
-        cfg = load_config(WorldConfig, args.config)
-        t0 = time.perf_counter()
-        out = generate_world(cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=args.split,
-                             progress=not args.no_progress, max_shard_size=args.max_shard_size)
-    n = args.episodes or (cfg.probe_episodes if args.split in PROBE_KINDS else cfg.n_episodes)
-    print(f"wrote {n} {args.split} episodes to {out} in {time.perf_counter() - t0:.1f}s")
-    return 0
+    return generator_main(WORLD, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
