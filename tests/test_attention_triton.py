@@ -188,8 +188,8 @@ def test_bench_gpu_without_cuda_says_it_needs_a_gpu(monkeypatch, capsys, tmp_pat
 
 
 def test_bench_gpu_arguments_and_shapes():
-    from unified_wm import bench_gpu
-    from unified_wm.bench_attention import allowed_pairs, choose_k
+    from unified_wm.bench import gpu as bench_gpu
+    from unified_wm.bench.attention import allowed_pairs, choose_k
 
     a = bench_gpu.parse_args(["--lengths", "32768,65536,131072", "--skip", "train"])
     assert a.lengths == [32768, 65536, 131072] and a.skip == {"train"}

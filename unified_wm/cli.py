@@ -35,12 +35,12 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("rollout",): "unified_wm.rollout:main",
     ("play",): "unified_wm.play:main",
     ("eval",): "unified_wm.eval.runner:main",
-    ("bench", "attention"): "unified_wm.bench_attention:main",
-    ("bench", "rollout"): "unified_wm.bench_rollout:main",
-    ("bench", "train"): "unified_wm.bench_train:main",
-    ("bench", "data"): "unified_wm.bench_data:main",
-    ("bench", "memory"): "unified_wm.bench_memory:main",
-    ("bench", "gpu"): "unified_wm.bench_gpu:main",
+    ("bench", "attention"): "unified_wm.bench.attention:main",
+    ("bench", "rollout"): "unified_wm.bench.rollout:main",
+    ("bench", "train"): "unified_wm.bench.train:main",
+    ("bench", "data"): "unified_wm.bench.data:main",
+    ("bench", "memory"): "unified_wm.bench.memory:main",
+    ("bench", "gpu"): "unified_wm.bench.gpu:main",
 }
 
 

@@ -34,7 +34,7 @@ def _rss_mb() -> float:
 
 
 def _measure(job: dict) -> dict:
-    from unified_wm.bench_train import layout, our_model, synthetic_stream
+    from unified_wm.bench.train import layout, our_model, synthetic_stream
     from unified_wm.train import enable_checkpointing
 
     torch.set_num_threads(job["threads"])

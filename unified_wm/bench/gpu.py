@@ -80,7 +80,7 @@ def _packed_meta(n: int, chunk: int, text: int, dev):
 
 
 def correctness(a) -> dict:
-    from unified_wm.bench_attention import choose_k
+    from unified_wm.bench.attention import choose_k
     from unified_wm.model.attention import AttentionSettings, attend
 
     dev = torch.device("cuda")
@@ -122,7 +122,7 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 def speed(a) -> list[dict]:
     import torch.nn.functional as F
 
-    from unified_wm.bench_attention import choose_k, layout
+    from unified_wm.bench.attention import choose_k, layout
     from unified_wm.model.attention import AttentionSettings, attend
 
     dev = torch.device("cuda")

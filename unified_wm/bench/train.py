@@ -180,7 +180,7 @@ def zero_memory(shape: dict, seq_len: int, tmp: Path) -> dict:
     out: dict = {}
     for stage in (0, 3):
         port = free_port()
-        cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "--module", "unified_wm.bench_train",
+        cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(port), "--module", "unified_wm.bench.train",
                "--zero-worker", "--stage", str(stage), "--shape", json.dumps(shape), "--seq-len", str(seq_len),
                "--worker-out", str(tmp)]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
