@@ -60,6 +60,24 @@ def bench_world(n_episodes: int, config: Path) -> tuple[dict, list[dict]]:
             "config": str(config)}, eps
 
 
+def _time_source(source, cfg, runs: list[tuple[str, int]]) -> tuple[float, list[tuple[list[dict], float]]]:
+    """Seconds to open the source's emulator, then (episodes, seconds) for each (split, count)."""
+    from unified_wm.data.episodes import episode_seeds
+
+    t0 = time.perf_counter()
+    handle = source.open(cfg)
+    t_make = time.perf_counter() - t0
+    out = []
+    try:
+        for split, n in runs:
+            t0 = time.perf_counter()
+            eps = [source.generate_episode(cfg, s, split, handle) for s in episode_seeds(split, 0, n)]
+            out.append((eps, time.perf_counter() - t0))
+    finally:
+        handle.close()
+    return t_make, out
+
+
 def bench_atari(n_episodes: int, config: Path) -> dict:
     from unified_wm.data import atari
 
@@ -68,15 +86,7 @@ def bench_atari(n_episodes: int, config: Path) -> dict:
     except atari.AtariUnavailable as e:
         return {"skipped": str(e)}
     cfg = atari.as_config(config)
-    t0 = time.perf_counter()
-    env = atari.make_env(cfg)
-    t_make = time.perf_counter() - t0
-    try:
-        t0 = time.perf_counter()
-        eps = [atari.generate_episode(cfg, s, env=env) for s in range(n_episodes)]
-        dt = time.perf_counter() - t0
-    finally:
-        env.close()
+    t_make, [(eps, dt)] = _time_source(atari.ATARI, cfg, [("train", n_episodes)])
     frames = sum(len(e["frames"]) for e in eps)
     steps = frames - n_episodes + n_episodes * cfg.warmup_steps
     return {"game": cfg.game, "episodes": n_episodes, "frames": frames, "seconds": dt, "frames_per_s": _rate(frames, dt),
@@ -86,25 +96,13 @@ def bench_atari(n_episodes: int, config: Path) -> dict:
 
 def bench_doom(n_episodes: int, n_probes: int, config: Path) -> dict:
     from unified_wm.data import doom
-    from unified_wm.data.episodes import episode_seeds
 
     try:
         doom.require_vizdoom()
     except doom.DoomUnavailable as e:
         return {"skipped": str(e)}
     cfg = doom.as_config(config)
-    t0 = time.perf_counter()
-    game = doom.make_game(cfg)
-    t_make = time.perf_counter() - t0
-    try:
-        t0 = time.perf_counter()
-        eps = [doom.generate_episode(cfg, s, game=game) for s in episode_seeds("train", 0, n_episodes)]
-        dt = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        probes = [doom.generate_episode(cfg, s, "probe_revisit", game=game) for s in episode_seeds("probe_revisit", 0, n_probes)]
-        dtp = time.perf_counter() - t1
-    finally:
-        game.close()
+    t_make, [(eps, dt), (probes, dtp)] = _time_source(doom.DOOM, cfg, [("train", n_episodes), ("probe_revisit", n_probes)])
     frames = sum(len(e["frames"]) for e in eps)
     pframes = sum(len(e["frames"]) for e in probes)
     exact = 0

@@ -98,7 +98,7 @@ def eval_nll(wm, episodes, suite: Suite) -> dict:
                     sel = m & (mod == i)
                     sums[name][0] += float(ce[sel].sum())
                     sums[name][1] += int(sel.sum())
-                vsel = m & (mod == 3)
+                vsel = m & (mod == MODALITY_KEYS.index("video"))
                 hit = logits.argmax(-1) == tgt
                 correct += int(hit[vsel].sum())
                 total += int(vsel.sum())
