@@ -120,7 +120,7 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path:
+def resolve_resume(resume: str, ckpt_dir: str | Path, flag: str = "--resume") -> Path:
     """The complete, verified checkpoint folder that ``--resume`` means.
 
     ``latest``: the run's ``checkpoints/latest`` if it verifies (:func:`check_checkpoint`), else
@@ -131,18 +131,18 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path:
     else:
         p = Path(resume)
         if not p.exists():
-            raise FileNotFoundError(f"--resume '{p}': no such checkpoint")
+            raise FileNotFoundError(f"{flag} '{p}': no such checkpoint")
         if _step_of(p) is not None or p.name.startswith(TMP_PREFIX):
             if not (p / DONE_MARKER).is_file():
-                raise FileNotFoundError(f"--resume '{p}': checkpoint is incomplete (no {DONE_MARKER}: its save was interrupted)")
+                raise FileNotFoundError(f"{flag} '{p}': checkpoint is incomplete (no {DONE_MARKER}: its save was interrupted)")
             problems = check_checkpoint(p)
             if problems:
-                raise ConfigError(f"--resume '{p}': checkpoint does not verify: {'; '.join(problems)}")
+                raise ConfigError(f"{flag} '{p}': checkpoint does not verify: {'; '.join(problems)}")
             return p
         base = p
     done = complete_checkpoints(base)
     if not done:
-        raise FileNotFoundError(f"--resume {resume}: no complete checkpoint in '{base}'")
+        raise FileNotFoundError(f"{flag} {resume}: no complete checkpoint in '{base}'")
     tag = read_latest(base)
     order = [p for _, p in done if p.name == tag] + [p for _, p in reversed(done) if p.name != tag]
     skipped = []
@@ -152,7 +152,7 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> Path:
             return p
         skipped.append(f"{p.name}: {'; '.join(problems)}")
         _say(f"resume: skipping checkpoint '{p}': {'; '.join(problems)}")
-    raise ConfigError(f"--resume {resume}: no checkpoint in '{base}' verifies ({' | '.join(skipped)})")
+    raise ConfigError(f"{flag} {resume}: no checkpoint in '{base}' verifies ({' | '.join(skipped)})")
 
 
 def checkpoint_zero_stage(p: Path) -> int | None:

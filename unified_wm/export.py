@@ -21,24 +21,14 @@ from unified_wm.utils import OVERWRITE_HELP, atomic_dir, write_json
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoints folder, tag) from either the folder (uses its ``latest``) or one ``stepN`` folder."""
-    from unified_wm.checkpoint import DONE_MARKER, TMP_PREFIX, read_latest
+    """(checkpoints folder, tag) of the checkpoint to export, by the rules of ``--resume``: a
+    checkpoints folder means the one its ``latest`` names if that verifies, else the newest that
+    does; a ``stepN`` folder means itself, if it verifies (:func:`unified_wm.checkpoint.resolve_resume`)."""
+    from unified_wm.checkpoint import resolve_resume
 
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint '{p}' does not exist")
-    if (p / "latest").is_file():
-        tag = read_latest(p)
-        if not (p / tag).is_dir():
-            raise FileNotFoundError(f"'{p}/latest' names '{tag}', which does not exist")
-        return p, tag
-    if p.name.startswith(TMP_PREFIX):
-        raise FileNotFoundError(f"'{p}' is an interrupted save (incomplete); export a stepN folder or the checkpoints folder")
-    if p.is_dir() and p.name.startswith("step"):
-        if (p / DONE_MARKER).is_file() or read_latest(p.parent) == p.name:
-            return p.parent, p.name
-        raise FileNotFoundError(f"'{p}' is not a complete checkpoint (no {DONE_MARKER}: its save was interrupted)")
-    raise FileNotFoundError(f"'{p}' is not a DeepSpeed checkpoint folder (no 'latest' file and not a stepN folder)")
+    ckpt = resolve_resume(str(p), p, flag="--checkpoint")
+    return ckpt.parent, ckpt.name
 
 
 def _flatten(d, prefix: str = "") -> list[tuple[str, str]]:

@@ -108,10 +108,10 @@ def generator_main(source: EpisodeSource, argv: list[str] | None = None) -> int:
         return 0
     if not args.config or not args.out:
         ap.error(f"--config and --out are required (or {source.listing[0]})")
-    cfg = load_config(source.config_cls, args.config)
-    split = args.split or source.default_split(cfg)
     t0 = time.perf_counter()
-    with guarded_out(args.out, f"data gen-{source.name}", args.overwrite):
+    with guarded_out(args.out, f"data gen-{source.name}", args.overwrite):  # a bad --out first, before any work
+        cfg = load_config(source.config_cls, args.config)
+        split = args.split or source.default_split(cfg)
         out = generate_dataset(source, cfg, args.out, n_episodes=args.episodes, seed=args.seed, split=split,
                                progress=not args.no_progress, max_shard_size=args.max_shard_size)
     n = args.episodes or source.default_episodes(cfg, split)
