@@ -261,7 +261,8 @@ def test_training_lowers_loss_resumes_and_evaluates(data_dir, tmp_path):
     out = tmp_path / "run"
     s1 = train_video_tokenizer("<test>", data_dir, out, max_steps=20, progress=False, config=cfg)
     assert s1["steps"] == 20 and s1["steps_this_run"] == 20
-    assert (out / "checkpoints" / "step_00000020" / "train_state.pt").is_file()
+    assert (out / "checkpoints" / "step20" / "train_state.pt").is_file()
+    assert (out / "checkpoints" / "latest").read_text() == "step20"
     # the training set excludes the val and probe episodes: 6 episodes x 8 frames
     assert s1["frames"] == 48 and "val" not in s1["splits"] and "probe" not in s1["splits"]
     with pytest.raises(FileExistsError, match="resume"):
@@ -277,7 +278,7 @@ def test_training_lowers_loss_resumes_and_evaluates(data_dir, tmp_path):
     assert all(0 <= r["code_usage"] <= 1 for r in rows if "code_usage" in r)
     # only the newest checkpoints are kept
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == ["step_00000030", "step_00000040"]
+    assert kept == ["latest", "step30", "step40"]
 
     tok = VideoTokenizer.from_pretrained(out)
     rep = evaluate_video_tokenizer(out, data_dir, tmp_path / "eval", max_frames=12)
@@ -299,7 +300,7 @@ def test_ema_model_is_saved_and_resume_matches_one_run(data_dir, tmp_path):
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # the saved model is the average, not the raw weights (those ride in train_state.pt)
-    ck = tmp_path / "whole" / "checkpoints" / "step_00000012"
+    ck = tmp_path / "whole" / "checkpoints" / "step12"
     raw = torch.load(ck / "train_state.pt", weights_only=True)["raw_model"]
     saved = load_file(ck / "model.safetensors")
     assert torch.equal(saved["decoder.conv_out.weight"], a["decoder.conv_out.weight"])
@@ -377,3 +378,17 @@ def test_temporal_tokenizer_trains_evaluates_and_the_processor_refuses_it(data_d
 
     with pytest.raises(ValueError, match="compresses time"):
         UnifiedProcessor(REPO / "nowhere.model", [], tmp_path / "t2")
+
+
+def test_resume_skips_a_corrupted_tokenizer_checkpoint(data_dir, tmp_path):
+    """The video tokenizer's checkpoints follow the training's rules: sizes and hashes recorded at
+    save, verified on resume, and a corrupted newest one is skipped for the one before it."""
+    cfg = _tiny_config(steps=12, checkpoint_every=6)
+    out = tmp_path / "run"
+    train_video_tokenizer("<test>", data_dir, out, max_steps=12, progress=False, config=cfg)
+    state = out / "checkpoints" / "step12" / "train_state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    s = train_video_tokenizer("<test>", data_dir, out, resume=True, progress=False, config=cfg)
+    assert s["steps"] == 12 and s["steps_this_run"] == 6  # resumed from step6, the newest that verifies

@@ -218,20 +218,39 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, world: int,
     if rank == 0:
         problems = verify_checkpoint_files(tmp, world, zero_stage)
         if not problems:
-            _fsync_tree(tmp)
-            write_json(tmp / DONE_MARKER, {"step": step, "world_size": world, "zero_stage": zero_stage, "time": time.time(),
-                                           "files": file_records(tmp)})
-            if final.exists():  # a re-run of the same step (resumed from an older checkpoint)
-                _remove_dir(final)
-            os.replace(tmp, final)
-            latest_tmp = ckpt_dir / ".latest.tmp"
-            latest_tmp.write_text(final.name)
-            os.replace(latest_tmp, ckpt_dir / "latest")
-            rotate_checkpoints(ckpt_dir, keep)
+            commit_checkpoint(tmp, {"step": step, "world_size": world, "zero_stage": zero_stage}, keep)
     failed = all_reduce_sum(torch.tensor([1.0 if problems else 0.0]), world, engine.device)
     if failed.item():
         raise RuntimeError(f"checkpoint of step {step} in '{tmp}' is incomplete ({'; '.join(problems) or 'see rank 0'}); "
                            f"the previous checkpoint stays in 'latest'")
+    return final
+
+
+def begin_checkpoint(ckpt_dir: Path, step: int) -> Path:
+    """An empty ``tmp-step<N>`` folder to write step ``step``'s files into (an older one is removed)."""
+    tmp = Path(ckpt_dir) / f"{TMP_PREFIX}step{step}"
+    Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        _remove_dir(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(tmp: Path, info: dict, keep: int) -> Path:
+    """Make the fully written ``tmp-step<N>`` folder a checkpoint: fsync it, write ``complete.json``
+    (``info`` plus the size and sha256 of every file), rename it to ``step<N>``, name it in
+    ``latest`` and rotate (:func:`rotate_checkpoints`). Returns the ``step<N>`` folder."""
+    tmp = Path(tmp)
+    ckpt_dir, final = tmp.parent, tmp.parent / tmp.name[len(TMP_PREFIX):]
+    _fsync_tree(tmp)
+    write_json(tmp / DONE_MARKER, {**info, "time": time.time(), "files": file_records(tmp)})
+    if final.exists():  # a re-run of the same step (resumed from an older checkpoint)
+        _remove_dir(final)
+    os.replace(tmp, final)
+    latest_tmp = ckpt_dir / ".latest.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, ckpt_dir / "latest")
+    rotate_checkpoints(ckpt_dir, keep)
     return final
 
 

@@ -14,8 +14,9 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from unified_wm.checkpoint import begin_checkpoint, commit_checkpoint, complete_checkpoints, resolve_resume
 from unified_wm.eval.metrics import code_usage, psnr, ssim
-from unified_wm.tokenization.video import (WEIGHTS_NAME, TrainConfig, VideoTokenizer, VideoTokenizerConfig)
+from unified_wm.tokenization.video import (TrainConfig, VideoTokenizer, VideoTokenizerConfig)
 from unified_wm.utils import ConfigError, MetricsWriter, load_config, to_dict, warmup_cosine_lr, write_json
 
 
@@ -136,7 +137,7 @@ def _recon_loss(rec: torch.Tensor, x: torch.Tensor, tc: TrainConfig) -> torch.Te
     return loss
 
 
-_CKPT_RE = re.compile(r"^step_(\d+)$")
+_OLD_CKPT_RE = re.compile(r"^step_(\d+)$")  # checkpoints of earlier versions (not resumable)
 
 
 def _ema_update(ema: VideoTokenizer, model: VideoTokenizer, decay: float, step: int) -> None:
@@ -148,34 +149,18 @@ def _ema_update(ema: VideoTokenizer, model: VideoTokenizer, decay: float, step: 
             be.copy_(b)
 
 
-def _list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    if not ckpt_root.is_dir():
-        return []
-    out = []
-    for p in ckpt_root.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "train_state.pt").is_file() and (p / WEIGHTS_NAME).is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
 def _save_checkpoint(ckpt_root: Path, step: int, model: VideoTokenizer, opt: torch.optim.Optimizer, gen: torch.Generator, keep: int,
                      ema: VideoTokenizer | None = None) -> Path:
-    """``step_N/``: the model ``from_pretrained`` reads (the EMA weights when on) + ``train_state.pt``."""
-    from unified_wm.utils import atomic_dir
-
-    final = ckpt_root / f"step_{step:08d}"
-    with atomic_dir(final) as tmp:
-        (ema if ema is not None else model).save_pretrained(tmp)
-        state = {"step": step, "optimizer": opt.state_dict(), "generator": gen.get_state()}
-        if ema is not None:
-            state["raw_model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        torch.save(state, tmp / "train_state.pt")
-    for _, old in _list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    """``step<N>/`` (by the rules of :mod:`unified_wm.checkpoint`: written aside, verified, then
+    named in ``latest``): the model ``from_pretrained`` reads (the EMA weights when on) and
+    ``train_state.pt`` (optimizer, data generator, raw weights under EMA)."""
+    tmp = begin_checkpoint(ckpt_root, step)
+    (ema if ema is not None else model).save_pretrained(tmp)
+    state = {"step": step, "optimizer": opt.state_dict(), "generator": gen.get_state()}
+    if ema is not None:
+        state["raw_model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save(state, tmp / "train_state.pt")
+    return commit_checkpoint(tmp, {"step": step}, keep)
 
 
 def train_video_tokenizer(
@@ -191,7 +176,7 @@ def train_video_tokenizer(
 ) -> dict:
     """Train a video tokenizer on the frames of an episode dataset; returns a summary dict.
 
-    ``out_dir`` receives ``metrics.jsonl``, ``checkpoints/step_N/`` (weights + optimizer) and,
+    ``out_dir`` receives ``metrics.jsonl``, ``checkpoints/stepN/`` (weights + optimizer; see ``_save_checkpoint``) and,
     at the end, the final ``config.json`` + ``model.safetensors`` (``from_pretrained(out_dir)``).
     ``max_steps`` stops early at that global step (the LR schedule still follows
     ``train.steps``); ``resume`` continues from the newest checkpoint in ``out_dir``.
@@ -216,7 +201,7 @@ def train_video_tokenizer(
             write_json(tmp / "train_summary.json", summary)
         return summary
     ckpt_root = out / "checkpoints"
-    if not resume and _list_checkpoints(ckpt_root):
+    if not resume and complete_checkpoints(ckpt_root):
         raise FileExistsError(f"output folder '{out}' already holds checkpoints; pass resume=True (--resume) or choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "tokenizer train-video")
@@ -237,10 +222,11 @@ def train_video_tokenizer(
         ema = copy.deepcopy(model).eval().requires_grad_(False)
     step = 0
     if resume:
-        ckpts = _list_checkpoints(ckpt_root)
-        if not ckpts:
-            raise FileNotFoundError(f"resume requested but '{ckpt_root}' holds no checkpoint (expected step_N folders)")
-        step, path = ckpts[-1]
+        if not complete_checkpoints(ckpt_root) and any(_OLD_CKPT_RE.match(p.name) for p in ckpt_root.glob("step_*")):
+            raise FileNotFoundError(f"'{ckpt_root}' holds only step_N checkpoints of an older version of this command; "
+                                    f"they cannot be resumed (train again, or export its final model)")
+        path = resolve_resume("latest", ckpt_root)  # the newest checkpoint that verifies
+        step = int(path.name[len("step"):])
         saved = VideoTokenizer.from_pretrained(path)
         if to_dict(saved.config) | {"train": None} != to_dict(cfg) | {"train": None}:
             raise ConfigError(f"checkpoint '{path}' was trained with a different model config than '{config_path}'")
