@@ -42,6 +42,7 @@ from unified_wm.checkpoint import (checkpoint_zero_stage, load_for_resume, read_
                                    save_checkpoint)
 from unified_wm.data.packing import PackedBatches, prepare_batch
 from unified_wm.distributed import all_reduce_sum, barrier, setup_distributed
+from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM, summarize_routing
 from unified_wm.recipe import Recipe, build_model, check_recipe_inputs, fill_ds_config, load_recipe, lr_lambda, read_ds_config
 from unified_wm.sequence import MODALITY_KEYS
 from unified_wm.utils import ConfigError, MetricsWriter, atomic_file, deep_update
@@ -121,12 +122,8 @@ def per_task_ce(logits: torch.Tensor, labels: torch.Tensor, task: torch.Tensor, 
         tk = task[:, 1:].to(logits.device)
         valid = lb != -100
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), lb.clamp(min=0).reshape(-1), reduction="none").view_as(lb)
-        out = torch.zeros(2 * n_tasks, dtype=torch.float64)
-        for i in range(n_tasks):
-            sel = valid & (tk == i)
-            out[2 * i] = float(ce[sel].sum())
-            out[2 * i + 1] = float(sel.sum())
-    return out
+        sums = UnifiedWMForCausalLM.ce_sums(ce, tk, valid, n_tasks)
+    return torch.tensor([x for pair in sums for x in pair], dtype=torch.float64)
 
 
 class _Step:
@@ -182,7 +179,6 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
     from tqdm import tqdm
 
     from unified_wm.data.tokenize import load_token_documents
-    from unified_wm.model.modeling_uwm import summarize_routing
     from unified_wm.tokenization.processor import UnifiedProcessor
 
     recipe = load_recipe(recipe_path, overrides)

@@ -94,10 +94,9 @@ def eval_nll(wm, episodes, suite: Suite) -> dict:
                 _, modality, _, (_, k_coords) = stream_layout_continue(ids, model.config, None)
                 mod = modality[0, 1:]
                 ce = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
-                for i, name in enumerate(MODALITY_KEYS):
-                    sel = m & (mod == i)
-                    sums[name][0] += float(ce[sel].sum())
-                    sums[name][1] += int(sel.sum())
+                for name, (s_, n_) in zip(MODALITY_KEYS, model.ce_sums(ce, mod, m, len(MODALITY_KEYS))):
+                    sums[name][0] += s_
+                    sums[name][1] += n_
                 vsel = m & (mod == MODALITY_KEYS.index("video"))
                 hit = logits.argmax(-1) == tgt
                 correct += int(hit[vsel].sum())

@@ -498,6 +498,16 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         )
 
     @staticmethod
+    def ce_sums(ce: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, n_groups: int) -> list[tuple[float, int]]:
+        """(sum, count) of the per-token losses ``ce`` over the ``valid`` tokens of each group
+        (a modality, a task): what per-modality and per-task figures are averaged from."""
+        out = []
+        for i in range(n_groups):
+            sel = valid & (groups == i)
+            out.append((float(ce[sel].sum()), int(sel.sum())))
+        return out
+
+    @staticmethod
     def loss_by_modality(logits, labels, modality, loss_weights=None):
         """Weighted mean next-token loss, and the unweighted mean per modality of the target."""
         shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
