@@ -69,7 +69,7 @@ from typing import Literal
 
 import numpy as np
 
-from unified_wm.data.sources import EpisodeSource, generate_dataset, generator_main
+from unified_wm.data.sources import EpisodeSource, ProbeError, generate_dataset, generator_main
 from unified_wm.utils import from_dict, load_config
 
 ACTIONS = ["stay", "left", "right", "up", "down"]  # the names of ACTION_SETS["pan5"]
@@ -330,10 +330,6 @@ def _captions(cfg: DoomConfig, records: list[dict], actions: list[str]) -> list[
         if events:
             caps.append({"t": t, "text": "; ".join(events)})
     return caps
-
-
-class ProbeError(RuntimeError):
-    """The settings leave no room for a probe episode (the player does not come to rest in time)."""
 
 
 class _Recorder:

@@ -18,6 +18,10 @@ from unified_wm.data.episodes import episode_seeds, save_episodes
 from unified_wm.utils import OVERWRITE_HELP, guarded_out, load_config
 
 
+class ProbeError(RuntimeError):
+    """A source's settings leave no room for a probe episode (e.g. a world too small to look away)."""
+
+
 @dataclass(frozen=True)
 class EpisodeSource:
     name: str                                   # "world": the command is `uwm data gen-world`

@@ -212,7 +212,7 @@ class Obj:
         return f"{self.color} {self.kind}"
 
 
-def _spawn_objects(cfg: WorldConfig, rng: np.random.Generator, scene: Scene, n: int, static: bool = False):
+def spawn_objects(cfg: WorldConfig, rng: np.random.Generator, scene: Scene, n: int, static: bool = False):
     W, H = cfg.world_width, cfg.world_height
     colors = list(rng.permutation(cfg.colors))[:n]
     objs, pos, vel = [], np.zeros((n, 2)), np.zeros((n, 2))
@@ -237,7 +237,7 @@ def _spawn_objects(cfg: WorldConfig, rng: np.random.Generator, scene: Scene, n: 
     return objs, pos, vel
 
 
-def _simulate_objects(cfg: WorldConfig, rng: np.random.Generator, objs: list[Obj], pos, vel, T: int, static: bool = False):
+def simulate_objects(cfg: WorldConfig, rng: np.random.Generator, objs: list[Obj], pos, vel, T: int, static: bool = False):
     """Positions and velocities [T, n, 2]; objects do not depend on the camera."""
     n = len(objs)
     P = np.zeros((T, n, 2))
@@ -271,7 +271,7 @@ def _simulate_objects(cfg: WorldConfig, rng: np.random.Generator, objs: list[Obj
     return P, V
 
 
-def _sprite_for(o: Obj, v) -> Sprite:
+def sprite_for(o: Obj, v) -> Sprite:
     return o.sprites[1] if (o.kind == "car" and v[0] < 0) else o.sprites[0]
 
 
@@ -293,7 +293,7 @@ def _view_pixels(sprite: Sprite, x0: int, y0: int, cam, vw: int, vh: int):
     return ss, vs
 
 
-def _in_view(sprite: Sprite, p, cam, vw: int, vh: int) -> bool:
+def sprite_in_view(sprite: Sprite, p, cam, vw: int, vh: int) -> bool:
     x0, y0 = _topleft(sprite, p)
     sl = _view_pixels(sprite, x0, y0, cam, vw, vh)
     return sl is not None and bool(sprite.mask[sl[0]].any())
@@ -302,19 +302,19 @@ def _in_view(sprite: Sprite, p, cam, vw: int, vh: int) -> bool:
 # ----------------------------------------------------------------------------- camera
 
 
-def _clamp_cam(cfg: WorldConfig, x: int, y: int) -> tuple[int, int]:
+def clamp_camera(cfg: WorldConfig, x: int, y: int) -> tuple[int, int]:
     return (min(max(x, 0), cfg.world_width - cfg.view_width), min(max(y, 0), cfg.world_height - cfg.view_height))
 
 
-def _step_cam(cfg: WorldConfig, cam, action: str):
+def step_camera(cfg: WorldConfig, cam, action: str):
     dx, dy = ACTION_DELTAS[action]
-    return _clamp_cam(cfg, cam[0] + dx * cfg.pan_step, cam[1] + dy * cfg.pan_step)
+    return clamp_camera(cfg, cam[0] + dx * cfg.pan_step, cam[1] + dy * cfg.pan_step)
 
 
-def _cam_path(cfg: WorldConfig, cam0, actions: list[str]):
+def camera_path(cfg: WorldConfig, cam0, actions: list[str]):
     cams = [tuple(cam0)]
     for a in actions:
-        cams.append(_step_cam(cfg, cams[-1], a))
+        cams.append(step_camera(cfg, cams[-1], a))
     return cams
 
 
@@ -328,7 +328,7 @@ def _policy_rollout(cfg: WorldConfig, rng: np.random.Generator, objs, P, V, cam0
     pans = ["left", "right", "up", "down"]
     for t in range(T - 1):
         for i, o in enumerate(objs):
-            off[i] = 0 if _in_view(_sprite_for(o, V[t, i]), P[t, i], cam, cfg.view_width, cfg.view_height) else off[i] + 1
+            off[i] = 0 if sprite_in_view(sprite_for(o, V[t, i]), P[t, i], cam, cfg.view_width, cfg.view_height) else off[i] + 1
         if left <= 0:
             lost = [i for i in range(len(objs)) if off[i] >= cfg.max_offscreen]
             if lost and rng.uniform() < cfg.lookback_prob:
@@ -341,13 +341,13 @@ def _policy_rollout(cfg: WorldConfig, rng: np.random.Generator, objs, P, V, cam0
                 cur = "stay"
             else:
                 # prefer directions the border does not block
-                free = [a for a in pans if _step_cam(cfg, cam, a) != cam]
+                free = [a for a in pans if step_camera(cfg, cam, a) != cam]
                 choices = free or pans
                 cur = choices[int(rng.integers(len(choices)))]
             left = int(rng.integers(cfg.min_burst, cfg.max_burst + 1))
         actions.append(cur)
         left -= 1
-        cam = _step_cam(cfg, cam, cur)
+        cam = step_camera(cfg, cam, cur)
         cams.append(cam)
     return actions, cams
 
@@ -355,7 +355,7 @@ def _policy_rollout(cfg: WorldConfig, rng: np.random.Generator, objs, P, V, cam0
 # ----------------------------------------------------------------------------- render + state
 
 
-def _render(cfg: WorldConfig, scene: Scene, objs, P, V, cams):
+def render_frames(cfg: WorldConfig, scene: Scene, objs, P, V, cams):
     """Frames [T, vh, vw, 3] and per-frame object records (in_view, occluded, bbox, ...)."""
     T = len(cams)
     vw, vh = cfg.view_width, cfg.view_height
@@ -368,7 +368,7 @@ def _render(cfg: WorldConfig, scene: Scene, objs, P, V, cams):
         occ_i = scene.occ_id[cy : cy + vh, cx : cx + vw]
         recs = []
         for i, o in enumerate(objs):
-            sp = _sprite_for(o, V[t, i])
+            sp = sprite_for(o, V[t, i])
             x0, y0 = _topleft(sp, P[t, i])
             sl = _view_pixels(sp, x0, y0, (cx, cy), vw, vh)
             n_in = n_occ = 0
@@ -435,7 +435,7 @@ def _join_names(names: list[str]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _captions(cfg: WorldConfig, scene: Scene, objs, cams, records) -> list[dict]:
+def make_captions(cfg: WorldConfig, scene: Scene, objs, cams, records) -> list[dict]:
     vw, vh = cfg.view_width, cfg.view_height
     cx, cy = cams[0][0] + vw // 2, cams[0][1] + vh // 2
     where = REGIONS[int(scene.region[cy, cx])]
@@ -472,7 +472,7 @@ def _captions(cfg: WorldConfig, scene: Scene, objs, cams, records) -> list[dict]
     return caps
 
 
-def _state(cfg: WorldConfig, scene: Scene, cams, records, probe: dict | None = None) -> dict:
+def episode_state(cfg: WorldConfig, scene: Scene, cams, records, probe: dict | None = None) -> dict:
     st = {
         "frames": [{"camera": [int(c[0]), int(c[1])], "objects": recs} for c, recs in zip(cams, records)],
         "world_size": [cfg.world_width, cfg.world_height],
@@ -486,7 +486,7 @@ def _state(cfg: WorldConfig, scene: Scene, cams, records, probe: dict | None = N
     return st
 
 
-def _episode_dict(cfg, seed, split, frames, actions, caps, state) -> dict:
+def episode_dict(cfg, seed, split, frames, actions, caps, state) -> dict:
     return {
         "episode_id": f"world-{split}-{seed:08d}",
         "source": SOURCE,
@@ -501,7 +501,7 @@ def _episode_dict(cfg, seed, split, frames, actions, caps, state) -> dict:
     }
 
 
-def _initial_camera(cfg: WorldConfig, rng: np.random.Generator, P0) -> tuple[int, int]:
+def initial_camera(cfg: WorldConfig, rng: np.random.Generator, P0) -> tuple[int, int]:
     """Start looking at a random object most of the time (else anywhere)."""
     if len(P0) and rng.uniform() < 0.8:
         i = int(rng.integers(len(P0)))
@@ -510,7 +510,7 @@ def _initial_camera(cfg: WorldConfig, rng: np.random.Generator, P0) -> tuple[int
     else:
         x = rng.uniform(0, cfg.world_width - cfg.view_width)
         y = rng.uniform(0, cfg.world_height - cfg.view_height)
-    return _clamp_cam(cfg, int(round(x)), int(round(y)))
+    return clamp_camera(cfg, int(round(x)), int(round(y)))
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -527,174 +527,21 @@ def generate_episode(cfg: WorldConfig | str | os.PathLike | None, seed: int, spl
     (cfg, seed, split).
     """
     cfg = as_config(cfg)
-    if split == "probe_offscreen":
-        return _probe_offscreen(cfg, seed)
-    if split == "probe_revisit":
-        return _probe_revisit(cfg, seed)
+    if split in PROBE_KINDS:
+        from unified_wm.data.world_probes import probe_episode  # the probes build on this module
+
+        return probe_episode(cfg, seed, split)
     rng = np.random.default_rng([int(seed), 0])
     T = cfg.episode_length
     scene = build_scene(cfg, rng)
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    objs, p0, v0 = _spawn_objects(cfg, rng, scene, n)
-    P, V = _simulate_objects(cfg, rng, objs, p0, v0, T)
-    cam0 = _initial_camera(cfg, rng, P[0])
+    objs, p0, v0 = spawn_objects(cfg, rng, scene, n)
+    P, V = simulate_objects(cfg, rng, objs, p0, v0, T)
+    cam0 = initial_camera(cfg, rng, P[0])
     actions, cams = _policy_rollout(cfg, rng, objs, P, V, cam0, T)
-    frames, records = _render(cfg, scene, objs, P, V, cams)
-    caps = _captions(cfg, scene, objs, cams, records)
-    return _episode_dict(cfg, seed, split, frames, actions, caps, _state(cfg, scene, cams, records))
-
-
-class ProbeError(RuntimeError):
-    """The world settings leave no room for a probe episode (e.g. a world too small to look away)."""
-
-
-def _probe_offscreen(cfg: WorldConfig, seed: int) -> dict:
-    T = cfg.probe_frames
-    vw, vh = cfg.view_width, cfg.view_height
-    base = np.random.default_rng([int(seed), 1])
-    N = int(cfg.probe_offscreen_N[int(base.integers(len(cfg.probe_offscreen_N)))])
-    for attempt in range(200):
-        rng = np.random.default_rng([int(seed), 1, attempt])
-        scene = build_scene(cfg, rng)
-        n = int(rng.integers(max(1, cfg.min_objects), max(1, cfg.max_objects) + 1))
-        objs, p0, v0 = _spawn_objects(cfg, rng, scene, n)
-        # the probe object moves at a moderate speed so that it is still near when the camera returns
-        sp = float(np.linalg.norm(v0[0]))
-        if sp > 0:
-            v0[0] *= min(1.0, max(cfg.min_speed, 0.25) / sp * 2.0)
-        P, V = _simulate_objects(cfg, rng, objs, p0, v0, T)
-        o = objs[0]
-        # camera: the object in view, in the part of the view its motion heads away from
-        vx = V[0, 0, 0]
-        fx = 0.3 if vx > 0 else 0.7
-        cam0 = _clamp_cam(cfg, int(round(P[0, 0, 0] - fx * vw)), int(round(P[0, 0, 1] - vh / 2 + rng.uniform(-vh / 8, vh / 8))))
-        pre = int(rng.integers(3, 6))
-        dirs = list(rng.permutation(["left", "right", "up", "down"]))
-        for d in dirs:
-            for extra in range(0, 4):
-                for hold in range(0, N + 1):
-                    plan = _offscreen_plan(cfg, o, P[:, 0], V[:, 0], cam0, T, pre, str(d), extra, hold)
-                    if plan is None:
-                        continue
-                    actions, cams, away_start, return_t = plan
-                    if return_t - away_start != N:
-                        continue
-                    frames, records = _render(cfg, scene, objs, P, V, cams)
-                    rec = [r[0] for r in records]
-                    if not all(r["in_view"] for r in rec[:away_start]):
-                        continue
-                    if any(r["in_view"] for r in rec[away_start:return_t]):
-                        continue
-                    if not rec[return_t]["visible"] or not rec[away_start - 1]["visible"]:
-                        continue
-                    probe = {"kind": "offscreen", "object_id": 0, "away_start": away_start, "return_t": return_t, "N": N, "direction": str(d)}
-                    caps = _captions(cfg, scene, objs, cams, records)
-                    return _episode_dict(cfg, seed, "probe_offscreen", frames, actions, caps, _state(cfg, scene, cams, records, probe))
-    raise ProbeError(
-        f"could not build a probe_offscreen episode with N={N} in {T} frames (seed {seed}); "
-        f"raise probe_frames, pan_step or the world size (world_width={cfg.world_width}, view_width={cfg.view_width})"
-    )
-
-
-def _offscreen_plan(cfg, o: Obj, Pi, Vi, cam0, T, pre, d, extra, hold):
-    """Stay `pre`, pan `d` until the object is out of view (+`extra` steps), hold, pan back to cam0."""
-    vw, vh = cfg.view_width, cfg.view_height
-    actions = ["stay"] * pre
-    cam = tuple(cam0)
-    t = pre
-    for _ in range(pre):
-        if not _in_view(_sprite_for(o, Vi[0]), Pi[0], cam, vw, vh):
-            return None
-    # pan away
-    steps = 0
-    away_start = None
-    while t < T - 1:
-        nxt = _step_cam(cfg, cam, d)
-        if nxt == cam:
-            return None  # blocked by the border before the object left the view
-        actions.append(d)
-        cam = nxt
-        t += 1
-        steps += 1
-        if away_start is None and not _in_view(_sprite_for(o, Vi[t]), Pi[t], cam, vw, vh):
-            away_start = t
-            break
-    if away_start is None:
-        return None
-    for _ in range(extra):
-        nxt = _step_cam(cfg, cam, d)
-        if nxt == cam:
-            return None
-        actions.append(d)
-        cam = nxt
-        steps += 1
-    actions += ["stay"] * hold
-    actions += [OPPOSITE[d]] * steps
-    if len(actions) > T - 1:
-        return None
-    actions += ["stay"] * (T - 1 - len(actions))
-    cams = _cam_path(cfg, cam0, actions)
-    return_t = None
-    for tt in range(away_start + 1, T):
-        if _in_view(_sprite_for(o, Vi[tt]), Pi[tt], cams[tt], vw, vh):
-            return_t = tt
-            break
-    if return_t is None:
-        return None
-    return actions, cams, away_start, return_t
-
-
-def _probe_revisit(cfg: WorldConfig, seed: int) -> dict:
-    T = cfg.probe_frames
-    vw, vh = cfg.view_width, cfg.view_height
-    base = np.random.default_rng([int(seed), 2])
-    hold = int(cfg.probe_revisit_hold[int(base.integers(len(cfg.probe_revisit_hold)))])
-    kx = math.ceil(vw / cfg.pan_step)
-    ky = math.ceil(vh / cfg.pan_step)
-    can_x = cfg.world_width - vw >= kx * cfg.pan_step
-    can_y = cfg.world_height - vh >= ky * cfg.pan_step
-    if not (can_x or can_y):
-        raise ProbeError(
-            f"probe_revisit needs room to look fully away: world_width - view_width ({cfg.world_width} - {vw}) "
-            f"or world_height - view_height ({cfg.world_height} - {vh}) must be at least the view size rounded up to pan_step={cfg.pan_step}"
-        )
-    for attempt in range(100):
-        rng = np.random.default_rng([int(seed), 2, attempt])
-        scene = build_scene(cfg, rng)
-        n = int(rng.integers(max(1, cfg.min_objects), max(1, cfg.max_objects) + 1))
-        objs, p0, v0 = _spawn_objects(cfg, rng, scene, n, static=True)
-        P, V = _simulate_objects(cfg, rng, objs, p0, v0, T, static=True)
-        horizontal = can_x and (not can_y or rng.uniform() < 0.8)
-        k = kx if horizontal else ky
-        pre = int(rng.integers(2, 5))
-        if pre + 2 * k + hold + 1 > T:
-            raise ProbeError(
-                f"probe_revisit with hold={hold} needs {pre + 2 * k + hold + 1} frames; probe_frames={T} is too short "
-                f"(view {vw}x{vh}, pan_step={cfg.pan_step})"
-            )
-        cam0 = _initial_camera(cfg, rng, P[0])
-        if horizontal:
-            room_r = cfg.world_width - vw - cam0[0]
-            d = "right" if room_r >= k * cfg.pan_step else "left"
-            if d == "left" and cam0[0] < k * cfg.pan_step:
-                continue
-        else:
-            room_d = cfg.world_height - vh - cam0[1]
-            d = "down" if room_d >= k * cfg.pan_step else "up"
-            if d == "up" and cam0[1] < k * cfg.pan_step:
-                continue
-        actions = ["stay"] * pre + [d] * k + ["stay"] * hold + [OPPOSITE[d]] * k
-        actions += ["stay"] * (T - 1 - len(actions))
-        cams = _cam_path(cfg, cam0, actions)
-        frames, records = _render(cfg, scene, objs, P, V, cams)
-        if not any(r["visible"] for r in records[0]):
-            continue
-        leave_t = next(t for t in range(T) if cams[t] != cams[0])
-        return_t = next(t for t in range(leave_t, T) if cams[t] == cams[0])
-        probe = {"kind": "revisit", "leave_t": leave_t, "return_t": return_t, "first_visit_t": leave_t - 1, "N": return_t - leave_t, "direction": d}
-        caps = _captions(cfg, scene, objs, cams, records)
-        return _episode_dict(cfg, seed, "probe_revisit", frames, actions, caps, _state(cfg, scene, cams, records, probe))
-    raise ProbeError(f"could not build a probe_revisit episode (seed {seed}); enlarge the world relative to the view")
+    frames, records = render_frames(cfg, scene, objs, P, V, cams)
+    caps = make_captions(cfg, scene, objs, cams, records)
+    return episode_dict(cfg, seed, split, frames, actions, caps, episode_state(cfg, scene, cams, records))
 
 
 # ----------------------------------------------------------------------------- the source
