@@ -246,3 +246,214 @@ def test_non_loopback_host_is_refused(tiny_hf, capsys):
     assert main(["play", "--model", str(tiny_hf), "--host", "0.0.0.0"]) == 2  # refused before the model loads
     err = capsys.readouterr().err
     assert "'0.0.0.0' is not a loopback address" in err and "--allow-remote" in err
+
+
+# ----------------------------------------------------------------------------- a bounded server
+# The server in this process (real model, real sockets on loopback), so its state can be read.
+@pytest.fixture(scope="module")
+def live(tiny_hf):
+    from unified_wm.play import Game, make_server
+    from unified_wm.rollout import WorldModel
+
+    game = Game(WorldModel.from_pretrained(tiny_hf), prompt=PROMPT, window=WINDOW, max_sessions=4, seed=1)
+    servers = []
+
+    def start(serve: bool = True, **kw):
+        srv = make_server(game, "127.0.0.1", 0, **kw)
+        servers.append(srv)
+        if serve:
+            serve_in_thread(srv)
+        return srv
+
+    yield game, start
+    for srv in servers:
+        if getattr(srv, "serving", False):
+            srv.shutdown()
+        srv.server_close()
+    game.stop(timeout=10)
+
+
+def serve_in_thread(srv):
+    srv.serving = True
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+def _raw(port: int, data: bytes, timeout: float = 15.0, pause: float | None = None) -> bytes:
+    """Send ``data`` (then, with ``pause``, nothing more) and read the whole answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        while True:
+            try:
+                c = s.recv(65536)
+            except ConnectionResetError:
+                chunks.append(b"<reset>")
+                break
+            if not c:
+                break
+            chunks.append(c)
+        return b"".join(chunks)
+
+
+def _status_json(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1."), answer[:300]
+    assert b"application/json" in head, head
+    return int(head.split()[1]), json.loads(body)
+
+
+def _post_raw(port: int, path: str, body: bytes, extra: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def test_session_cap_holds_under_a_burst(live):
+    """20 pages ask for a session at the same moment (--max-sessions 4): never more than 4
+    sessions exist, at most 4 streams are served at once, every other answer is a JSON error."""
+    game, start = live
+    srv = start(max_connections=64)
+    url = f"http://127.0.0.1:{srv.server_address[1]}/"
+    n = 20
+    barrier = threading.Barrier(n)
+    answers, streams, peak = [], [], [0]
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def page():
+        barrier.wait(timeout=30)
+        status, body = post(url + "api/session", {"prompt": PROMPT})
+        with lock:
+            answers.append((status, body))
+            peak[0] = max(peak[0], len(game.sessions) + game.pending)
+        if status != 200:
+            return
+        try:
+            r = urllib.request.urlopen(url + f"api/stream?session={body['session']}", timeout=30)
+        except urllib.error.HTTPError as e:
+            assert e.code == 400 and json.loads(e.read())["field"] == "session"
+            return
+        assert r.readline() == b"retry: 1000\n"
+        with lock:
+            streams.append(r)
+        done.wait(60)
+        r.close()
+
+    threads = [threading.Thread(target=page, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while len(answers) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the last streams attach
+    try:
+        assert len(answers) == n
+        assert all(s in (200, 503) for s, _ in answers), answers
+        assert all("error" in b and "field" in b for s, b in answers if s != 200)
+        assert 1 <= len(streams) <= game.max_sessions, len(streams)
+        assert peak[0] <= game.max_sessions and len(game.sessions) <= game.max_sessions
+        # every slot has a page attached now: a new page is told so (503), not let in
+        if len(streams) == game.max_sessions:
+            status, body = post(url + "api/session", {"prompt": PROMPT})
+            assert status == 503 and body["field"] == "session" and "in use" in body["error"]
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+    assert game.pending == 0
+
+
+def test_slow_clients_time_out_and_get_408(live):
+    game, start = live
+    srv = start(request_timeout=1.0)
+    port = srv.server_address[1]
+    t0 = time.monotonic()
+    # a body that never finishes: 408 naming the body, then the connection closes
+    half = _post_raw(port, "/api/action", b'{"session": "x", "act')[:-1]
+    half = half.replace(b"Content-Length: 21", b"Content-Length: 200")
+    status, err = _status_json(_raw(port, half))
+    assert status == 408 and err["field"] == "body" and "200 bytes" in err["expected"]
+    # headers that never finish, and a request line that never ends
+    for data in (f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode(), b"GET /api/in"):
+        status, err = _status_json(_raw(port, data))
+        assert status == 408 and err["field"] == "request"
+    assert time.monotonic() - t0 < 60  # bounded by the 1 s timeout, not by the client
+    assert get(f"http://127.0.0.1:{port}/api/info")[0] == 200  # still serving
+
+
+def test_every_bad_request_gets_a_status_and_json(live):
+    game, start = live
+    srv = start()
+    port = srv.server_address[1]
+    deep = b"[" * 5000 + b"]" * 5000  # under the body limit, past json's recursion limit
+    status, err = _status_json(_raw(port, _post_raw(port, "/api/action", deep)))
+    assert status == 400 and err["field"] == "body" and "nested" in err["error"]
+    deep_obj = b'{"session": ' + b'{"a": ' * 2000 + b"1" + b"}" * 2001
+    status, err = _status_json(_raw(port, _post_raw(port, "/api/session", deep_obj)))
+    assert status == 400 and err["field"] == "body"
+    # what the standard library answers itself: a garbage request line, an unknown method, a huge URL
+    for data, code in ((b"NONSENSE\r\n\r\n", 400), (b"BREW /pot HTTP/1.1\r\n\r\n", 501),
+                       (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414)):
+        status, err = _status_json(_raw(port, data))
+        assert status == code and err["error"] and err["expected"], (data[:20], status, err)
+    assert get(f"http://127.0.0.1:{port}/api/info")[0] == 200
+
+
+def test_many_clients_at_once_are_queued_not_refused(live):
+    """20 clients connect while the server is not yet accepting: the listen backlog holds them
+    all (socketserver's default of 5 refuses the rest), and each then gets its answer."""
+    import socket
+
+    game, start = live
+    srv = start(serve=False)
+    port = srv.server_address[1]
+    socks, failed = [], []
+
+    def connect():
+        try:
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=3))
+        except OSError as e:
+            failed.append(repr(e))
+
+    threads = [threading.Thread(target=connect) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert not failed and len(socks) == 20, failed
+        for s in socks:
+            s.sendall(f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        serve_in_thread(srv)
+        for s in socks:
+            s.settimeout(30)
+            data = b""
+            while c := s.recv(65536):
+                data += c
+            assert data.startswith(b"HTTP/1.0 200"), data[:200]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_connections_over_the_cap_get_503(live):
+    import socket
+
+    game, start = live
+    srv = start(max_connections=2, request_timeout=5.0)
+    port = srv.server_address[1]
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    try:
+        for s in slow:
+            s.sendall(b"GET /api/info HTTP/1.1\r\n")  # holds its connection until the timeout
+        time.sleep(0.3)
+        status, err = _status_json(_raw(port, f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()))
+        assert status == 503 and err["field"] == "connection"
+    finally:
+        for s in slow:
+            s.close()
+    deadline = time.monotonic() + 30
+    while get(f"http://127.0.0.1:{port}/api/info")[0] != 200:  # slots come back
+        assert time.monotonic() < deadline
+        time.sleep(0.2)

@@ -49,6 +49,8 @@ import socket
 import sys
 import threading
 import time
+import traceback
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -63,6 +65,9 @@ DEFAULT_WINDOW = 1100
 RECENT_FRAMES = 4  # frames a windowed session always keeps (RolloutSession's ``recent``)
 IDLE_SECONDS = 60.0  # a session with no page attached for this long ends
 HEARTBEAT_SECONDS = 10.0
+REQUEST_TIMEOUT = 10.0  # seconds a client may take to send a request (line, headers, body) or read a frame
+MAX_CONNECTIONS = 32  # connections served at once (streams included); more get 503 at once
+LISTEN_BACKLOG = 128  # connections the kernel queues before accept (socketserver's default is 5)
 PHASES = ("tap", "hold", "release")
 
 
@@ -261,6 +266,7 @@ class Game:
         self.model_lock = FairLock()  # every model call holds it: one frame at a time
         self.lock = threading.Lock()  # guards self.sessions
         self.sessions: dict[str, PlaySession] = {}
+        self.pending = 0  # sessions being made (their slots are taken)
         self.workers: list[threading.Thread] = []
         self.stopping = threading.Event()
 
@@ -286,9 +292,13 @@ class Game:
                              f"a shorter prompt (the session window is {self.window} tokens)") from None
 
     def create(self, prompt: str) -> PlaySession:
+        """A new session. The cap holds under a burst: a slot is taken (``pending``) in the same
+        locked step that checks it, before the slow part (the prompt's prefill), and given back
+        if that fails; when every slot is taken, the session idle longest (no page attached) ends,
+        and when none is idle the request gets 503."""
         prompt = self.check_prompt(prompt)
         with self.lock:
-            if len(self.sessions) >= self.max_sessions:
+            if len(self.sessions) + self.pending >= self.max_sessions:
                 idle = [s for s in self.sessions.values() if s.subscribers == 0]
                 if not idle:
                     raise BadRequest("session", f"all {self.max_sessions} play sessions are in use",
@@ -296,13 +306,34 @@ class Game:
                 oldest = min(idle, key=lambda s: s.last_seen)
                 oldest.close()
                 self.sessions.pop(oldest.id, None)
-        with self.model_lock:
-            rollout = self._rollout_or_400(prompt)
-        sess = PlaySession(self, secrets.token_urlsafe(12), prompt, rollout)
+            self.pending += 1
+        try:
+            with self.model_lock:
+                rollout = self._rollout_or_400(prompt)
+            sess = PlaySession(self, secrets.token_urlsafe(12), prompt, rollout)
+        except BaseException:
+            with self.lock:
+                self.pending -= 1
+            raise
         with self.lock:
+            self.pending -= 1
             self.sessions[sess.id] = sess
             self.workers = [t for t in self.workers if t.is_alive()] + [sess.thread]
         sess.thread.start()
+        return sess
+
+    def attach(self, sid) -> PlaySession:
+        """A page's stream joins session ``sid``: checked and counted under the sessions' lock, so
+        :meth:`create` never ends a session a page has just attached to."""
+        sess = self.get(sid)
+        with self.lock:
+            with sess.cond:
+                if sess.closed or self.sessions.get(sess.id) is not sess:
+                    raise BadRequest("session", f"session '{sid[:64]}' has ended",
+                                     "the id of a live session (POST /api/session for a new one)")
+                sess.subscribers += 1
+                sess.last_seen = time.monotonic()
+                sess.cond.notify_all()
         return sess
 
     def restart(self, sess: PlaySession, prompt: str) -> None:
@@ -387,6 +418,8 @@ class Handler(BaseHTTPRequestHandler):
     check_host: bool = True
     allowed_hosts: frozenset = frozenset()
     quiet: bool = True
+    busy: bool = False  # True on the class that answers connections over the cap
+    timeout = REQUEST_TIMEOUT  # socket timeout (StreamRequestHandler.setup): a slow client cannot hold a thread
 
     # -- plumbing -------------------------------------------------------------------------
     def log_message(self, fmt, *args):  # noqa: D102
@@ -426,11 +459,20 @@ class Handler(BaseHTTPRequestHandler):
                              "the body's length in bytes") from None
         if n < 0 or n > MAX_BODY_BYTES:
             raise BadRequest("body", f"body of {n} bytes", f"at most {MAX_BODY_BYTES} bytes", status=413)
-        raw = self.rfile.read(n)
+        try:
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raw = b""
+        if len(raw) < n:
+            self.close_connection = True
+            raise BadRequest("body", f"the body ended after {len(raw)} of {n} bytes (Content-Length), or took over "
+                             f"{self.timeout:g} s to arrive", f"{n} bytes within {self.timeout:g} s", status=408)
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadRequest("body", f"malformed JSON: {e}", "a JSON object") from None
+        except RecursionError:
+            raise BadRequest("body", "JSON nested too deeply", "a flat JSON object") from None
         if not isinstance(body, dict):
             raise BadRequest("body", f"the body is a JSON {type(body).__name__}, not an object", "a JSON object")
         return body
@@ -440,11 +482,90 @@ class Handler(BaseHTTPRequestHandler):
             fn()
         except BadRequest as e:
             self._json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        except Exception as e:  # noqa: BLE001  (a bug, not the client's: still an answer, and the server goes on)
+            self.log_error("internal error on %s: %s", self.path, "".join(
+                traceback.format_exception(type(e), e, e.__traceback__)))
+            self.close_connection = True
+            try:
+                self._json(500, {"error": f"internal error: {type(e).__name__}", "field": "server",
+                                 "expected": "a bug report with the server's log"})
+            except OSError:
+                pass
+
+    # every answer the standard library makes itself (a malformed request line, an unsupported
+    # method, too many headers, a too-long URL) is JSON like the others
+    def send_error(self, code, message=None, explain=None):  # noqa: D102
+        short, long = self.responses.get(code, ("Error", ""))
+        self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") in ("", "HTTP/0.9"):
+            self.request_version = "HTTP/1.0"  # a garbage request line still gets a status line and headers
+        body = json.dumps({"error": message or short, "field": "request",
+                           "expected": explain or long or "a well-formed HTTP/1.x request"}).encode()
+        self.send_response(code, message)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(body)
+
+    def handle_one_request(self):
+        """The standard library's, except that a request whose line or headers come too slowly
+        gets a 408 answer before the connection closes (the library closes without a word)."""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return  # an error was sent
+            if not hasattr(self, "do_" + self.command):
+                self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command[:20]!r}",
+                                "GET or POST")
+                return
+        except TimeoutError:
+            self.close_connection = True
+            self._raw_error(408, "Request Timeout", {
+                "error": f"the request did not arrive within {self.timeout:g} s", "field": "request",
+                "expected": f"a complete request line and headers within {self.timeout:g} s"})
+            return
+        try:
+            getattr(self, "do_" + self.command)()
+            self.wfile.flush()
+        except TimeoutError:  # a write timed out (the page stopped reading): drop it
+            self.close_connection = True
+
+    def parse_request(self):  # noqa: D102
+        if not super().parse_request():
+            return False
+        if self.busy:  # over the connection cap: refuse at once, politely
+            self.close_connection = True
+            self._json(503, {"error": f"the server is serving {self.server.max_connections} connections already",
+                             "field": "connection", "expected": "fewer open pages; retry shortly"})
+            return False
+        return True
+
+    def _raw_error(self, status: int, reason: str, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        head = (f"HTTP/1.0 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n").encode()
+        try:
+            self.wfile.write(head + body)
+            self.wfile.flush()
+        except OSError:
             pass
 
     # -- routes ---------------------------------------------------------------------------
     def do_GET(self):  # noqa: N802
+        self._guard(self._get)
+
+    def _get(self):
         if not self._host_ok():
             return
         url = urlsplit(self.path)
@@ -453,7 +574,7 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/api/info":
             self._json(200, self.game.info())
         elif url.path == "/api/stream":
-            self._guard(lambda: self._stream(parse_qs(url.query).get("session", [""])[0]))
+            self._stream(parse_qs(url.query).get("session", [""])[0])
         elif url.path == "/favicon.ico":
             self._send(204, b"", "image/x-icon")
         else:
@@ -461,6 +582,9 @@ class Handler(BaseHTTPRequestHandler):
                              "expected": "/, /api/info or /api/stream?session=ID"})
 
     def do_POST(self):  # noqa: N802
+        self._guard(self._post)
+
+    def _post(self):
         if not self._host_ok():
             return
         path = urlsplit(self.path).path
@@ -469,7 +593,7 @@ class Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": f"no such endpoint '{path[:200]}'", "field": "path",
                              "expected": "POST /api/session, /api/action or /api/run"})
             return
-        self._guard(lambda: routes[path](self._body()))
+        routes[path](self._body())
 
     def do_PUT(self):  # noqa: N802
         self._json(405, {"error": f"method {self.command} not allowed", "field": "method", "expected": "GET or POST"})
@@ -515,20 +639,16 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, self.game.get(body["session"]).set_running(body["running"]))
 
     def _stream(self, sid: str) -> None:
-        sess = self.game.get(sid)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Accel-Buffering", "no")
-        self.end_headers()
-        self.close_connection = True
-        with sess.cond:
-            sess.subscribers += 1
-            sess.last_seen = time.monotonic()
-            sess.cond.notify_all()
+        sess = self.game.attach(sid)
         seen = -1
         last_write = time.monotonic()
         try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Accel-Buffering", "no")
+            self.end_headers()
+            self.close_connection = True
             self.wfile.write(b"retry: 1000\n\n")
             self.wfile.flush()
             while not self.game.stopping.is_set():
@@ -560,8 +680,28 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class PlayServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them at work: a connection over the
+    cap is still read (within the request timeout) and answered 503, so no client is left
+    without an answer; the kernel queues up to ``request_queue_size`` connections before accept."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
+    max_connections = MAX_CONNECTIONS
+    busy_handler = None  # set by make_server
+
+    def server_activate(self):  # noqa: D102
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().server_activate()
+
+    def finish_request(self, request, client_address):  # noqa: D102
+        if self._slots.acquire(blocking=False):
+            try:
+                super().finish_request(request, client_address)
+            finally:
+                self._slots.release()
+        else:
+            self.busy_handler(request, client_address, self)
 
 
 def load_page() -> bytes:
@@ -583,13 +723,21 @@ def check_address(host: str, port: int, allow_remote: bool = False) -> None:
 
 
 def make_server(game: Game, host: str = "127.0.0.1", port: int = 0, allow_remote: bool = False,
-                quiet: bool = True) -> PlayServer:
+                quiet: bool = True, request_timeout: float = REQUEST_TIMEOUT,
+                max_connections: int = MAX_CONNECTIONS) -> PlayServer:
     """Bind the page's server (not yet serving); loopback only unless ``allow_remote``."""
     check_address(host, port, allow_remote)
+    if not request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
+    if max_connections < 1:
+        raise ValueError(f"--max-connections must be >= 1, got {max_connections}")
     bind = host.strip("[]")
-    cls = type("PlayServerV6", (PlayServer,), {"address_family": socket.AF_INET6}) if ":" in bind else PlayServer
+    attrs = {"max_connections": int(max_connections)}
+    if ":" in bind:
+        attrs["address_family"] = socket.AF_INET6
+    cls = type("PlayServerBound", (PlayServer,), attrs)
     try:
-        server = cls((bind, port), type("PlayHandler", (Handler,), {}))
+        server = cls((bind, port), type("PlayHandler", (Handler,), {"timeout": float(request_timeout)}))
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     real_port = server.server_address[1]
@@ -598,6 +746,7 @@ def make_server(game: Game, host: str = "127.0.0.1", port: int = 0, allow_remote
     h.game, h.page, h.quiet = game, load_page(), quiet
     h.check_host = not allow_remote
     h.allowed_hosts = frozenset(f"{n.lower()}:{real_port}" for n in names)
+    server.busy_handler = type("PlayBusyHandler", (h,), {"busy": True, "timeout": min(float(request_timeout), 2.0)})
     return server
 
 
@@ -623,6 +772,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-sessions", type=int, default=4, help="page sessions served at once")
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
+                    help="connections served at once (page streams included); more are answered 503")
+    ap.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                    help="seconds a client may take to send a request; a slower one gets 408 and is dropped")
     ap.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (no authentication!)")
     ap.add_argument("--verbose", action="store_true", help="log every request")
     a = ap.parse_args(argv)
@@ -630,6 +783,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--prompt is {len(a.prompt)} characters long, more than {MAX_PROMPT_CHARS}")
     if a.max_sessions < 1:
         raise ValueError(f"--max-sessions must be >= 1, got {a.max_sessions}")
+    if a.max_connections < a.max_sessions + 1:
+        raise ValueError(f"--max-connections must be > --max-sessions ({a.max_sessions}): each page holds one "
+                         f"connection for its frames and needs another for its messages; got {a.max_connections}")
+    if not a.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {a.request_timeout}")
     check_address(a.host, a.port, a.allow_remote)  # before loading anything
     if a.allow_remote and not is_loopback(a.host):
         print(f"\n*** WARNING: serving on '{a.host}', beyond this machine, with NO authentication: anyone who can "
@@ -652,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
             game.new_rollout(a.prompt)
         except ValueError as e:
             raise ValueError(f"--prompt/--window: {e}") from None
-    server = make_server(game, a.host, a.port, allow_remote=a.allow_remote, quiet=not a.verbose)
+    server = make_server(game, a.host, a.port, allow_remote=a.allow_remote, quiet=not a.verbose,
+                         request_timeout=a.request_timeout, max_connections=a.max_connections)
 
     def _term(*_):
         raise KeyboardInterrupt
