@@ -134,6 +134,9 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        from unified_wm.model.remote_code import write_remote_code
+
+        write_remote_code(tmp)  # the model's code too: loads with trust_remote_code=True without this package
         processor.save_pretrained(tmp)
         write_json(tmp / "training_seeds.json", {"data": recipe.data.tokens, "seeds": seeds})
         last = metrics[-1] if metrics else {}

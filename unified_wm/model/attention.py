@@ -82,8 +82,14 @@ from __future__ import annotations
 
 import torch
 
-# each backend module registers itself in ATTENTION_FUNCTIONS when imported
-from . import attention_dense, attention_flash, attention_flex, attention_gather, attention_routing, attention_triton  # noqa: F401
+# each backend module registers itself in ATTENTION_FUNCTIONS when imported; written `from .x import y`,
+# the form transformers' loader follows when an exported folder is loaded without the package (remote_code.py)
+from .attention_dense import dense_attend  # noqa: F401
+from .attention_flash import flash_attend  # noqa: F401
+from .attention_flex import flex_attend  # noqa: F401
+from .attention_gather import gather_attend  # noqa: F401
+from .attention_routing import reference_attend  # noqa: F401
+from .attention_triton import triton_attend  # noqa: F401
 from .attention_core import ATTENTION_FUNCTIONS, BACKENDS, MOC_BACKENDS, AttentionSettings, StreamMeta, register_attention
 from .attention_decode import DECODE_MASKED_MAX_PAIRS, DECODE_MAX_QUERIES, MoCDecodeState, new_decode_state
 from .attention_dense import dense_mask

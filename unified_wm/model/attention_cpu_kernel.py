@@ -21,6 +21,14 @@ KERNEL_SEGMENT = 1024
 _CPU_EXT = None
 
 
+def _extensions_dir():
+    try:  # not there when an exported folder's copy of this file runs without the package
+        from unified_wm.utils import extensions_dir
+    except ImportError:
+        return None
+    return extensions_dir()
+
+
 def cpu_kernel():
     """The compiled CPU kernel module, or None (built once per machine, then cached)."""
     global _CPU_EXT
@@ -40,11 +48,11 @@ def cpu_kernel():
                 # and of the source's path: ninja rebuilds a folder whose build file names another
                 # checkout's source, so two checkouts sharing one folder would rebuild in turn.
                 src = Path(__file__).resolve().with_name("moc_cpu.cpp")
+                if not src.is_file():  # an exported folder loaded without the package: the torch tiles
+                    return None
                 tag = hashlib.sha1(f"{platform.machine()} {flags} {src}".encode()).hexdigest()[:10]
                 name = f"uwm_moc_cpu_{tag}"
-                from unified_wm.utils import extensions_dir
-
-                root = extensions_dir()  # the folder training uses too, so rollout/eval reuse its build
+                root = _extensions_dir()  # the folder training uses too, so rollout/eval reuse its build
                 build = Path(root) / name if root is not None else None
                 kw = {}
                 if build is not None:

@@ -80,9 +80,9 @@ def _kernels():
     """The kernels (imports triton on first use, so TRITON_INTERPRET is honoured)."""
     global _KERNELS
     if _KERNELS is None:
-        from unified_wm.model import attention_triton_kernels as kern
+        from .attention_triton_kernels import _bwd_dkdv, _bwd_dq, _fwd
 
-        _KERNELS = (kern._fwd, kern._bwd_dq, kern._bwd_dkdv)
+        _KERNELS = (_fwd, _bwd_dq, _bwd_dkdv)
     return _KERNELS
 
 

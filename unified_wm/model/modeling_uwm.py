@@ -27,8 +27,9 @@ from transformers.cache_utils import Cache
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from unified_wm.model.attention import AttentionSettings, StreamMeta, attend
-from unified_wm.model.cache import UWMCache, layer_decode_state, new_decode_states, stream_state
+# relative: an exported folder carries these files and loads without the package (remote_code.py)
+from .attention import AttentionSettings, StreamMeta, attend
+from .cache import UWMCache, layer_decode_state, new_decode_states, stream_state
 
 MODALITIES = ("special", "text", "action", "video")
 # rotary positions: "1d" rotates every token by its position in the document (LLaMA);
