@@ -43,8 +43,11 @@ class WorldModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "WorldModel":
-        import unified_wm  # noqa: F401  (registers the model with the Auto classes)
         from transformers import AutoModelForCausalLM
+
+        from unified_wm.model.modeling_uwm import register
+
+        register()  # the Auto classes know the model (importing the module does it; explicit here)
 
         from unified_wm.tokenization.processor import UnifiedProcessor
 

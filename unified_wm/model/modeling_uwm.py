@@ -622,3 +622,6 @@ def register() -> None:
         AutoModelForCausalLM.register(UnifiedWMConfig, UnifiedWMForCausalLM)
     except ValueError:
         pass
+
+
+register()  # importing the model registers it (``import unified_wm`` alone stays light)
