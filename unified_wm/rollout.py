@@ -56,8 +56,15 @@ class WorldModel:
             raise FileNotFoundError(f"model folder '{p}' does not exist (expected a folder written by `uwm export`)")
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"model folder '{p}' has no config.json (expected a folder written by `uwm export`)")
+        from unified_wm.model.checks import check_model_folder
+
         processor = UnifiedProcessor.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(str(p))
+        check_model_folder(p, processor)  # config vs processor, weights files readable: errors name the file
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(p))
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"model folder '{p}': its weights do not load into the model its config.json "
+                             f"describes ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})") from None
         return cls(model, processor)
 
     @property
@@ -429,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=int, default=8)
     a = ap.parse_args(argv)
     try:
+        from unified_wm.utils import check_out_file
+
+        for i in range(a.batch):  # every file it will write, before the (slow) work
+            check_out_file(a.out if a.batch == 1 else Path(a.out).with_name(f"{Path(a.out).stem}-{i}{Path(a.out).suffix}"),
+                           "--out")
         wm = WorldModel.from_pretrained(a.model)
         from unified_wm.tokenization.actions import parse_actions
 

@@ -232,6 +232,26 @@ def mark_output(path: str | os.PathLike, command: str) -> None:
     write_json(Path(path) / OUTPUT_MARKER, {"command": command, "created": time.time()})
 
 
+def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse an output file before any work: ``path`` must not be a folder, and the nearest
+    existing folder on its way must take a new file (tried: a probe file is made and removed,
+    which also catches read-only mounts, where permission bits say yes)."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{flag} '{p}' is a folder; expected a file name")
+    anc = p.absolute().parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"{flag} '{p}': '{anc}' is not a folder, so the file cannot be written there")
+    try:
+        with tempfile.NamedTemporaryFile(dir=anc, prefix=".uwm-probe-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{flag} '{p}': cannot write a file in the folder '{anc}' ({e.strerror or e})") from None
+    return p
+
+
 def check_out(path: str | os.PathLike, command: str, overwrite: bool = False, flag: str = "--out",
               allow_own: bool = False) -> Path:
     """Refuse an output folder before any work is done; return it as a Path.

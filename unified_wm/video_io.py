@@ -82,19 +82,27 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None, what: str
     if not p.is_file():
         raise FileNotFoundError(f"{what} '{p}' does not exist")
     if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        return np.asarray(Image.open(p).convert("RGB"))[None]
+        try:
+            with Image.open(p) as im:
+                return np.asarray(im.convert("RGB"))[None]
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"{what} '{p}' is not an image PIL can read ({e}); expected a PNG or JPEG") from None
     import av
 
     out = []
-    with av.open(str(p)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{what} '{p}' has no video stream")
-        for frame in container.decode(video=0):
-            out.append(frame.to_ndarray(format="rgb24"))
-            if max_frames is not None and len(out) >= max_frames:
-                break
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{what} '{p}' has no video stream")
+            for frame in container.decode(video=0):
+                out.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(out) >= max_frames:
+                    break
+    except (av.FFmpegError, OSError) as e:
+        raise ValueError(f"{what} '{p}' is not a video (or image) this can decode ({getattr(e, 'strerror', None) or e}); "
+                         f"expected an mp4/webm/gif video or a PNG/JPEG image") from None
     if not out:
         raise ValueError(f"{what} '{p}': no frames could be decoded")
     return np.stack(out)

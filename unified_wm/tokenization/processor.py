@@ -48,7 +48,11 @@ class UnifiedProcessor:
         self.text_model_path = Path(text_model)
         if not self.text_model_path.is_file():
             raise FileNotFoundError(f"SentencePiece model '{self.text_model_path}' does not exist")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.text_model_path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.text_model_path))
+        except (RuntimeError, OSError) as e:  # not a SentencePiece model (a text file, an empty or cut file)
+            raise ValueError(f"'{self.text_model_path}' is not a SentencePiece model ({str(e).strip()[:200]}); "
+                             f"expected the .model file written by `uwm tokenizer train-text`") from None
         self.action_names = list(action_names)
         if len(set(self.action_names)) != len(self.action_names):
             dup = sorted({a for a in self.action_names if self.action_names.count(a) > 1})

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Literal, Sequence
@@ -389,13 +390,31 @@ def read_video_frames(video_path: str | os.PathLike, image_size: int, max_frames
     return resize_frames(read_video(video_path, max_frames, what="video file"), image_size)
 
 
+def _video_frame_size(video_path) -> tuple[int, int]:
+    """(width, height) of the first video stream of a file (or of an image)."""
+    from unified_wm.video_io import read_video
+
+    f = read_video(video_path, 1, what="video file")
+    return int(f.shape[2]), int(f.shape[1])
+
+
 def evaluate_on_video_file(tok_dir: str | os.PathLike, video_path: str | os.PathLike, max_frames: int = 256,
                            out_dir: str | os.PathLike | None = None) -> dict:
     """PSNR / SSIM of a trained tokenizer on the frames of a real video file."""
     tok = VideoTokenizer.from_pretrained(tok_dir)
     frames = read_video_frames(video_path, tok.image_size, max_frames)
+    src = _video_frame_size(video_path)
     rep, rec = _reconstruction_report(tok, frames)
     rep.update(tokenizer=str(tok_dir), video=str(video_path))
+    # frames of another size are centre-cropped to a square and resized: the report says so
+    size = int(tok.image_size)
+    rep["source_frame_size"] = list(src)
+    rep["preprocessing"] = (None if tuple(src) == (size, size) else
+                            f"centre-cropped from {src[0]}x{src[1]} to {min(src)}x{min(src)}, then resized to "
+                            f"{size}x{size} (bicubic): the figures are for the resized frames")
+    if rep["preprocessing"]:
+        print(f"uwm tokenizer eval-video: note: '{video_path}' has {src[0]}x{src[1]} frames; they were "
+              f"{rep['preprocessing']}", file=sys.stderr)
     if out_dir is not None:
         o = Path(out_dir)
         idx = np.linspace(0, len(frames) - 1, num=min(8, len(frames))).astype(int)
