@@ -70,11 +70,13 @@ def exported(tmp_path_factory, tokens_dir, processor_dir):
 
 
 def test_exported_folder_carries_its_code(exported):
-    from unified_wm.model.remote_code import AUTO_MAP, package_imports, remote_code_files
+    from unified_wm.model.remote_code import AUTO_MAP, package_imports, remote_code_files, unfollowed_imports
 
     cfg = json.loads((exported / "config.json").read_text())
     assert cfg["auto_map"] == AUTO_MAP
-    names = [f.name for f in remote_code_files()]
+    files = remote_code_files()
+    names = [f.name for f in files]
+    assert unfollowed_imports(files) == []  # each would name a module the loader does not copy
     assert names[0] == "modeling_uwm.py" and "attention.py" in names
     for name in names:
         f = exported / name

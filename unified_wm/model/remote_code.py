@@ -61,6 +61,23 @@ def package_imports(path: Path) -> list[str]:
     return bad
 
 
+def unfollowed_imports(files: list[Path]) -> list[str]:
+    """Relative imports in ``files`` of modules that are not among them: transformers' loader only
+    follows ``from .name import ...``, so a module reached only by ``from . import name`` (or
+    ``from ..name import ...``) would be missing from the loaded folder."""
+    have = {f.stem for f in files}
+    bad: list[str] = []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            if node.level > 1:
+                bad.append(f"{f.name}:{node.lineno}: from {'.' * node.level}{node.module or ''} import ...")
+            elif node.module is None:
+                bad.extend(f"{f.name}:{node.lineno}: from . import {a.name}" for a in node.names if a.name not in have)
+    return bad
+
+
 def write_remote_code(folder: str | Path) -> list[str]:
     """Copy the model code into ``folder`` (a ``save_pretrained`` output) and add ``auto_map`` to
     its ``config.json``. Returns the names of the files written."""
