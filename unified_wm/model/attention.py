@@ -106,7 +106,9 @@ def resolve_backend(settings: AttentionSettings, device: torch.device | str) -> 
     if settings.backend == "moc":
         kind = device if isinstance(device, str) else device.type
         if kind == "cuda":
-            return "triton" if attention_triton.available() else "flex"
+            from .attention_triton import available
+
+            return "triton" if available() else "flex"
         return "gather"
     return settings.backend
 
