@@ -54,7 +54,14 @@ class WorldModel:
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"model folder '{p}' has no config.json (expected a folder written by `uwm export`)")
         processor = UnifiedProcessor.from_pretrained(p)
-        model = AutoModelForCausalLM.from_pretrained(str(p))
+        from transformers import AutoConfig
+
+        from unified_wm.fingerprint import check_model
+
+        config = AutoConfig.from_pretrained(str(p))  # checked before the weights load
+        processor.check_model(config)  # sizes and layout first: the clearer message when they differ
+        check_model(config, processor, f"'{p}'", f"the processor in '{p}' ({p / 'processor_config.json'})")
+        model = AutoModelForCausalLM.from_pretrained(str(p), config=config)
         return cls(model, processor)
 
     @property
