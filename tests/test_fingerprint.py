@@ -102,6 +102,7 @@ def fp_run(tmp_path_factory, tokens_dir, processor_dir):
     return {"d": d, "recipe": rp, "run": d / "run"}
 
 
+@pytest.mark.slow
 def test_export_refuses_a_recipe_processor_the_run_was_not_trained_with(fp_run, tokens_dir, reordered_dir, tmp_path):
     import yaml
 
@@ -116,6 +117,7 @@ def test_export_refuses_a_recipe_processor_the_run_was_not_trained_with(fp_run, 
     assert "another order" in r.stderr and not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_rollout_refuses_an_exported_model_whose_processor_was_swapped(fp_run, processor, reordered_dir, tmp_path, capsys):
     from unified_wm.rollout import WorldModel
 
