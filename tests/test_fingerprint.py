@@ -107,13 +107,15 @@ def test_export_refuses_a_recipe_processor_the_run_was_not_trained_with(fp_run, 
     import yaml
 
     assert "token_space" in json.loads((fp_run["run"] / "recipe.json").read_text())
+    assert "token_space" in json.loads((fp_run["run"] / "checkpoints" / "step1" / "complete.json").read_text())
     other = yaml.safe_load(fp_run["recipe"].read_text())
     other["data"]["processor"] = str(reordered_dir)
     rp = tmp_path / "other.yaml"
     rp.write_text(yaml.safe_dump(other))
     r = uwm("export", "--checkpoint", fp_run["run"] / "checkpoints", "--out", tmp_path / "hf", "--recipe", rp)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    assert f"the training run '{fp_run['run']}'" in r.stderr and f"processor '{reordered_dir}'" in r.stderr
+    assert f"the checkpoint '{fp_run['run'] / 'checkpoints' / 'step1'}' (complete.json)" in r.stderr
+    assert f"processor '{reordered_dir}'" in r.stderr
     assert "another order" in r.stderr and not (tmp_path / "hf").exists()
 
 
@@ -145,3 +147,18 @@ def test_rollout_refuses_an_exported_model_whose_processor_was_swapped(fp_run, p
     WorldModel.from_pretrained(swapped)
     err = capsys.readouterr().err
     assert "warning:" in err and "records no token-space fingerprint" in err
+
+
+@pytest.mark.slow
+def test_resume_with_another_processor_is_refused_naming_the_checkpoint(fp_run, world_data, reordered_dir, tmp_path, capsys):
+    """Token documents and processor agree with each other, but not with the checkpoint resumed."""
+    from unified_wm.data.tokenize import tokenize_dataset
+    from unified_wm.train import main
+
+    tokens = tokenize_dataset(world_data, reordered_dir, tmp_path / "tokens", clip_frames=8, progress=False)
+    run = tmp_path / "run"
+    shutil.copytree(fp_run["run"], run)
+    rp = write_tiny_recipe(tmp_path, tokens, reordered_dir, max_steps=2, save_every=1)
+    assert main(["--recipe", str(rp), "--output-dir", str(run), "--resume", "latest", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint '{run / 'checkpoints' / 'step1'}' (complete.json)" in err and "another order" in err, err

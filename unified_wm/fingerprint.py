@@ -9,11 +9,11 @@ processor records that record:
 
   processor        ``processor_config.json``  ``token_space`` (checked against its files on load)
   token documents  ``tokenize_info.json``     ``token_space``
-  training run     ``<output_dir>/recipe.json`` ``token_space`` (the run's checkpoints)
+  checkpoint       ``complete.json`` of each ``stepN`` and the run's ``recipe.json``: ``token_space``
   exported model   ``config.json``            ``token_space``
 
-``train`` (token documents, held-out documents and, on resume, the run vs the recipe's
-processor), ``export`` (the run vs the recipe's processor) and ``rollout``/``eval``/``play``
+``train`` (token documents, held-out documents and, on resume, the checkpoint vs the recipe's
+processor), ``export`` (the checkpoint vs the recipe's processor) and ``rollout``/``eval``/``play``
 (the model's config vs the processor beside it) refuse a mismatch with a
 :class:`FingerprintMismatch` naming both artifacts and the parts that differ. An artifact
 made before fingerprints were recorded gets a warning (it cannot be checked), not an error.
@@ -178,12 +178,17 @@ def check_token_documents(tokens_dir, processor, processor_what: str, what: str 
     return check(read_record(info), f"{what} '{tokens_dir}' ({info.name})", token_space(processor), processor_what)
 
 
-def check_run(run_dir, processor, processor_what: str) -> bool:
-    """A training run (its ``recipe.json``, written at the start of training) against ``processor``."""
+def check_checkpoint(ckpt, processor, processor_what: str) -> bool:
+    """A checkpoint ``<run>/checkpoints/stepN`` against ``processor``: its ``complete.json``, else
+    (saved before checkpoints recorded it) its run's ``recipe.json``."""
     from pathlib import Path
 
-    f = Path(run_dir) / "recipe.json"
-    return check(read_record(f), f"the training run '{run_dir}' ({f.name})", token_space(processor), processor_what)
+    ckpt = Path(ckpt)
+    for f in (ckpt / "complete.json", ckpt.parent.parent / "recipe.json"):
+        rec = read_record(f)
+        if rec is not None:
+            return check(rec, f"the checkpoint '{ckpt}' ({f.name})", token_space(processor), processor_what)
+    return check(None, f"the checkpoint '{ckpt}'", token_space(processor), processor_what)
 
 
 def check_model(config, processor, model_what: str, processor_what: str) -> bool:
@@ -192,15 +197,11 @@ def check_model(config, processor, model_what: str, processor_what: str) -> bool
 
 
 def check_training_inputs(recipe, processor, resume_from=None) -> None:
-    """``train``: the token documents (and held-out ones) and, on resume, the checkpoint's run
-    were made with the recipe's processor."""
-    from pathlib import Path
-
+    """``train``: the token documents (and held-out ones) and, on resume, the checkpoint were made
+    with the recipe's processor."""
     what = f"processor '{recipe.data.processor}' (data.processor)"
     check_token_documents(recipe.data.tokens, processor, what, "token documents (data.tokens)")
     if recipe.data.val_tokens:
         check_token_documents(recipe.data.val_tokens, processor, what, "held-out token documents (data.val_tokens)")
     if resume_from is not None:
-        run_dir = Path(resume_from).parent.parent  # <run>/checkpoints/stepN
-        check(read_record(run_dir / "recipe.json"), f"the checkpoint '{resume_from}' (its run's recipe.json)",
-              token_space(processor), what)
+        check_checkpoint(resume_from, processor, what)

@@ -312,7 +312,8 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
                 if log_step:
                     t0, tokens_since = time.time(), 0
             if t.save_every and (step % t.save_every == 0 or step == t.max_steps):
-                saved = save_checkpoint(engine, ckpt_dir, step, rank=rank, world=world, zero_stage=zero_stage, keep=t.keep_checkpoints)
+                saved = save_checkpoint(engine, ckpt_dir, step, rank=rank, world=world, zero_stage=zero_stage, keep=t.keep_checkpoints,
+                                        info={TOKEN_SPACE: token_space(processor)})
                 last_good = saved.name
             if step_sleep:
                 time.sleep(step_sleep)
