@@ -175,8 +175,17 @@ def test_rollout_longer_than_the_model_context_is_refused_up_front(tiny_hf, val_
     from unified_wm.eval.runner import run_suite
     from unified_wm.utils import ConfigError
 
+    import yaml
+
+    from unified_wm.data.world import generate_world
+
+    cfg = yaml.safe_load((ROOT / "recipes/data/world_tiny.yaml").read_text())
+    long_eps = tmp_path / "long"  # episodes long enough for the rollout: the model's context is what is short
+    generate_world({**cfg, "episode_length": 42}, long_eps, n_episodes=2, seed=7, split="val", progress=False)
     sp = _suite(tmp_path, rollout={"context_frames": 2, "horizon": 40})
     with pytest.raises(ConfigError, match="more than its context of 2048 tokens"):
+        run_suite(str(tiny_hf), str(sp), None, progress=False, data=str(long_eps))
+    with pytest.raises(ConfigError, match="needs an episode of at least 42 frames"):  # the 16-frame ones: before the model
         run_suite(str(tiny_hf), str(sp), None, progress=False, data=str(val_data))
 
 
@@ -406,3 +415,50 @@ def test_routing_of_the_return_frame_is_counted_per_frame(processor, val_data):
         sh = routing_shares(by_frame, t0=4, visible=[1, 3])
         assert sh["last_seen"] == pytest.approx(by_frame[3] / sum(by_frame.values()))
         assert 0.0 <= sh["visible"] <= 1.0 and sh["uniform_last_seen"] == pytest.approx(1 / 6)
+
+
+# ----------------------------------------------------------------------------- checked before the model, kept after a failure
+def test_suite_problems_are_all_reported_before_the_model_loads(tiny_hf, val_data, tmp_path):
+    """A model folder whose weights are gone: had the model been loaded first, that would be the
+    error. Every data problem of the suite is reported at once, before it."""
+    import shutil
+
+    from unified_wm.eval.runner import run_suite
+    from unified_wm.utils import ConfigError
+
+    broken = tmp_path / "hf"
+    shutil.copytree(tiny_hf, broken)
+    (broken / "model.safetensors").unlink()
+    sp = _suite(tmp_path, tasks=["nll", "rollout", "controllability", "action_sensitivity"], n_episodes=3,
+                rollout={"context_frames": 1, "horizon": 40}, sensitivity_actions=["left", "jump"])
+    with pytest.raises(ConfigError) as e:
+        run_suite(str(broken), str(sp), str(tmp_path / "ev"), progress=False, data=str(val_data))
+    msg = str(e.value)
+    assert "checked before loading the model" in msg and str(sp) in msg
+    assert "need episodes to learn from" in msg and "n_episodes=3" in msg  # controllability without train_data
+    assert "task 'rollout' needs an episode of at least 41 frames" in msg
+    assert "sensitivity_actions: 'jump' is not an action of the model" in msg
+    assert not (tmp_path / "ev").exists()
+
+
+def test_a_task_that_fails_late_keeps_the_finished_results_and_names_itself(tiny_hf, val_data, tmp_path, monkeypatch, capsys):
+    """rollout fails after nll has finished (an injected fault standing in for an out-of-memory or a
+    bug): nll's figures are written, rollout is named as failed, action_sensitivity still runs."""
+    from unified_wm.eval import runner
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(runner, "eval_rollout", broken)
+    sp = _suite(tmp_path, tasks=["nll", "rollout", "action_sensitivity"], n_episodes=1)
+    out = tmp_path / "ev"
+    assert runner.main(["--model", str(tiny_hf), "--suite", str(sp), "--out", str(out), "--data", str(val_data),
+                        "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "task 'rollout' failed: RuntimeError: out of memory (injected)" in err and str(out / "results.json") in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["nll"]["interleaved"]["nll_video"] > 0 and res["action_sensitivity"]["n_episodes"] == 1
+    assert "rollout" not in res and res["failed_tasks"] == {"rollout": "RuntimeError: out of memory (injected)"}
+    assert "pending_tasks" not in res
+    md = (out / "results.md").read_text()
+    assert "| rollout | failed (no results) | RuntimeError: out of memory (injected) |" in md and "nll/interleaved" in md

@@ -202,8 +202,10 @@ def verify_checkpoint_files(d: Path, world: int, zero_stage: int) -> list[str]:
     return problems
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, world: int, zero_stage: int, keep: int) -> Path:
-    """Save step ``step`` so that it only ever appears complete (see the module docstring)."""
+def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, world: int, zero_stage: int, keep: int,
+                    info: dict | None = None) -> Path:
+    """Save step ``step`` so that it only ever appears complete (see the module docstring).
+    ``info``: more fields for ``complete.json`` (the processor's token space, unified_wm.fingerprint)."""
     tmp = ckpt_dir / f"{TMP_PREFIX}step{step}"
     final = ckpt_dir / f"step{step}"
     if rank == 0:
@@ -218,7 +220,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, *, rank: int, world: int,
     if rank == 0:
         problems = verify_checkpoint_files(tmp, world, zero_stage)
         if not problems:
-            commit_checkpoint(tmp, {"step": step, "world_size": world, "zero_stage": zero_stage}, keep)
+            commit_checkpoint(tmp, {"step": step, "world_size": world, "zero_stage": zero_stage, **(info or {})}, keep)
     failed = all_reduce_sum(torch.tensor([1.0 if problems else 0.0]), world, engine.device)
     if failed.item():
         raise RuntimeError(f"checkpoint of step {step} in '{tmp}' is incomplete ({'; '.join(problems) or 'see rank 0'}); "

@@ -104,7 +104,11 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
         recipe_path, overrides, ds_cfg = info["recipe_file"], info.get("overrides", {}), info.get("deepspeed", {})
     recipe = load_recipe(recipe_path, {**overrides, "output_dir": str(run_dir)})
     processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
+    from unified_wm.fingerprint import KEY as TOKEN_SPACE, check_checkpoint, token_space
+
+    check_checkpoint(ckpt_dir / tag, processor, f"processor '{recipe.data.processor}' (the recipe's data.processor)")
     model = build_model(recipe, processor)
+    setattr(model.config, TOKEN_SPACE, token_space(processor))  # config.json records it: rollout/eval/play check it
     zero = ds_cfg.get("zero_optimization", {}).get("stage")
     from unified_wm.checkpoint import checkpoint_zero_stage
 

@@ -58,6 +58,9 @@ class DataRecipe:
     tokens: str = ""  # token documents (uwm data tokenize)
     processor: str = ""  # processor folder (save_pretrained): text + video tokenizers, id space
     val_tokens: str = ""  # optional held-out token documents: validation loss every train.eval_every steps
+    # a document longer than train.seq_len: refuse (training does not start), split (at segment
+    # boundaries) or truncate (cut at seq_len); unified_wm/data/long_documents.py
+    long_documents: str = "refuse"
 
 
 @dataclass
@@ -100,6 +103,10 @@ class Recipe:
     description: str = ""
 
     def validate(self) -> None:
+        from unified_wm.data.long_documents import MODES
+
+        if self.data.long_documents not in MODES:
+            raise ValueError(f"'data.long_documents' must be one of {', '.join(MODES)}, got '{self.data.long_documents}'")
         for name in self.tasks:
             if name not in TEMPLATES:
                 raise ValueError(f"tasks: unknown task template '{name}'; valid templates: {', '.join(TEMPLATES)}")

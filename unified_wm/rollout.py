@@ -59,9 +59,16 @@ class WorldModel:
         from unified_wm.model.checks import check_model_folder
 
         processor = UnifiedProcessor.from_pretrained(p)
-        check_model_folder(p, processor)  # config vs processor, weights files readable: errors name the file
+        from transformers import AutoConfig
+
+        from unified_wm.fingerprint import check_model
+
+        config = AutoConfig.from_pretrained(str(p))  # checked before the weights load
+        processor.check_model(config)  # sizes and layout first: the clearer message when they differ
+        check_model(config, processor, f"'{p}'", f"the processor in '{p}' ({p / 'processor_config.json'})")
+        check_model_folder(p, processor)  # weights files readable and of the config's shapes: errors name the file
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(p))
+            model = AutoModelForCausalLM.from_pretrained(str(p), config=config)
         except (OSError, RuntimeError, ValueError) as e:
             raise ValueError(f"model folder '{p}': its weights do not load into the model its config.json "
                              f"describes ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})") from None

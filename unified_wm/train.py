@@ -195,13 +195,16 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
             raise ConfigError(f"--resume: checkpoint '{resume_from}' was saved under ZeRO stage {saved_stage}, but this run's "
                               f"DeepSpeed config '{ds_source}' uses ZeRO stage {stage}; resume with a stage-{saved_stage} "
                               f"config (or export the checkpoint and start a new run)")
+    processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
+    from unified_wm.fingerprint import KEY as TOKEN_SPACE, check_training_inputs, token_space
+
+    check_training_inputs(recipe, processor, resume_from)  # documents and resumed run vs processor: before init too
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
     rank, world = setup_distributed()
     ds_cfg = fill_ds_config(ds_raw, recipe, world, ds_source)
     zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
 
-    processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
     torch.manual_seed(t.seed)  # same initial weights on every rank
     model = build_model(recipe, processor)
     if t.gradient_checkpointing:
@@ -232,7 +235,8 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         with atomic_file(out / "recipe.json") as f:  # what export needs to rebuild the model
-            json.dump({"recipe_file": str(recipe_path), "overrides": overrides or {}, "deepspeed": ds_cfg}, f, indent=2, default=str)
+            json.dump({"recipe_file": str(recipe_path), "overrides": overrides or {}, "deepspeed": ds_cfg,
+                       TOKEN_SPACE: token_space(processor)}, f, indent=2, default=str)
         n_params = sum(p.numel() for p in model.parameters())
         if zero_stage == 3:
             n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -308,7 +312,8 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
                 if log_step:
                     t0, tokens_since = time.time(), 0
             if t.save_every and (step % t.save_every == 0 or step == t.max_steps):
-                saved = save_checkpoint(engine, ckpt_dir, step, rank=rank, world=world, zero_stage=zero_stage, keep=t.keep_checkpoints)
+                saved = save_checkpoint(engine, ckpt_dir, step, rank=rank, world=world, zero_stage=zero_stage, keep=t.keep_checkpoints,
+                                        info={TOKEN_SPACE: token_space(processor)})
                 last_good = saved.name
             if step_sleep:
                 time.sleep(step_sleep)

@@ -20,12 +20,16 @@ class PackedBatches:
     """Deterministic packed rows: (epoch, rank) -> list of rows; the order only depends on the seed.
 
     Each epoch samples documents by task weight (with replacement inside a template), then packs
-    them greedily into rows of ``seq_len`` tokens; a document longer than a row is cut at the
-    row's end (its remainder is dropped). Rows are dealt to ranks round-robin. ``batch(i)`` is a
+    them greedily into rows of ``seq_len`` tokens; a document longer than a row is refused, split
+    or cut at the row's end, as ``data.long_documents`` says (:mod:`unified_wm.data.long_documents`).
+    Rows are dealt to ranks round-robin. ``batch(i)`` is a
     pure function of ``i``: resuming at step ``s`` continues the data order exactly.
     """
 
     def __init__(self, docs, recipe: Recipe, rank: int, world: int, pad_id: int = 0, source: str | None = None):
+        from unified_wm.data.long_documents import fit_documents
+
+        docs = fit_documents(docs, recipe, source or recipe.data.tokens)  # data.long_documents
         self.docs, self.recipe, self.rank, self.world, self.pad = docs, recipe, rank, world, pad_id
         templates = np.array(docs["template"])
         self.by_task = {name: np.nonzero(templates == name)[0] for name in recipe.tasks}

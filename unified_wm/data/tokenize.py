@@ -326,8 +326,11 @@ def tokenize_dataset(data_dir, processor_dir, out_dir, *, clip_frames: int = 16,
         joined = datasets.Dataset.from_dict({k: [] for k in token_features()}, features=token_features())
     with atomic_dir(out) as tmp:
         joined.save_to_disk(str(tmp))
+        from unified_wm.fingerprint import KEY, token_space
+
         write_json(tmp / "tokenize_info.json", {**manifest, "documents": len(joined), "workers": workers,
-                                                "resumed_shards": len(done), "seconds": time.time() - t0})
+                                                "resumed_shards": len(done), "seconds": time.time() - t0,
+                                                KEY: token_space(processor)})
     del joined, parts
     shutil.rmtree(work, ignore_errors=True)
     return out

@@ -153,6 +153,10 @@ def markdown_table(r: dict) -> str:
         flag = "" if fv["stable"] else "; unstable below 256"
         lines.append(f"| fvd ({fv['n_videos']} videos x {fv['frames']} frames{flag}) | model / copy last / tokenizer recon | "
                      f"{fv['fvd']:.1f} / {fv['copy_last_fvd']:.1f} / {fv['tokenizer_recon_fvd']:.1f} |")
+    for task, msg in r.get("failed_tasks", {}).items():
+        lines.append(f"| {task} | failed (no results) | {msg} |")
+    if r.get("pending_tasks"):
+        lines.append(f"| (unfinished run) | tasks not run yet | {', '.join(r['pending_tasks'])} |")
     return "\n".join(lines)
 
 

@@ -433,6 +433,9 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
         except bl.BaselineUnavailable as e:
             raise ConfigError(f"{suite_path}: {e}") from None
     held_out = check_held_out(model_dir, ds, suite_path)
+    from unified_wm.eval.preflight import TaskFailures, preflight
+
+    early_reference = preflight(suite, ds, suite_path, model_dir)  # every check that needs no model
     wm = WorldModel.from_pretrained(model_dir)
     n = min(suite.n_episodes, len(ds))
     episodes = []
@@ -442,7 +445,7 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
     t0 = time.time()
     results: dict = {"suite": suite.name, "model": str(model_dir), "data": suite.data, "n_episodes": n, "held_out": held_out}
     roll = Rollouts(wm, suite.rollout)
-    ref: list = []
+    ref: list = [early_reference] if early_reference is not None else []
 
     def reference():  # loaded once, on first use (controllability, caption)
         if not ref:
@@ -460,19 +463,42 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
         "caption": lambda: eval_caption(wm, episodes, suite, reference),
         "fvd": lambda: eval_fvd(wm, episodes, suite, roll),
     }
-    for task in tqdm(suite.tasks, desc="tasks", disable=not progress):
-        results[task] = runners[task]()
+    failed: dict[str, str] = {}
+    for i, task in enumerate(tqdm(suite.tasks, desc="tasks", disable=not progress)):
+        try:
+            results[task] = runners[task]()
+        except Exception as e:  # a late failure: the finished tasks' results are kept, this one is named
+            failed[task] = f"{type(e).__name__}: {e}"
+            if not isinstance(e, ValueError):
+                import traceback
+
+                traceback.print_exc()
+            print(f"error: task '{task}' failed: {failed[task]}", file=sys.stderr, flush=True)
+        if failed:
+            results["failed_tasks"] = failed
+        if out_dir and i + 1 < len(suite.tasks):  # what has finished so far, in case the run stops here
+            _write_results(results, Path(out_dir), final=False, pending=suite.tasks[i + 1:])
     results["rollouts_generated"] = roll.calls
     results["seconds"] = time.time() - t0
-    table = markdown_table(results)
-    if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        results["plots"] = write_plots(results, out)
-        write_json(out / "results.json", results)
-        (out / "results.md").write_text(table + "\n")
+    table = _write_results(results, Path(out_dir), final=True) if out_dir else markdown_table(results)
     print(table)
+    if failed:
+        raise TaskFailures(failed, out_dir)
     return results
+
+
+def _write_results(results: dict, out: Path, final: bool, pending=()) -> str:
+    """results.json and results.md (plots too when ``final``); unfinished runs name the tasks still to run."""
+    out.mkdir(parents=True, exist_ok=True)
+    res = dict(results)
+    if pending:
+        res["pending_tasks"] = list(pending)
+    if final:
+        results["plots"] = res["plots"] = write_plots(results, out)
+    table = markdown_table(res)
+    write_json(out / "results.json", res)
+    (out / "results.md").write_text(table + "\n")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,4 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from unified_wm.eval.preflight import TaskFailures
+
+        if not isinstance(e, TaskFailures):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0

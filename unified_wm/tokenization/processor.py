@@ -266,6 +266,9 @@ class UnifiedProcessor:
             "continuous_actions": self.continuous.to_dict() if self.continuous is not None else None,
             **self.model_layout(),
         }
+        from unified_wm.fingerprint import KEY, token_space
+
+        cfg[KEY] = token_space(self)  # what artifacts made with this processor record (unified_wm.fingerprint)
         from unified_wm.utils import write_json
 
         write_json(out / CONFIG_NAME, cfg)
@@ -287,6 +290,15 @@ class UnifiedProcessor:
             raise ValueError(
                 f"'{p / CONFIG_NAME}' records vocab_size {cfg['vocab_size']} but its files give {proc.vocab_size} "
                 f"({proc.vocab_sizes()}); the text model or video tokenizer in '{p}' was replaced"
+            )
+        from unified_wm.fingerprint import KEY, differences, token_space
+
+        recorded = cfg.get(KEY)
+        if isinstance(recorded, dict) and recorded.get("fingerprint") != token_space(proc)["fingerprint"]:
+            raise ValueError(
+                f"'{p / CONFIG_NAME}' records token-space fingerprint {recorded.get('fingerprint')} but its files give "
+                f"{token_space(proc)['fingerprint']} ({'; '.join(differences(recorded, token_space(proc)))}); "
+                f"the text model or video tokenizer in '{p}' was replaced"
             )
         return proc
 

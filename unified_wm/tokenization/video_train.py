@@ -246,8 +246,10 @@ def train_video_tokenizer(
     total = tc.steps if max_steps is None else min(tc.steps, max_steps)
     metrics = MetricsWriter(out / "metrics.jsonl")
     if step == 0:
+        # the torch thread count and version: the weights are bitwise the same only under the same ones
         metrics.write(event="start", frames=n, data=str(data_dir), splits=note, params=sum(p.numel() for p in model.parameters()),
-                      codebook_size=model.codebook_size, tokens_per_frame=model.tokens_per_frame, config=to_dict(cfg))
+                      codebook_size=model.codebook_size, tokens_per_frame=model.tokens_per_frame, config=to_dict(cfg),
+                      torch_threads=torch.get_num_threads(), torch_version=str(torch.__version__))
     else:
         metrics.write(event="resume", step=step, frames=n, data=str(data_dir))
 
