@@ -63,10 +63,10 @@ class WorldModel:
 
         from unified_wm.fingerprint import check_model
 
+        check_model_folder(p, processor)  # config.json vs processor sizes, weights readable: errors name the file
         config = AutoConfig.from_pretrained(str(p))  # checked before the weights load
-        processor.check_model(config)  # sizes and layout first: the clearer message when they differ
+        processor.check_model(config)  # the stream layout (ids of the segment markers)
         check_model(config, processor, f"'{p}'", f"the processor in '{p}' ({p / 'processor_config.json'})")
-        check_model_folder(p, processor)  # weights files readable and of the config's shapes: errors name the file
         try:
             model = AutoModelForCausalLM.from_pretrained(str(p), config=config)
         except (OSError, RuntimeError, ValueError) as e:
