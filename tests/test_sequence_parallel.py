@@ -14,20 +14,13 @@ import pytest
 import torch
 import yaml
 
+from unified_wm.distributed import free_port
 from unified_wm.utils import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "max_position_embeddings": 2048, "rope_mode": "3d"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sp_recipe(d: Path, tokens_dir, processor_dir, backend: str = "moc", model: dict | None = None, **train) -> Path:
