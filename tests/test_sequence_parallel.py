@@ -83,6 +83,7 @@ def assert_same_step(dump: Path, ref_out, ref_grads, tol: float = 1e-5) -> None:
 
 
 # ----------------------------------------------------------------------------- one step, 2 ranks
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,ds_config", [("dense", "ds_configs/zero0.json"), ("moc", "ds_configs/zero3.json")])
 def test_sp2_step_equals_one_rank(tmp_path, tokens_dir, processor_dir, backend, ds_config):
     """SP=2: each rank holds 320 of the 640 tokens and 2 of the 4 heads in attention; the loss,
@@ -138,6 +139,7 @@ def test_sequence_parallel_degree_must_divide_world_size(tmp_path, tokens_dir, p
     assert not dist.is_initialized()
 
 
+@pytest.mark.slow
 def test_indivisible_world_fails_on_every_rank_without_hanging(tmp_path, tokens_dir, processor_dir):
     """SP=4 on 2 launched ranks: both ranks refuse at start-up (no collective is reached)."""
     recipe = sp_recipe(tmp_path, tokens_dir, processor_dir, model={"num_key_value_heads": 4}, sequence_parallel=4)
@@ -161,6 +163,7 @@ def metrics_losses(run: Path) -> dict[int, float]:
     return {s: rec["loss"] for s, rec in metrics_records(run).items()}
 
 
+@pytest.mark.slow
 def test_sp2_run_matches_sp1_losses_and_resumes_exactly(tmp_path, tokens_dir, processor_dir):
     """4 steps (grad_accum 2, MoC, 3d rotary, ZeRO-2): SP=2 on 2 ranks, with tiled MLP and loss,
     gives the per-step losses of SP=1 on one rank (untiled); resumed from its step-2 checkpoint,
