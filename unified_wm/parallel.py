@@ -41,7 +41,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 # ----------------------------------------------------------------------------- checks
 def check_sequence_parallel(sp: int, *, seq_len: int, heads: int, kv_heads: int, world: int | None = None) -> None:
     """Refuse a sequence-parallel degree that cannot work; every rank runs this on the same
