@@ -216,7 +216,7 @@ def long_forward(model, input_ids, labels=None, loss_weights=None, return_routin
     a sequence group). Returns a ``UnifiedWMOutput`` whose ``logits`` (None with the tiled
     loss) and ``token_ce`` ([B, N/P]: CE of the token each position predicts) are this rank's
     slice."""
-    from unified_wm.model.modeling_uwm import MODALITIES, UnifiedWMOutput, rope_for, stream_layout_continue
+    from unified_wm.model.modeling_uwm import MODALITIES, UnifiedWMForCausalLM, UnifiedWMOutput, rope_for, stream_layout_continue
 
     long: LongSequence = model.__dict__["uwm_long"]
     sp, cfg = long.sp, model.config
@@ -265,12 +265,8 @@ def long_forward(model, input_ids, labels=None, loss_weights=None, return_routin
     # per modality of the target: (sum, count) over the whole row
     valid = tgt != -100
     tmod = shift_targets(modality, 0)[:, lo:hi]
-    acc = torch.zeros(2 * len(MODALITIES) + 1, dtype=torch.float64, device=x.device)
-    for i in range(len(MODALITIES)):
-        m = valid & (tmod == i)
-        acc[2 * i] = token_ce[m].double().sum()
-        acc[2 * i + 1] = m.sum()
-    acc[-1] = loss.detach().double()
+    sums = UnifiedWMForCausalLM.ce_sums(token_ce, tmod, valid, len(MODALITIES))
+    acc = torch.tensor([x for pair in sums for x in pair] + [loss.item()], dtype=torch.float64, device=x.device)
     acc = sp.all_reduce(acc)
     mod_losses = {name: (acc[2 * i] / acc[2 * i + 1]).float() for i, name in enumerate(MODALITIES) if acc[2 * i + 1] > 0}
     total = acc[-1].to(loss.dtype)
@@ -332,10 +328,7 @@ def per_task_ce(out, labels: torch.Tensor, task: torch.Tensor, n_tasks: int, sp:
     lo, hi = sp.bounds(labels.shape[1])
     tgt = shift_targets(labels, -100)[:, lo:hi].to(out.token_ce.device)
     tk = shift_targets(task, 0)[:, lo:hi].to(out.token_ce.device)
-    valid = tgt != -100
-    res = torch.zeros(2 * n_tasks, dtype=torch.float64)
-    for i in range(n_tasks):
-        sel = valid & (tk == i)
-        res[2 * i] = float(out.token_ce[sel].double().sum())
-        res[2 * i + 1] = float(sel.sum())
-    return res
+    from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
+
+    sums = UnifiedWMForCausalLM.ce_sums(out.token_ce, tk, tgt != -100, n_tasks)
+    return torch.tensor([x for pair in sums for x in pair], dtype=torch.float64)
