@@ -338,7 +338,7 @@ def test_base_moc_long_smoke_at_tiny_size_with_zero3_offload(tmp_path, tokens_di
             "model.num_hidden_layers": 2, "model.num_attention_heads": 4, "model.num_key_value_heads": 2,
             "model.max_position_embeddings": 2048, "train.seq_len": 640, "train.grad_accum": 2, "train.max_steps": 3,
             "train.warmup_steps": 1, "train.log_every": 1, "train.save_every": 3, "train.eval_every": 3,
-            "train.eval_batches": 1, "train.torch_threads": 1}
+            "train.eval_batches": 1, "train.torch_threads": 1, "train.sequence_parallel": 1}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     r = subprocess.run([PY, "-m", "unified_wm.cli", "train", "--recipe", str(ROOT / "recipes/base_moc_long.yaml"),
                         "--deepspeed", str(ROOT / "ds_configs/zero3_offload.json"), "--no-progress", *args],

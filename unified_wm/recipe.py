@@ -90,6 +90,13 @@ class TrainRecipe:
     # activation checkpointing: keep only each Block's input, recompute the Block in the
     # backward (less memory at long seq_len for ~1/3 more compute; same gradients)
     gradient_checkpointing: bool = False
+    # long sequences (unified_wm.parallel): split each micro-batch's sequence across this many
+    # ranks (DeepSpeed-Ulysses; data parallelism over world / sequence_parallel), and compute
+    # the MLP / the logits + loss in tiles of tile_tokens tokens (same gradients, flat memory)
+    sequence_parallel: int = 1
+    tiled_mlp: bool = False
+    tiled_loss: bool = False
+    tile_tokens: int = 1024
 
 
 @dataclass
@@ -144,6 +151,12 @@ class Recipe:
             AttentionSettings(**dataclasses.asdict(self.attention)).validate()
         except ValueError as e:
             raise ValueError(f"'attention': {e}") from None
+        if t.tile_tokens <= 0:
+            raise ValueError(f"'train.tile_tokens' must be positive, got {t.tile_tokens}")
+        from unified_wm.parallel import check_sequence_parallel
+
+        check_sequence_parallel(t.sequence_parallel, seq_len=t.seq_len, heads=self.model.num_attention_heads,
+                                kv_heads=self.model.num_key_value_heads)
         if self.model.max_position_embeddings < t.seq_len:
             raise ValueError(f"'train.seq_len' = {t.seq_len} exceeds 'model.max_position_embeddings' = {self.model.max_position_embeddings}")
 

@@ -22,6 +22,12 @@ Test-only hooks (environment variables, read by the loop; never set them in real
   UWM_DEBUG_NAN_AT_STEP=N[:R]   the loss of step N on rank R (default 0) becomes NaN.
   UWM_DEBUG_STEP_SLEEP=S        sleep S seconds after every step (so a test can kill the
                                 run at a known point).
+  UWM_DEBUG_DUMP_STEP=DIR       after the backward of the first step's first micro-batch, rank 0
+                                writes the loss, the per-modality losses and every parameter's
+                                full gradient to DIR (grads.safetensors, loss.json).
+
+Long sequences (``train.sequence_parallel``, ``train.tiled_mlp`` / ``train.tiled_loss``):
+``unified_wm.parallel``.
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ from unified_wm.data.packing import PackedBatches, prepare_batch
 from unified_wm.distributed import all_reduce_sum, barrier, setup_distributed
 from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM, summarize_routing
 from unified_wm.recipe import Recipe, build_model, check_recipe_inputs, fill_ds_config, load_recipe, lr_lambda, read_ds_config
+from unified_wm.parallel import check_sequence_parallel, check_zero_config, init_sequence_parallel, zero_grad_scale
+from unified_wm.parallel import enable as enable_long_sequence
 from unified_wm.sequence import MODALITY_KEYS
 from unified_wm.utils import ConfigError, MetricsWriter, atomic_file, deep_update
 
@@ -91,6 +99,19 @@ class TensorBoard:
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or inf; raised on every rank at the same step."""
+
+
+def _dump_step(d: str, engine, out, rank: int) -> None:
+    from deepspeed.utils import safe_get_full_grad
+    from safetensors.torch import save_file
+
+    from unified_wm.utils import write_json
+
+    grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}  # a collective under ZeRO-3
+    if rank == 0:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        save_file({n: g.detach().float().cpu().contiguous() for n, g in grads.items() if g is not None}, str(Path(d) / "grads.safetensors"))
+        write_json(Path(d) / "loss.json", {"loss": float(out.loss), **{k: float(v) for k, v in out.modality_losses.items()}})
 
 
 def _debug_nan_at() -> tuple[int, int] | None:
@@ -158,7 +179,7 @@ class _Step:
         return out
 
 
-def evaluate(engine, val: PackedBatches, recipe: Recipe, task_names: list[str], world: int) -> dict:
+def evaluate(engine, val: PackedBatches, recipe: Recipe, task_names: list[str], world: int, sp=None) -> dict:
     """Validation loss (total, per modality, per task) over ``eval_batches`` micro-batches per rank."""
     acc = _Step(len(task_names))
     engine.eval()
@@ -167,10 +188,19 @@ def evaluate(engine, val: PackedBatches, recipe: Recipe, task_names: list[str], 
             ids, labels, weights, task = prepare_batch(val, i, engine.module.config, recipe, task_names)
             out = engine(input_ids=ids.to(engine.device), labels=labels.to(engine.device), loss_weights=weights.to(engine.device))
             acc.add(out.loss.item(), out.modality_losses)
-            acc.tasks += per_task_ce(out.logits, labels, task, len(task_names))
+            acc.tasks += _task_ce(out, labels, task, len(task_names), sp)
     engine.train()
     acc.reduce(world, engine.device, with_tasks=True)
     return acc.record("val_", task_names)
+
+
+def _task_ce(out, labels, task, n_tasks: int, sp) -> torch.Tensor:
+    """:func:`per_task_ce`, or its per-shard form after the long-sequence forward (unified_wm.parallel)."""
+    if out.token_ce is not None:
+        from unified_wm.parallel import per_task_ce as sharded
+
+        return sharded(out, labels, task, n_tasks, sp)
+    return per_task_ce(out.logits, labels, task, n_tasks)
 
 
 def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | None = None,
@@ -185,7 +215,17 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
     check_recipe_inputs(recipe, recipe_path)
     ds_raw, ds_source = read_ds_config(ds_config_path)
     t = recipe.train
-    pre = fill_ds_config(ds_raw, recipe, int(os.environ.get("WORLD_SIZE", "1")), ds_source)  # bad input: fail before init
+    sp_size = t.sequence_parallel
+    try:  # every rank checks the same inputs before any collective: all fail alike, none hangs
+        check_sequence_parallel(sp_size, seq_len=t.seq_len, heads=recipe.model.num_attention_heads,
+                                kv_heads=recipe.model.num_key_value_heads, world=int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        raise ConfigError(f"{recipe_path}: {e}") from None
+    pre = fill_ds_config(ds_raw, recipe, int(os.environ.get("WORLD_SIZE", "1")) // sp_size, ds_source)  # bad input: fail before init
+    try:
+        check_zero_config(sp_size, pre, ds_source, tiled_loss=t.tiled_loss)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     out = Path(recipe.output_dir)
     ckpt_dir = out / "checkpoints"
     resume_from = resolve_resume(resume, ckpt_dir) if resume else None  # fail before init too
@@ -202,28 +242,32 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
     rank, world = setup_distributed()
-    ds_cfg = fill_ds_config(ds_raw, recipe, world, ds_source)
+    sp, mpu = init_sequence_parallel(sp_size, rank, world)
+    ds_cfg = fill_ds_config(ds_raw, recipe, sp.dp_world, ds_source)
     zero_stage = int(ds_cfg["zero_optimization"].get("stage", 0))
 
     torch.manual_seed(t.seed)  # same initial weights on every rank
     model = build_model(recipe, processor)
     if t.gradient_checkpointing:
         enable_checkpointing(model)
+    enable_long_sequence(model, sp, tiled_mlp=t.tiled_mlp, tiled_loss=t.tiled_loss, tile_tokens=t.tile_tokens,
+                         grad_scale=zero_grad_scale(sp, ds_cfg))
     random.seed(t.seed + rank)
     np.random.seed(t.seed + rank)
     torch.manual_seed(t.seed * 7919 + 1 + rank)  # per-rank stream for the MoC regularisers
     docs = load_token_documents(recipe.data.tokens)
     task_names = list(recipe.tasks)
-    batches = PackedBatches(docs, recipe, rank, world)
+    batches = PackedBatches(docs, recipe, sp.dp_rank, sp.dp_world)  # the ranks of a sequence group share rows
     val = None
     if recipe.data.val_tokens and t.eval_every:
-        val = PackedBatches(load_token_documents(recipe.data.val_tokens), recipe, rank, world, source=recipe.data.val_tokens)
+        val = PackedBatches(load_token_documents(recipe.data.val_tokens), recipe, sp.dp_rank, sp.dp_world,
+                            source=recipe.data.val_tokens)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=t.lr, betas=tuple(t.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg, mpu=mpu)
 
     start_step = 0
     if resume_from is not None:
@@ -243,6 +287,7 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
         print(f"model: {n_params / 1e6:.2f}M parameters, attention={recipe.attention.backend}, world size {world}, "
               f"{len(docs)} documents, seq_len {t.seq_len}, ZeRO stage {zero_stage}", flush=True)
     nan_at = _debug_nan_at()
+    dump_dir = os.environ.get("UWM_DEBUG_DUMP_STEP")
     step_sleep = float(os.environ.get("UWM_DEBUG_STEP_SLEEP", "0") or 0)
     bar = tqdm(total=t.max_steps, initial=start_step, desc="train", disable=not (progress and rank == 0), dynamic_ncols=True)
     engine.train()
@@ -277,15 +322,17 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
                         f"e.g. with a lower train.lr or more warmup"
                     )
                 if log_step:
-                    acc.tasks += per_task_ce(out_.logits, labels, task, len(task_names))
+                    acc.tasks += _task_ce(out_, labels, task, len(task_names), sp)
                 engine.backward(loss)
+                if dump_dir and step == start_step and micro == 0:
+                    _dump_step(dump_dir, engine, out_, rank)  # UWM_DEBUG_DUMP_STEP (tests only)
                 if log_step and zero_stage == 0 and micro == t.grad_accum - 1:
                     # DeepSpeed only tracks the global grad norm under ZeRO; without it, measure it here
                     grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
                     plain_grad_norm = float(torch.stack(grads).norm()) if grads else None
                 engine.step()
                 acc.add(loss.item(), out_.modality_losses)
-                tokens_since += int((ids != 0).sum())
+                tokens_since += int((ids != 0).sum()) / sp.size  # a sequence group shares one row
             step += 1
             acc.reduce(world, engine.device, with_tasks=log_step)
             bar.update(1)
@@ -297,7 +344,7 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
                 gn = float(gn) if gn is not None else None
                 last.update(lr=float(sched.get_last_lr()[0]), grad_norm=gn, tokens_per_s=tokens_total / max(dt, 1e-9), **routing)
             if val is not None and step % t.eval_every == 0:
-                last.update(evaluate(engine, val, recipe, task_names, world))
+                last.update(evaluate(engine, val, recipe, task_names, world, sp))
             if log_step or "val_loss" in last:
                 if rank == 0:
                     metrics.write(**last)

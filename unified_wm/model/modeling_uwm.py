@@ -341,7 +341,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
             state = layer_decode_state(cache, self.layer_idx)
-        y = attend(q, k, v, q_meta, k_meta, self.settings, training=self.training, state=state, stats=stats)
+        ulysses = self.__dict__.get("ulysses")  # sequence parallelism (unified_wm.parallel.enable)
+        if ulysses is not None and cache is None:
+            y = ulysses(q, k, v, q_meta, k_meta, self.settings, self.training, stats)
+        else:
+            y = attend(q, k, v, q_meta, k_meta, self.settings, training=self.training, state=state, stats=stats)
         return self.o_proj(y.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -354,6 +358,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
+        tile = self.__dict__.get("tile_tokens")  # tiled MLP (unified_wm.parallel.enable)
+        if tile:
+            from unified_wm.parallel import tiled_mlp
+
+            return tiled_mlp(self, x, tile)
+        return self.plain_forward(x)
+
+    def plain_forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -377,6 +389,7 @@ class UnifiedWMOutput(CausalLMOutputWithPast):
 
     modality_losses: dict | None = None
     routing_stats: dict | None = None  # {"layer0": {...}, ...} from unified_wm.model.attention (MoC only)
+    token_ce: torch.Tensor | None = None  # long-sequence training only: CE of the token each position predicts
 
 
 class UnifiedWMPreTrainedModel(PreTrainedModel):
@@ -443,6 +456,11 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         With a cache, ``input_ids`` holds only the new tokens; the layout is derived from
         all ids seen so far, which the cache remembers.
         """
+        if self.__dict__.get("uwm_long") is not None and cache is None and not use_cache:
+            # sequence parallelism / tiled compute in training (unified_wm.parallel)
+            from unified_wm.parallel import long_forward
+
+            return long_forward(self, input_ids, labels, loss_weights, return_routing_stats)
         if use_cache and cache is None:
             cache = UWMCache(self.config)
         if cache is not None:
