@@ -252,7 +252,8 @@ def test_non_loopback_host_is_refused(tiny_hf, capsys):
 # The server in this process (real model, real sockets on loopback), so its state can be read.
 @pytest.fixture(scope="module")
 def live(tiny_hf):
-    from unified_wm.play import Game, make_server
+    from unified_wm.play import Game
+    from unified_wm.play_server import make_server
     from unified_wm.rollout import WorldModel
 
     game = Game(WorldModel.from_pretrained(tiny_hf), prompt=PROMPT, window=WINDOW, max_sessions=4, seed=1)
