@@ -100,3 +100,17 @@ def write_tiny_recipe(folder: Path, tokens_dir, processor_dir, **train) -> Path:
 @pytest.fixture
 def tiny_recipe(tmp_path, tokens_dir, processor_dir) -> Path:
     return write_tiny_recipe(tmp_path, tokens_dir, processor_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory, processor):
+    """A random-init tiny model saved as `uwm export` saves one (model + processor in one folder)."""
+    import torch
+
+    from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_hf") / "hf"
+    UnifiedWMForCausalLM(tiny_model_config(processor)).save_pretrained(str(out), safe_serialization=True)
+    processor.save_pretrained(out)
+    return out

@@ -17,24 +17,9 @@ from unified_wm.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory, processor):
-    """A random-init tiny model saved as `uwm export` saves one (model + processor in one folder)."""
-    import torch
-
-    from tests.conftest import tiny_model_config
-    from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("bad_input") / "hf"
-    UnifiedWMForCausalLM(tiny_model_config(processor)).save_pretrained(str(out), safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
-
-
-def _copy(hf: Path, tmp_path: Path) -> Path:
+def _copy(src: Path, tmp_path: Path) -> Path:
     d = tmp_path / "model"
-    shutil.copytree(hf, d)
+    shutil.copytree(src, d)
     return d
 
 
@@ -47,8 +32,8 @@ def _run(capsys, *argv) -> tuple[int, str]:
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 @pytest.mark.parametrize("command", ["rollout", "play"])
-def test_damaged_weights_are_named(hf, tmp_path, capsys, damage, command):
-    d = _copy(hf, tmp_path)
+def test_damaged_weights_are_named(tiny_hf, tmp_path, capsys, damage, command):
+    d = _copy(tiny_hf, tmp_path)
     w = d / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 3] if damage == "truncated" else os.urandom(5000))
@@ -58,8 +43,8 @@ def test_damaged_weights_are_named(hf, tmp_path, capsys, damage, command):
     assert not (tmp_path / "o.mp4").exists()
 
 
-def test_config_that_does_not_match_the_processor_is_named(hf, tmp_path, capsys):
-    d = _copy(hf, tmp_path)
+def test_config_that_does_not_match_the_processor_is_named(tiny_hf, tmp_path, capsys):
+    d = _copy(tiny_hf, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
     cfg["vocab_size"] += 7
     (d / "config.json").write_text(json.dumps(cfg))
@@ -85,14 +70,14 @@ def test_build_processor_names_a_text_model_that_is_not_sentencepiece(processor_
 
 
 @pytest.mark.parametrize("name", ["context.png", "context.mp4", "context.jpg"])
-def test_context_that_is_not_an_image_is_named(hf, tmp_path, capsys, name):
+def test_context_that_is_not_an_image_is_named(tiny_hf, tmp_path, capsys, name):
     bad = tmp_path / name
     bad.write_text("this is not an image\n")
-    code, err = _run(capsys, "rollout", "--model", hf, "--frames", "1", "--context", bad, "--out", tmp_path / "o.mp4")
+    code, err = _run(capsys, "rollout", "--model", tiny_hf, "--frames", "1", "--context", bad, "--out", tmp_path / "o.mp4")
     assert code == 2 and f"'{bad}'" in err and ("not an image" in err or "not a video" in err), err
 
 
-def test_unwritable_out_is_refused_before_any_frame(hf, tmp_path, capsys):
+def test_unwritable_out_is_refused_before_any_frame(tiny_hf, tmp_path, capsys):
     if os.geteuid() == 0:  # permission bits do not stop root; /proc takes no new files
         out = Path("/proc/uwm-rollout.mp4")
     else:
@@ -100,16 +85,16 @@ def test_unwritable_out_is_refused_before_any_frame(hf, tmp_path, capsys):
         ro.mkdir()
         ro.chmod(0o555)
         out = ro / "o.mp4"
-    code, err = _run(capsys, "rollout", "--model", hf, "--frames", "4", "--out", out)
+    code, err = _run(capsys, "rollout", "--model", tiny_hf, "--frames", "4", "--out", out)
     assert code == 2 and f"--out '{out}'" in err and "cannot write" in err, err
     assert "rollout:" not in err  # refused before the model made a frame (no progress bar)
     # a folder given as --out is refused too
-    code, err = _run(capsys, "rollout", "--model", hf, "--frames", "1", "--out", tmp_path)
+    code, err = _run(capsys, "rollout", "--model", tiny_hf, "--frames", "1", "--out", tmp_path)
     assert code == 2 and "is a folder" in err
 
 
-def test_prompt_past_the_context_is_a_message(hf, tmp_path, capsys):
-    code, err = _run(capsys, "rollout", "--model", hf, "--frames", "1", "--prompt", "a red car drives right " * 400,
+def test_prompt_past_the_context_is_a_message(tiny_hf, tmp_path, capsys):
+    code, err = _run(capsys, "rollout", "--model", tiny_hf, "--frames", "1", "--prompt", "a red car drives right " * 400,
                      "--out", tmp_path / "o.mp4")
     assert code == 2 and "prompt" in err and "2048 tokens" in err, err
 

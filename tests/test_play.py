@@ -32,21 +32,6 @@ def _needs_browser():
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 
 
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory, processor):
-    """A random-init tiny model saved like `uwm export` does (model + processor in one folder)."""
-    import torch
-
-    from tests.conftest import tiny_model_config
-    from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("play") / "hf"
-    UnifiedWMForCausalLM(tiny_model_config(processor)).save_pretrained(str(out), safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
-
-
 class Server:
     def __init__(self, *args: str):
         env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")

@@ -229,17 +229,7 @@ def long_forward(model, input_ids, labels=None, loss_weights=None, return_routin
     rope_q = rope_for(q_coords[:, lo:hi], cfg, x.dtype)
     rope = (rope_q, rope_q if cfg.rope_mode == "1d" else rope_for(k_coords[:, lo:hi], cfg, x.dtype))
     stats: dict | None = {} if return_routing_stats else None
-    for i, layer in enumerate(model.layers):
-        st = None if stats is None else stats.setdefault(f"layer{i}", {})
-        if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
-            def run(h, layer=layer, st=[st]):
-                out, st[0] = layer(h, rope, meta, meta, None, st[0]), None
-                return out
-
-            x = model._gradient_checkpointing_func(run, x)
-        else:
-            x = layer(x, rope, meta, meta, None, st)
-    x = model.norm(x)
+    x = model.run_layers(x, rope, meta, meta, None, stats)
     if stats is not None and sp.size > 1:
         _reduce_stats(stats, sp)
 

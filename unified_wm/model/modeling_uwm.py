@@ -437,6 +437,22 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def run_layers(self, x, rope, q_meta, k_meta, cache=None, stats: dict | None = None) -> torch.Tensor:
+        """The blocks and the final norm over hidden states ``x`` (with activation checkpointing
+        when it is on and no cache is used); ``stats`` collects routing statistics per layer."""
+        for i, layer in enumerate(self.layers):
+            st = None if stats is None else stats.setdefault(f"layer{i}", {})
+            if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+                # routing statistics are counted in the forward only, not again in the recompute
+                def run(h, layer=layer, st=[st]):
+                    out, st[0] = layer(h, rope, q_meta, k_meta, None, st[0]), None
+                    return out
+
+                x = self._gradient_checkpointing_func(run, x)
+            else:
+                x = layer(x, rope, q_meta, k_meta, cache, st)
+        return self.norm(x)
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -490,18 +506,7 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         rope_q = rope_for(q_coords, self.config, x.dtype)
         rope = (rope_q, rope_q if self.config.rope_mode == "1d" else rope_for(k_coords, self.config, x.dtype))
         stats: dict | None = {} if return_routing_stats else None
-        for i, layer in enumerate(self.layers):
-            st = None if stats is None else stats.setdefault(f"layer{i}", {})
-            if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                # routing statistics are counted in the forward only, not again in the recompute
-                def run(h, layer=layer, st=[st]):
-                    out, st[0] = layer(h, rope, q_meta, k_meta, None, st[0]), None
-                    return out
-
-                x = self._gradient_checkpointing_func(run, x)
-            else:
-                x = layer(x, rope, q_meta, k_meta, cache, st)
-        x = self.norm(x)
+        x = self.run_layers(x, rope, q_meta, k_meta, cache, stats)
         if isinstance(logits_to_keep, torch.Tensor) and labels is None:
             x = x[:, logits_to_keep]  # logits at these positions only (transformers' convention)
         elif logits_to_keep and labels is None:
