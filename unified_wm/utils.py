@@ -232,6 +232,16 @@ def mark_output(path: str | os.PathLike, command: str) -> None:
     write_json(Path(path) / OUTPUT_MARKER, {"command": command, "created": time.time()})
 
 
+def _nearest_folder(p: Path, flag: str, why: str) -> Path:
+    """The nearest existing ancestor of ``p``, which must be a folder (an OutputError saying ``why`` not)."""
+    anc = p.absolute().parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(f"{flag} '{p}': '{anc}' is not a folder, so {why}")
+    return anc
+
+
 def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     """Refuse an output file before any work: ``path`` must not be a folder, and the nearest
     existing folder on its way must take a new file (tried: a probe file is made and removed,
@@ -239,11 +249,7 @@ def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     p = Path(path)
     if p.is_dir():
         raise OutputError(f"{flag} '{p}' is a folder; expected a file name")
-    anc = p.absolute().parent
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputError(f"{flag} '{p}': '{anc}' is not a folder, so the file cannot be written there")
+    anc = _nearest_folder(p, flag, "the file cannot be written there")
     try:
         with tempfile.NamedTemporaryFile(dir=anc, prefix=".uwm-probe-"):
             pass
@@ -264,11 +270,7 @@ def check_out(path: str | os.PathLike, command: str, overwrite: bool = False, fl
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{flag} '{p}' exists and is not a folder (expected a new folder for `uwm {command}`)")
-    anc = p.absolute().parent
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise OutputError(f"{flag} '{p}': '{anc}' is not a folder, so the output cannot be created there")
+    anc = _nearest_folder(p, flag, "the output cannot be created there")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise OutputError(f"{flag} '{p}': the folder '{anc}' is not writable")
     if p.is_dir() and any(p.iterdir()):
