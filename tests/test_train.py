@@ -336,7 +336,7 @@ def test_base_moc_long_smoke_at_tiny_size_with_zero3_offload(tmp_path, tokens_di
     sets = {"output_dir": tmp_path / "run", "data.tokens": tokens_dir, "data.processor": processor_dir,
             "data.val_tokens": val_tokens_dir, "model.hidden_size": 32, "model.intermediate_size": 64,
             "model.num_hidden_layers": 2, "model.num_attention_heads": 4, "model.num_key_value_heads": 2,
-            "model.max_position_embeddings": 2048, "train.seq_len": 640, "train.grad_accum": 2, "train.max_steps": 3,
+            "model.max_position_embeddings": 2048, "train.seq_len": 768, "train.grad_accum": 2, "train.max_steps": 3,
             "train.warmup_steps": 1, "train.log_every": 1, "train.save_every": 3, "train.eval_every": 3,
             "train.eval_batches": 1, "train.torch_threads": 1, "train.sequence_parallel": 1}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]

@@ -33,6 +33,8 @@ kept per shard and summed over every rank by the training loop.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 
@@ -130,7 +132,7 @@ class UlyssesAttend:
 
 
 # ----------------------------------------------------------------------------- tiled MLP
-def tiled_mlp(mlp: nn.Module, x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
+def tiled_mlp_forward(mlp: nn.Module, x: torch.Tensor, tile_tokens: int) -> torch.Tensor:
     """``mlp(x)`` through DeepSpeed's ``TiledMLP``: tiles of ``tile_tokens`` tokens, each
     recomputed in the backward, so the [B, N, intermediate] activations are never all alive."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
@@ -151,6 +153,10 @@ class LongSequence:
     tiled_loss: bool = False
     tile_tokens: int = 1024
     grad_scale: float = 1.0  # see zero_grad_scale
+
+    def forward(self, model, input_ids, labels=None, loss_weights=None, return_routing_stats=False):
+        """The model's training forward under sequence parallelism and/or tiling (:func:`long_forward`)."""
+        return long_forward(model, input_ids, labels, loss_weights, return_routing_stats)
 
 
 def zero_grad_scale(sp: SequenceParallel, ds_cfg: dict) -> float:
@@ -188,7 +194,7 @@ def enable(model, sp: SequenceParallel, *, tiled_mlp: bool = False, tiled_loss: 
         if sp.size > 1:
             block.self_attn.__dict__["ulysses"] = UlyssesAttend(sp.group, model.config.num_key_value_heads)
         if tiled_mlp:
-            block.mlp.__dict__["tile_tokens"] = tile_tokens
+            block.mlp.__dict__["tiled_forward"] = functools.partial(tiled_mlp_forward, tile_tokens=tile_tokens)
 
 
 def shift_targets(x: torch.Tensor, fill) -> torch.Tensor:

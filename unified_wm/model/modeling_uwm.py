@@ -358,11 +358,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        tile = self.__dict__.get("tile_tokens")  # tiled MLP (unified_wm.parallel.enable)
-        if tile:
-            from unified_wm.parallel import tiled_mlp
-
-            return tiled_mlp(self, x, tile)
+        tiled = self.__dict__.get("tiled_forward")  # tiled MLP, attached by unified_wm.parallel.enable
+        if tiled is not None:
+            return tiled(self, x)
         return self.plain_forward(x)
 
     def plain_forward(self, x):
@@ -472,11 +470,9 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         With a cache, ``input_ids`` holds only the new tokens; the layout is derived from
         all ids seen so far, which the cache remembers.
         """
-        if self.__dict__.get("uwm_long") is not None and cache is None and not use_cache:
-            # sequence parallelism / tiled compute in training (unified_wm.parallel)
-            from unified_wm.parallel import long_forward
-
-            return long_forward(self, input_ids, labels, loss_weights, return_routing_stats)
+        long = self.__dict__.get("uwm_long")  # sequence parallelism / tiled compute, attached by unified_wm.parallel.enable
+        if long is not None and cache is None and not use_cache:
+            return long.forward(self, input_ids, labels, loss_weights, return_routing_stats)
         if use_cache and cache is None:
             cache = UWMCache(self.config)
         if cache is not None:
