@@ -117,4 +117,4 @@ def test_flash_unavailable_fails_when_the_model_is_built():
     from unified_wm.model.modeling_uwm import UnifiedWMConfig, UnifiedWMForCausalLM
 
     with pytest.raises(ValueError, match=r"'flash'.*attention\.backend.*pip install"):
-        UnifiedWMForCausalLM(UnifiedWMConfig(**CFG, attn_backend="flash"))
+        UnifiedWMForCausalLM(UnifiedWMConfig(**CFG, attention={"backend": "flash"}))

@@ -142,7 +142,7 @@ def _build_model(backend):
     from unified_wm.model.modeling_uwm import UnifiedWMConfig, UnifiedWMForCausalLM
     from tests.test_model import CFG
 
-    return UnifiedWMForCausalLM(UnifiedWMConfig(**CFG, attn_backend=backend))
+    return UnifiedWMForCausalLM(UnifiedWMConfig(**CFG, attention={"backend": backend}))
 
 
 def test_triton_without_the_package_fails_when_the_model_is_built(monkeypatch):
@@ -168,7 +168,7 @@ def test_triton_model_trains_under_the_interpreter():
     grads = []
     for backend in ("reference", "triton"):
         torch.manual_seed(0)
-        m = UnifiedWMForCausalLM(UnifiedWMConfig(**CFG, attn_backend=backend, moc_top_k=1))
+        m = UnifiedWMForCausalLM(UnifiedWMConfig(**CFG, attention={"backend": backend, "top_k": 1}))
         m.train()
         m(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})

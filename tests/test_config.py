@@ -184,3 +184,29 @@ def test_unknown_attention_backend_is_refused_when_the_recipe_loads(tiny_recipe)
     with pytest.raises(ConfigError, match=r"attention backend 'mocc' is unknown") as e:
         load_recipe(tiny_recipe, parse_override("attention.backend=mocc"))
     assert "attention" in str(e.value)
+
+
+def test_config_attention_is_the_recipes_section_and_old_configs_still_load(tmp_path, tiny_recipe, processor):
+    """One vocabulary: the recipe's `attention:` keys are the config's `attention` keys (and
+    AttentionSettings' names); a config.json written with the older flat keys loads the same."""
+    import dataclasses
+    import json
+
+    from unified_wm.model.modeling_uwm import UnifiedWMConfig
+    from unified_wm.recipe import build_model, load_recipe
+    from unified_wm.train import parse_override
+
+    recipe = load_recipe(tiny_recipe, parse_override("attention.top_k=3"))
+    model = build_model(recipe, processor)
+    assert model.config.attention == dataclasses.asdict(recipe.attention)
+    assert model.config.attention_settings().top_k == 3
+    model.config.save_pretrained(tmp_path / "new")
+    d = json.loads((tmp_path / "new" / "config.json").read_text())
+    old = {k: v for k, v in d.items() if k != "attention"}
+    old.update(attn_backend=d["attention"]["backend"], moc_top_k=3, moc_n_sink=d["attention"]["n_sink"], moc_drop_off=0.0,
+               moc_drop_in=0.0)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    assert UnifiedWMConfig.from_pretrained(tmp_path / "old").attention == model.config.attention
+    with pytest.raises(ValueError, match="unknown key 'topk'"):
+        UnifiedWMConfig(attention={"topk": 2})

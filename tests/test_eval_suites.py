@@ -403,7 +403,7 @@ def test_routing_of_the_return_frame_is_counted_per_frame(processor, val_data):
     acts = list(ep["actions"][:6])
     for backend in ("moc", "dense"):
         torch.manual_seed(0)
-        wm = WorldModel(UnifiedWMForCausalLM(tiny_model_config(processor, attn_backend=backend, moc_top_k=1)).eval(), processor)
+        wm = WorldModel(UnifiedWMForCausalLM(tiny_model_config(processor, attention={"backend": backend, "top_k": 1})).eval(), processor)
         frames, by_frame = rollout_with_return_routing(wm, "a scene", acts, 3, ep["frames"][:4], rs)
         direct = wm.rollout("a scene", acts, 3, context=ep["frames"][:4], **rs.kwargs())
         assert np.array_equal(frames, direct)

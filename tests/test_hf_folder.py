@@ -48,7 +48,7 @@ with torch.no_grad():
 save_file({"logits": logits.contiguous()}, out)
 assert not any(m == "unified_wm" or m.startswith("unified_wm.") for m in sys.modules), "unified_wm was imported"
 print(json.dumps({"config": type(cfg).__module__, "model": type(model).__module__,
-                  "backend": cfg.attn_backend}))
+                  "backend": cfg.attention["backend"]}))
 '''
 
 
@@ -93,7 +93,7 @@ def test_exported_folder_loads_without_the_package(exported, tmp_path):
     from unified_wm.data.tokenize import load_token_documents
 
     cfg = json.loads((exported / "config.json").read_text())
-    assert cfg["attn_backend"] == "moc"
+    assert cfg["attention"]["backend"] == "moc"
     recipe_tokens = json.loads((exported / "training_seeds.json").read_text())["data"]
     ids = list(load_token_documents(recipe_tokens)["input_ids"][0][:400])
     (tmp_path / "ids.json").write_text(json.dumps([int(i) for i in ids]))

@@ -218,7 +218,7 @@ def test_moc_model_decodes_like_full_forward_and_trains(rope_mode):
     from unified_wm.model.modeling_uwm import summarize_routing
 
     doc = [1, 3, 20, 21, 4] + sum(([7, 50, 51, 52, 53, 5, 41, 6] for _ in range(6)), []) + [2]
-    m = model(attn_backend="moc", moc_top_k=2, max_chunk_len=4, rope_mode=rope_mode)
+    m = model(attention={"backend": "moc", "top_k": 2}, max_chunk_len=4, rope_mode=rope_mode)
     ids = torch.tensor([doc])
     out = m(ids, return_routing_stats=True)
     cache = UWMCache(m.config)
@@ -228,7 +228,7 @@ def test_moc_model_decodes_like_full_forward_and_trains(rope_mode):
     assert torch.allclose(torch.cat(steps, 1), out.logits, atol=1e-4)
     summary = summarize_routing(out.routing_stats)
     assert 0.0 < summary["moc_sparsity"] < 1.0 and "moc_entropy_layer1" in summary
-    dense = model(attn_backend="dense", rope_mode=rope_mode)(ids).logits
+    dense = model(attention={"backend": "dense"}, rope_mode=rope_mode)(ids).logits
     assert not torch.allclose(dense, out.logits, atol=1e-4)  # routing really drops context
     m.train()
     loss = m(ids, labels=ids).loss
@@ -246,7 +246,7 @@ def test_activation_checkpointing_gives_the_same_gradients(backend):
     ids = torch.tensor([doc, doc[:20] + [0] * (len(doc) - 20)])
     runs = []
     for ckpt in (False, True):
-        m = model(attn_backend=backend, moc_top_k=2, max_chunk_len=4, moc_drop_off=0.3)
+        m = model(attention={"backend": backend, "top_k": 2, "drop_off": 0.3}, max_chunk_len=4)
         assert m.supports_gradient_checkpointing and not m.gradient_checkpointing
         if ckpt:
             enable_checkpointing(m)

@@ -26,7 +26,7 @@ def tiny_wm(processor, backend="moc", **kw):
     from unified_wm.rollout import WorldModel
 
     torch.manual_seed(0)
-    cfg = tiny_model_config(processor, attn_backend=backend, moc_top_k=2, **kw)
+    cfg = tiny_model_config(processor, attention={"backend": backend, "top_k": 2}, **kw)
     return WorldModel(UnifiedWMForCausalLM(cfg).eval(), processor)
 
 

@@ -309,7 +309,7 @@ def test_zero3_checkpoint_exports_to_hf_with_model_card(zero3_nan_run, tmp_path)
                         str(tmp_path / "hf"), "--eval-results", str(ev)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert model.config.hidden_size == 32 and model.config.attn_backend == "moc"
+    assert model.config.hidden_size == 32 and model.config.attention["backend"] == "moc"
     assert all(torch.isfinite(p).all() for p in model.parameters())
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "ZeRO stage 3" in card and "| nll.interleaved.nll_video | 3.2500 |" in card

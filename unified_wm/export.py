@@ -152,7 +152,7 @@ def export(checkpoint: str | Path, out: str | Path, recipe_path: str | None = No
             f"Exported from `{ckpt_dir}/{tag}` (DeepSpeed ZeRO stage {zero}, "
             + ("the module states file" if zero == 0 else "consolidated with `zero_to_fp32`") + ") by `uwm export`. "
             f"{n_params / 1e6:.2f}M parameters, attention "
-            f"`{model.config.attn_backend}`, vocabulary {model.config.vocab_size} (text {processor.action_offset - processor.text_offset}, "
+            f"`{model.config.attention['backend']}`, vocabulary {model.config.vocab_size} (text {processor.action_offset - processor.text_offset}, "
             f"actions {len(processor.action_names)}, video codes {processor.video.codebook_size}).", "",
             "```python", "import unified_wm", "from unified_wm.rollout import WorldModel",
             f"wm = WorldModel.from_pretrained('{out}')",

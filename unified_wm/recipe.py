@@ -294,10 +294,11 @@ def read_ds_config(ds_config_path: str | None) -> tuple[dict, str]:
 def build_model(recipe: Recipe, processor):
     from unified_wm.model.modeling_uwm import UnifiedWMConfig, UnifiedWMForCausalLM
 
-    a = recipe.attention
+    # the recipe's `model:` section maps onto the config's fields by name, its `attention:` section
+    # onto the config's `attention` dict by name
     cfg = UnifiedWMConfig(
-        **vars(recipe.model), **processor.model_layout(), video_grid=list(processor.grid), attn_backend=a.backend, moc_top_k=a.top_k,
-        moc_n_sink=a.n_sink, moc_drop_off=a.drop_off, moc_drop_in=a.drop_in,
+        **vars(recipe.model), **processor.model_layout(), video_grid=list(processor.grid),
+        attention=dataclasses.asdict(recipe.attention),
     )
     return UnifiedWMForCausalLM(cfg)
 

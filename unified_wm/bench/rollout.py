@@ -28,7 +28,7 @@ def _stream_model(backend: str, top_k: int, max_len: int):
     t0, a0, v0, V = 16, 272, 291, 1291
     cfg = UnifiedWMConfig(
         vocab_size=V, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=max_len, attn_backend=backend, moc_top_k=top_k,
+        num_key_value_heads=2, max_position_embeddings=max_len, attention={"backend": backend, "top_k": top_k},
         text_range=(t0, a0), action_range=(a0, v0), video_range=(v0, V), tokens_per_frame=64, max_chunk_len=64,
     )
     torch.manual_seed(0)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if "fps" in parts:
             fps = model_fps(wm, a.frames, modes, [int(b) for b in a.batches.split(",")])
             result["rollout_fps"] = fps
-            print(f"\nrollout speed of {a.model} ({wm.model.config.attn_backend}), {a.frames} frames per row, 64x64:")
+            print(f"\nrollout speed of {a.model} ({wm.model.config.attention['backend']}), {a.frames} frames per row, 64x64:")
             print(f"{'mode':>12} {'batch':>5} {'frames/s':>9}")
             for r in fps:
                 print(f"{r['mode']:>12} {r['batch']:>5} {r['fps']:9.2f}")

@@ -67,7 +67,7 @@ def synthetic_stream(n: int, lay: dict, batch: int = 1, seed: int = 0, text_len:
 def our_model(shape: dict, backend: str, top_k: int, lay: dict):
     from unified_wm.model.modeling_uwm import UnifiedWMConfig, UnifiedWMForCausalLM
 
-    cfg = UnifiedWMConfig(**shape, **lay, attn_backend=backend, moc_top_k=top_k, moc_n_sink=1)
+    cfg = UnifiedWMConfig(**shape, **lay, attention={"backend": backend, "top_k": top_k, "n_sink": 1})
     return UnifiedWMForCausalLM(cfg)
 
 

@@ -36,6 +36,10 @@ MODALITIES = ("special", "text", "action", "video")
 # "3d" splits the rotary pairs into four axes: position in the document, frame index, and the
 # row and column of a video code in its frame (see ``rope_frequencies``).
 ROPE_MODES = ("1d", "3d")
+# the keys of the config's `attention` dict: the recipe's `attention:` section and AttentionSettings' names
+ATTENTION_KEYS = ("backend", "top_k", "n_sink", "drop_off", "drop_in")
+LEGACY_ATTENTION_KEYS = {"attn_backend": "backend", "moc_top_k": "top_k", "moc_n_sink": "n_sink",
+                         "moc_drop_off": "drop_off", "moc_drop_in": "drop_in"}
 
 
 # ----------------------------------------------------------------------------- 1. config
@@ -60,12 +64,9 @@ class UnifiedWMConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
-        # attention (dense or Mixture of Contexts); see unified_wm.model.attention
-        attn_backend: str = "dense",
-        moc_top_k: int = 4,
-        moc_n_sink: int = 1,
-        moc_drop_off: float = 0.0,
-        moc_drop_in: float = 0.0,
+        # attention (dense or Mixture of Contexts): the recipe's `attention:` section, key for key
+        # (backend, top_k, n_sink, drop_off, drop_in; the defaults are AttentionSettings'); see attention.py
+        attention: dict | None = None,
         # stream layout: ids are set by the processor (see UnifiedProcessor.model_layout)
         pad_token_id: int = 0,
         bos_token_id: int = 1,
@@ -100,11 +101,14 @@ class UnifiedWMConfig(PretrainedConfig):
         self.video_grid = [int(x) for x in video_grid]
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
-        self.attn_backend = attn_backend
-        self.moc_top_k = moc_top_k
-        self.moc_n_sink = moc_n_sink
-        self.moc_drop_off = moc_drop_off
-        self.moc_drop_in = moc_drop_in
+        att = dict(attention or {})
+        for old, new in LEGACY_ATTENTION_KEYS.items():  # config.json files written before `attention`
+            if old in kwargs:
+                att.setdefault(new, kwargs.pop(old))
+        unknown = sorted(set(att) - set(ATTENTION_KEYS))
+        if unknown:
+            raise ValueError(f"attention: unknown key '{unknown[0]}'; valid keys: {', '.join(ATTENTION_KEYS)}")
+        self.attention = {k: att.get(k, AttentionSettings.__dataclass_fields__[k].default) for k in ATTENTION_KEYS}
         self.text_open_id = text_open_id
         self.text_close_id = text_close_id
         self.act_open_id = act_open_id
@@ -132,10 +136,7 @@ class UnifiedWMConfig(PretrainedConfig):
         )
 
     def attention_settings(self) -> AttentionSettings:
-        s = AttentionSettings(
-            backend=self.attn_backend, top_k=self.moc_top_k, n_sink=self.moc_n_sink,
-            drop_off=self.moc_drop_off, drop_in=self.moc_drop_in,
-        )
+        s = AttentionSettings(**self.attention)
         s.validate()
         return s
 
