@@ -265,3 +265,12 @@ def test_activation_checkpointing_gives_the_same_gradients(backend):
         torch.testing.assert_close(g1[n], g0[n], atol=1e-7, rtol=1e-6, msg=lambda msg: f"{n}: {msg}")
     if backend == "moc":
         assert s1["layer0"]["moc_calls"] == s0["layer0"]["moc_calls"] == 1.0
+
+
+def test_the_model_and_the_stream_name_the_modalities_alike():
+    """The model's files must load without the package (the exported folder), so the model keeps
+    its own tuple of modality names; it must be the stream's, in the same order."""
+    from unified_wm.model.modeling_uwm import MODALITIES
+    from unified_wm.sequence import MODALITY_KEYS
+
+    assert MODALITIES == MODALITY_KEYS
