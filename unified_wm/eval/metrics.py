@@ -7,14 +7,20 @@ import torch
 import torch.nn.functional as F
 
 
-def psnr(a, b, data_range: float = 255.0) -> torch.Tensor:
-    """Per-image PSNR in dB between two batches ([N,...], same shape); identical images give +inf."""
+def _image_batches(a, b, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` and ``b`` (numpy or torch, one image or a batch) as float64 batches of one shape."""
     a = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).double()
     b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).double()
     if a.shape != b.shape:
-        raise ValueError(f"psnr: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        raise ValueError(f"{what}: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.ndim == 3:
         a, b = a[None], b[None]
+    return a, b
+
+
+def psnr(a, b, data_range: float = 255.0) -> torch.Tensor:
+    """Per-image PSNR in dB between two batches ([N,...], same shape); identical images give +inf."""
+    a, b = _image_batches(a, b, "psnr")
     mse = (a - b).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(data_range**2 / mse)
 
@@ -30,12 +36,7 @@ def ssim(a, b, data_range: float = 255.0, win_size: int = 11, sigma: float = 1.5
 
     ``a``, ``b``: uint8/float images [N,H,W,3] (channels last) or [H,W,3].
     """
-    a = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).double()
-    b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b).double()
-    if a.shape != b.shape:
-        raise ValueError(f"ssim: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    if a.ndim == 3:
-        a, b = a[None], b[None]
+    a, b = _image_batches(a, b, "ssim")
     x, y = a.permute(0, 3, 1, 2), b.permute(0, 3, 1, 2)
     c = x.shape[1]
     win = min(win_size, x.shape[-1], x.shape[-2])
