@@ -34,24 +34,9 @@ def val_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def processor_dir(tmp_path_factory, world_data) -> Path:
-    from unified_wm.data.episodes import iter_episodes, load_episodes
-    from unified_wm.tokenization.actions import action_vocabulary
-    from unified_wm.tokenization.processor import UnifiedProcessor
-    from unified_wm.tokenization.text import train_text_tokenizer
-    from unified_wm.tokenization.video import FSQConfig, QuantizerConfig, VideoTokenizer, VideoTokenizerConfig
+    from unified_wm.bench.gpu import tiny_processor
 
-    d = tmp_path_factory.mktemp("proc")
-    texts = [c["text"] for ep in iter_episodes(load_episodes(world_data)) for c in ep["captions"]]
-    train_text_tokenizer(texts, d / "text.model", vocab_size=96)
-    import torch
-
-    torch.manual_seed(0)
-    vcfg = VideoTokenizerConfig(image_size=64, downsample=8, patch_size=2, channels=[8, 16, 16],
-                                quantizer=QuantizerConfig(kind="fsq", fsq=FSQConfig(levels=[4, 4, 4])))
-    VideoTokenizer(vcfg).save_pretrained(d / "video")
-    proc = UnifiedProcessor(d / "text.model", action_vocabulary(["pan5", "atari18"]), d / "video", max_chunk_len=64)
-    proc.save_pretrained(d / "processor")
-    return d / "processor"
+    return tiny_processor(world_data, tmp_path_factory.mktemp("proc"))
 
 
 @pytest.fixture(scope="session")

@@ -130,8 +130,8 @@ def test_zero0_run_exports_to_a_hf_folder(zero0_run, tmp_path):
     r = uwm("export", "--checkpoint", zero0_run["run"] / "checkpoints", "--out", tmp_path / "hf")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    states = torch.load(zero0_run["run"] / "checkpoints" / "step4" / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=True)["module"]
+    ckpt = zero0_run["run"] / "checkpoints" / "step4" / "mp_rank_00_model_states.pt"
+    states = torch.load(ckpt, map_location="cpu", weights_only=True)["module"]
     for k, v in model.state_dict().items():
         assert torch.equal(v.float(), states[k].float()), k
     assert "ZeRO stage 0" in (tmp_path / "hf" / "README.md").read_text()

@@ -210,3 +210,11 @@ def test_config_attention_is_the_recipes_section_and_old_configs_still_load(tmp_
     assert UnifiedWMConfig.from_pretrained(tmp_path / "old").attention == model.config.attention
     with pytest.raises(ValueError, match="unknown key 'topk'"):
         UnifiedWMConfig(attention={"topk": 2})
+
+
+def test_benchmarks_find_the_checkouts_configs():
+    """The benchmarks read recipes and tokenizer configs from the checkout they live in."""
+    from unified_wm.bench import data, gpu
+
+    assert (data.ROOT / "recipes" / "tiny_cpu.yaml").is_file() and (data.ROOT / "tokenizers" / "video_fsq_tiny.yaml").is_file()
+    assert gpu.ROOT == data.ROOT and (gpu.ROOT / "ds_configs" / "zero2_bf16.json").is_file()

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (recipes/, tokenizers/)
 
 
 def _rate(n: float, seconds: float) -> float:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (recipes/, ds_configs/)
 NO_GPU = "uwm bench gpu needs a CUDA GPU (torch.cuda.is_available() is False here); nothing was run"
 
 
@@ -158,20 +159,17 @@ def speed(a) -> list[dict]:
     return rows
 
 
-def _tiny_world(root: Path) -> tuple[Path, Path]:
-    """Token documents and a processor: a small generated world, a SentencePiece model, an
-    untrained tiny video tokenizer (as tests/conftest.py builds them)."""
+def tiny_processor(data: Path, root: Path) -> Path:
+    """``root/processor``: a SentencePiece model trained on ``data``'s captions and an untrained tiny
+    video tokenizer (the processor the tests and the GPU check use)."""
+    import torch
+
     from unified_wm.data.episodes import iter_episodes, load_episodes
-    from unified_wm.data.tokenize import tokenize_dataset
-    from unified_wm.data.world import generate_world
     from unified_wm.tokenization.actions import action_vocabulary
     from unified_wm.tokenization.processor import UnifiedProcessor
     from unified_wm.tokenization.text import train_text_tokenizer
     from unified_wm.tokenization.video import FSQConfig, QuantizerConfig, VideoTokenizer, VideoTokenizerConfig
 
-    repo = Path(__file__).resolve().parents[1]
-    data = root / "data"
-    generate_world(repo / "recipes/data/world_tiny.yaml", data, n_episodes=24, seed=0, split="train", progress=False)
     texts = [c["text"] for ep in iter_episodes(load_episodes(data)) for c in ep["captions"]]
     train_text_tokenizer(texts, root / "text.model", vocab_size=96)
     torch.manual_seed(0)
@@ -180,25 +178,35 @@ def _tiny_world(root: Path) -> tuple[Path, Path]:
     VideoTokenizer(vcfg).save_pretrained(root / "video")
     proc = UnifiedProcessor(root / "text.model", action_vocabulary(["pan5", "atari18"]), root / "video", max_chunk_len=64)
     proc.save_pretrained(root / "processor")
-    tokenize_dataset(data, root / "processor", root / "tokens", clip_frames=16, progress=False)
-    return root / "tokens", root / "processor"
+    return root / "processor"
+
+
+def _tiny_world(root: Path) -> tuple[Path, Path]:
+    """Token documents and a processor: a small generated world and :func:`tiny_processor`."""
+    from unified_wm.data.tokenize import tokenize_dataset
+    from unified_wm.data.world import generate_world
+
+    data = root / "data"
+    generate_world(ROOT / "recipes/data/world_tiny.yaml", data, n_episodes=24, seed=0, split="train", progress=False)
+    processor = tiny_processor(data, root)
+    tokenize_dataset(data, processor, root / "tokens", clip_frames=16, progress=False)
+    return root / "tokens", processor
 
 
 def train(a) -> dict:
     from unified_wm.distributed import free_port
 
-    repo = Path(__file__).resolve().parents[1]
     work = Path(tempfile.mkdtemp(prefix="uwm_bench_gpu_"))
     try:
         tokens, processor = _tiny_world(work)
         ds = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
         cmd = [ds, "--num_gpus", "1", "--master_port", str(free_port()), "--module", "unified_wm.train",
-               "--recipe", str(repo / a.recipe), "--deepspeed", str(repo / "ds_configs/zero2_bf16.json"),
+               "--recipe", str(ROOT / a.recipe), "--deepspeed", str(ROOT / "ds_configs/zero2_bf16.json"),
                "--output-dir", str(work / "train"), "--max-steps", str(a.steps),
                "--set", f"data.tokens={tokens}", "--set", f"data.processor={processor}",
                "--set", "train.save_every=0", "--set", "train.torch_threads=0", "--set", "train.log_every=10"]
         t0 = time.time()
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         wall = time.time() - t0
         log = r.stdout + r.stderr
         losses = [float(x) for x in re.findall(r"step\s+\d+ loss ([0-9.]+)", log)]
