@@ -43,17 +43,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from unified_wm.checkpoint import (checkpoint_zero_stage, load_for_resume, read_latest, resolve_resume,
                                    save_checkpoint)
 from unified_wm.data.packing import PackedBatches, prepare_batch
 from unified_wm.distributed import all_reduce_sum, barrier, setup_distributed
+from unified_wm.fingerprint import KEY as TOKEN_SPACE
+from unified_wm.fingerprint import check_training_inputs, token_space
 from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM, summarize_routing
 from unified_wm.recipe import Recipe, build_model, check_recipe_inputs, fill_ds_config, load_recipe, lr_lambda, read_ds_config
 from unified_wm.parallel import check_sequence_parallel, check_zero_config, init_sequence_parallel, zero_grad_scale
 from unified_wm.parallel import enable as enable_long_sequence
+from unified_wm.parallel import per_task_ce as sharded_task_ce
 from unified_wm.sequence import MODALITY_KEYS
-from unified_wm.utils import ConfigError, MetricsWriter, atomic_file, deep_update
+from unified_wm.utils import ConfigError, MetricsWriter, atomic_file, deep_update, load_yaml, write_json
 
 
 # ----------------------------------------------------------------------------- logging
@@ -104,8 +108,6 @@ class TrainingDiverged(FloatingPointError):
 def _dump_step(d: str, engine, out, rank: int) -> None:
     from deepspeed.utils import safe_get_full_grad
     from safetensors.torch import save_file
-
-    from unified_wm.utils import write_json
 
     grads = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}  # a collective under ZeRO-3
     if rank == 0:
@@ -197,9 +199,7 @@ def evaluate(engine, val: PackedBatches, recipe: Recipe, task_names: list[str], 
 def _task_ce(out, labels, task, n_tasks: int, sp) -> torch.Tensor:
     """:func:`per_task_ce`, or its per-shard form after the long-sequence forward (unified_wm.parallel)."""
     if out.token_ce is not None:
-        from unified_wm.parallel import per_task_ce as sharded
-
-        return sharded(out, labels, task, n_tasks, sp)
+        return sharded_task_ce(out, labels, task, n_tasks, sp)
     return per_task_ce(out.logits, labels, task, n_tasks)
 
 
@@ -236,8 +236,6 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
                               f"DeepSpeed config '{ds_source}' uses ZeRO stage {stage}; resume with a stage-{saved_stage} "
                               f"config (or export the checkpoint and start a new run)")
     processor = UnifiedProcessor.from_pretrained(recipe.data.processor)
-    from unified_wm.fingerprint import KEY as TOKEN_SPACE, check_training_inputs, token_space
-
     check_training_inputs(recipe, processor, resume_from)  # documents and resumed run vs processor: before init too
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
@@ -373,10 +371,6 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
 
 def parse_override(item: str) -> dict:
     """'train.lr=3e-4' -> {'train': {'lr': 0.0003}} (the value is read as YAML, 1e-3 being a float)."""
-    import yaml
-
-    from unified_wm.utils import load_yaml
-
     if "=" not in item:
         raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. train.lr=3e-4")
     key, value = item.split("=", 1)
