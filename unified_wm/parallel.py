@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unified_wm.model.modeling_uwm import MODALITIES, UnifiedWMForCausalLM, UnifiedWMOutput, rope_pair, stream_layout_continue
+
 
 # ----------------------------------------------------------------------------- checks
 def check_sequence_parallel(sp: int, *, seq_len: int, heads: int, kv_heads: int, world: int | None = None) -> None:
@@ -222,8 +224,6 @@ def long_forward(model, input_ids, labels=None, loss_weights=None, return_routin
     a sequence group). Returns a ``UnifiedWMOutput`` whose ``logits`` (None with the tiled
     loss) and ``token_ce`` ([B, N/P]: CE of the token each position predicts) are this rank's
     slice."""
-    from unified_wm.model.modeling_uwm import MODALITIES, UnifiedWMForCausalLM, UnifiedWMOutput, rope_for, stream_layout_continue
-
     long: LongSequence = model.__dict__["uwm_long"]
     sp, cfg = long.sp, model.config
     B, N = input_ids.shape
@@ -232,8 +232,7 @@ def long_forward(model, input_ids, labels=None, loss_weights=None, return_routin
     lo, hi = sp.bounds(N)
     meta, modality, _, (q_coords, k_coords) = stream_layout_continue(input_ids, cfg, None)
     x = model.embed_tokens(input_ids[:, lo:hi])
-    rope_q = rope_for(q_coords[:, lo:hi], cfg, x.dtype)
-    rope = (rope_q, rope_q if cfg.rope_mode == "1d" else rope_for(k_coords[:, lo:hi], cfg, x.dtype))
+    rope = rope_pair(q_coords[:, lo:hi], k_coords[:, lo:hi], cfg, x.dtype)
     stats: dict | None = {} if return_routing_stats else None
     x = model.run_layers(x, rope, meta, meta, None, stats)
     if stats is not None and sp.size > 1:
@@ -324,7 +323,5 @@ def per_task_ce(out, labels: torch.Tensor, task: torch.Tensor, n_tasks: int, sp:
     lo, hi = sp.bounds(labels.shape[1])
     tgt = shift_targets(labels, -100)[:, lo:hi].to(out.token_ce.device)
     tk = shift_targets(task, 0)[:, lo:hi].to(out.token_ce.device)
-    from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
-
     sums = UnifiedWMForCausalLM.ce_sums(out.token_ce, tk, tgt != -100, n_tasks)
     return torch.tensor([x for pair in sums for x in pair], dtype=torch.float64)

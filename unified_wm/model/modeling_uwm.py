@@ -310,6 +310,12 @@ def rope_for(coords: torch.Tensor, cfg: UnifiedWMConfig, dtype: torch.dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rope_pair(q_coords: torch.Tensor, k_coords: torch.Tensor, cfg: UnifiedWMConfig, dtype: torch.dtype):
+    """(query, key) cos/sin: the same in "1d"; in "3d" a query sits at the cell it predicts."""
+    rope_q = rope_for(q_coords, cfg, dtype)
+    return rope_q, rope_q if cfg.rope_mode == "1d" else rope_for(k_coords, cfg, dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -500,8 +506,7 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         q_meta = k_meta.slice(all_ids.shape[1] - n_new)
         x = self.embed_tokens(input_ids)
         q_coords, k_coords = (c[:, -n_new:] for c in coords)
-        rope_q = rope_for(q_coords, self.config, x.dtype)
-        rope = (rope_q, rope_q if self.config.rope_mode == "1d" else rope_for(k_coords, self.config, x.dtype))
+        rope = rope_pair(q_coords, k_coords, self.config, x.dtype)
         stats: dict | None = {} if return_routing_stats else None
         x = self.run_layers(x, rope, q_meta, k_meta, cache, stats)
         if isinstance(logits_to_keep, torch.Tensor) and labels is None:
