@@ -36,7 +36,7 @@ def test_stream_layout_continued_piece_by_piece_equals_the_whole():
     """Decoding lays out only the new tokens (`stream_layout_continue` with the prefix's
     state); cut anywhere, the pieces must equal the layout of the whole row: random rows
     with pads, several documents, open text segments, frames split into tiles."""
-    cfg = UnifiedWMConfig(**CFG)
+    cfg = UnifiedWMConfig(**CFG, prev_frame_input="cross")
     g = torch.Generator().manual_seed(0)
     vocab = [0, 1, 2, 3, 4, 5, 6, 7, 20, 21, 41, 50, 51, 52, 60]
     for trial in range(40):
@@ -56,9 +56,8 @@ def test_stream_layout_continued_piece_by_piece_equals_the_whole():
             got = torch.cat([getattr(m, name) for m in metas], 1)
             assert torch.equal(got, getattr(whole, name)), (trial, name, ids.tolist(), cuts)
         assert torch.equal(torch.cat(mods, 1), whole_mod)
-        whole_q, whole_k = stream_layout_continue(ids, cfg, None)[3]
-        assert torch.equal(torch.cat([c[0] for c in coords], 1), whole_q), (trial, ids.tolist(), cuts)
-        assert torch.equal(torch.cat([c[1] for c in coords], 1), whole_k), (trial, ids.tolist(), cuts)
+        for j, whole_c in enumerate(stream_layout_continue(ids, cfg, None)[3]):  # q, k, prev
+            assert torch.equal(torch.cat([c[j] for c in coords], 1), whole_c), (trial, j, ids.tolist(), cuts)
 
 
 def test_rotary_coordinates_put_the_same_cell_one_frame_back_at_one_offset():
@@ -67,7 +66,7 @@ def test_rotary_coordinates_put_the_same_cell_one_frame_back_at_one_offset():
     whether or not a caption lies between the frames (tokens_per_frame 4: a 2x2 grid)."""
     cfg = UnifiedWMConfig(**CFG, rope_mode="3d")
     assert cfg.video_grid == [2, 2]
-    _, _, _, (qt, kt) = stream_layout_continue(torch.tensor([DOC]), cfg, None)
+    _, _, _, (qt, kt, _) = stream_layout_continue(torch.tensor([DOC]), cfg, None)
     q, k = qt[0].tolist(), kt[0].tolist()
     # DOC: bos <text> a b </text> <frame> v v v v <act> a </act> <frame> v v v v eos
     assert [c[1] for c in k] == [0] * 5 + [1] * 8 + [2] * 6  # frames begun so far
@@ -75,11 +74,34 @@ def test_rotary_coordinates_put_the_same_cell_one_frame_back_at_one_offset():
     assert [c[2:] for c in q[5:10]] == [[0, 0], [0, 1], [1, 0], [1, 1], [1, 1]]  # the cell each predicts
     assert all(a[0] == b[0] for a, b in zip(q, k))  # the document position is the token's own
     with_caption = DOC[:13] + [3, 22, 23, 24, 4] + DOC[13:]
-    _, _, _, (q2, k2) = stream_layout_continue(torch.tensor([with_caption]), cfg, None)
+    _, _, _, (q2, k2, _) = stream_layout_continue(torch.tensor([with_caption]), cfg, None)
     for j in range(4):  # the query predicting code j of frame 1 against the key of code j of frame 0
         for qq, kk, first in ((qt, kt, 13), (q2, k2, 18)):
             d = (qq[0, first + j] - kk[0, 6 + j]).tolist()
             assert d[1:] == [1, 0, 0], (j, d)
+
+
+def test_prev_frame_input_points_at_the_previous_frame_around_the_predicted_cell():
+    """prev_frame_input: a position that predicts a code reads the previous frame's codes at
+    that cell ("cell") and beside it ("cross"), by index into the ids; the first frame of a
+    document, cells off the grid and positions that predict no code read nothing (-1)."""
+    with_caption = DOC[:13] + [3, 22, 23, 24, 4] + DOC[13:]  # frame 1 starts at 18, its codes at 19-22
+    ids = torch.tensor([with_caption + DOC])  # a second document: its first frame has no previous one
+    _, _, _, (_, _, cell) = stream_layout_continue(ids, UnifiedWMConfig(**CFG, prev_frame_input="cell"), None)
+    _, _, _, (_, _, cross) = stream_layout_continue(ids, UnifiedWMConfig(**CFG, prev_frame_input="cross"), None)
+    assert cell.shape[-1] == 1 and cross.shape[-1] == 5
+    assert (cross < torch.arange(ids.shape[1])[None, :, None]).all()  # only ids already fed: causal
+    # frame 0's codes sit at 6-9; frame 1's <frame> (18) predicts cell (0,0), code j (19+j) predicts j+1
+    assert cell[0, 18:22, 0].tolist() == [6, 7, 8, 9]
+    assert (cell[0, :18] == -1).all() and cell[0, 22:, 0].tolist()[:1] == [-1]  # the last code predicts no code
+    # cross at cell (0,0) of the 2x2 grid: itself, left (off), right, up (off), down
+    assert cross[0, 18].tolist() == [6, -1, 7, -1, 8]
+    assert cross[0, 21].tolist() == [9, 8, -1, 7, -1]  # predicts (1,1)
+    second = len(with_caption)  # the next document: its frames 0 and 1
+    assert (cell[0, second:second + 13] == -1).all()
+    assert cell[0, second + 13:second + 17, 0].tolist() == [second + 6 + j for j in range(4)]
+    with pytest.raises(ValueError, match="prev_frame_input"):
+        UnifiedWMConfig(**CFG, prev_frame_input="diagonal")
 
 
 def test_3d_rotary_needs_room_and_a_matching_grid():
@@ -89,10 +111,11 @@ def test_3d_rotary_needs_room_and_a_matching_grid():
         UnifiedWMConfig(**CFG, rope_mode="3d", video_grid=[3, 2])
 
 
-def test_save_load_round_trip_with_auto_classes(tmp_path):
+@pytest.mark.parametrize("prev", ["none", "cross"])
+def test_save_load_round_trip_with_auto_classes(tmp_path, prev):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    m = model()
+    m = model(prev_frame_input=prev)
     m.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert AutoConfig.from_pretrained(tmp_path).model_type == "unified_wm"
@@ -102,13 +125,16 @@ def test_save_load_round_trip_with_auto_classes(tmp_path):
     assert m2.lm_head.weight.data_ptr() == m2.embed_tokens.weight.data_ptr()  # tied
 
 
-@pytest.mark.parametrize("cache_kind,rope_mode,bias", [("uwm", "1d", False), ("hf_dynamic", "1d", False), ("uwm", "3d", True)])
-def test_incremental_decoding_matches_full_forward(cache_kind, rope_mode, bias):
+@pytest.mark.parametrize("cache_kind,rope_mode,bias,prev", [("uwm", "1d", False, "none"), ("hf_dynamic", "1d", False, "none"),
+                                                            ("uwm", "3d", True, "none"), ("uwm", "3d", True, "cross")])
+def test_incremental_decoding_matches_full_forward(cache_kind, rope_mode, bias, prev):
     from transformers import DynamicCache
 
     from unified_wm.model.cache import UWMCache
 
-    m = model(rope_mode=rope_mode, attention_bias=bias)
+    m = model(rope_mode=rope_mode, attention_bias=bias, prev_frame_input=prev)
+    if prev != "none":  # trained weights are not near zero: make the previous frame's input count
+        torch.nn.init.normal_(m.prev_frame_proj.weight, std=1.0)
     assert (m.layers[0].self_attn.q_proj.bias is not None) == bias
     ids = torch.tensor([DOC])
     full = m(ids).logits

@@ -84,11 +84,12 @@ def assert_same_step(dump: Path, ref_out, ref_grads, tol: float = 1e-5) -> None:
 
 # ----------------------------------------------------------------------------- one step, 2 ranks
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,ds_config", [("dense", "ds_configs/zero0.json"), ("moc", "ds_configs/zero3.json")])
-def test_sp2_step_equals_one_rank(tmp_path, tokens_dir, processor_dir, backend, ds_config):
+@pytest.mark.parametrize("backend,ds_config,prev", [("dense", "ds_configs/zero0.json", "none"), ("moc", "ds_configs/zero3.json", "cross")])
+def test_sp2_step_equals_one_rank(tmp_path, tokens_dir, processor_dir, backend, ds_config, prev):
     """SP=2: each rank holds 320 of the 640 tokens and 2 of the 4 heads in attention; the loss,
-    per-modality losses and every parameter's gradient equal one process on the whole batch."""
-    recipe = sp_recipe(tmp_path, tokens_dir, processor_dir, backend, sequence_parallel=2)
+    per-modality losses and every parameter's gradient equal one process on the whole batch
+    (with the previous frame as input too: a rank's slice reads codes held in the other's)."""
+    recipe = sp_recipe(tmp_path, tokens_dir, processor_dir, backend, model={"prev_frame_input": prev}, sequence_parallel=2)
     r = launch(recipe, ds_config, env={"UWM_DEBUG_DUMP_STEP": str(tmp_path / "dump")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ref_out, ref_grads = reference_step(recipe)

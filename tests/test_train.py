@@ -230,7 +230,8 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(tmp_path, tokens_dir, 
     recipe = write_recipe(tmp_path / "crash", tokens_dir, processor_dir)
     run = tmp_path / "crash" / "run"
     log = open(tmp_path / "crash.log", "w")
-    p = subprocess.Popen(launch_cmd(recipe, "ds_configs/zero1.json"), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    crash_cmd = launch_cmd(recipe, "ds_configs/zero1.json")
+    p = subprocess.Popen(crash_cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True, env={**os.environ, "UWM_DEBUG_STEP_SLEEP": "0.4"})
     deadline = time.time() + 240
     try:
@@ -253,8 +254,16 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(tmp_path, tokens_dir, 
     assert not alive, f"kill -9 of the process group left {alive}"
     killed_at = max(losses_by_step(run / "metrics.jsonl"))
     assert killed_at < 8, "the run finished before the kill"
-    resumed = run_launcher(launch_cmd(recipe, "ds_configs/zero1.json", "--resume", "latest"))
+    resume_cmd = launch_cmd(recipe, "ds_configs/zero1.json", "--resume", "latest")
+    resumed = run_launcher(resume_cmd)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce buffers (~69 MB of /dev/shm per rank) are gone after a clean
+    # run and after a kill -9 alike (unified_wm.distributed.release_shm_buffer)
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        for cmd in (crash_cmd, resume_cmd):
+            port = cmd[cmd.index("--master_port") + 1]
+            assert not list(shm.glob(f"deepspeed_allreduce_buffer_*_{port}_*")), port
     k = int(resumed.stdout.split("resumed from step ")[1].split()[0])
     assert 2 <= k < 8
     got = losses_by_step(run / "metrics.jsonl")

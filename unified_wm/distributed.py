@@ -35,7 +35,30 @@ def setup_distributed() -> tuple[int, int]:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    release_shm_buffer(rank, world)
+    return rank, world
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The shared-memory file DeepSpeed's CPU all-reduce op makes for ``rank`` of this job
+    (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: user id, master address and port, rank)."""
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+
+
+def release_shm_buffer(rank: int, world: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed never removes these files (about 69 MB per rank on CPU): each run left its
+    buffers in ``/dev/shm``, which is memory, until a machine that runs many jobs ran out of
+    it. The mappings outlive the name, so after a barrier (every rank has opened every other
+    rank's buffer during ``init_distributed``) the name can go, and a run that crashes or is
+    killed leaves nothing behind either."""
+    barrier(world)
+    try:
+        os.unlink(shm_buffer_path(rank))
+    except FileNotFoundError:
+        pass
 
 
 def all_reduce_sum(x: torch.Tensor, world: int, device) -> torch.Tensor:

@@ -230,8 +230,8 @@ def long_forward(model, input_ids, labels=None, loss_weights=None, return_routin
     if N % sp.size:
         raise ValueError(f"sequence length {N} is not divisible by the sequence-parallel degree {sp.size}")
     lo, hi = sp.bounds(N)
-    meta, modality, _, (q_coords, k_coords) = stream_layout_continue(input_ids, cfg, None)
-    x = model.embed_tokens(input_ids[:, lo:hi])
+    meta, modality, _, (q_coords, k_coords, prev) = stream_layout_continue(input_ids, cfg, None)
+    x = model.embed(input_ids, prev[:, lo:hi], lo, hi)
     rope = rope_pair(q_coords[:, lo:hi], k_coords[:, lo:hi], cfg, x.dtype)
     stats: dict | None = {} if return_routing_stats else None
     x = model.run_layers(x, rope, meta, meta, None, stats)

@@ -32,6 +32,7 @@ class ModelRecipe:
     rope_theta: float = 10000.0
     rope_mode: str = "1d"  # "3d": rotary pairs split over document position, frame, row and column
     attention_bias: bool = False  # biases on the query, key and value projections
+    prev_frame_input: str = "none"  # cell | cross | square: the previous frame's codes around the predicted cell as input
 
 
 @dataclass

@@ -43,6 +43,7 @@ def _rss_mb() -> float:
 def _measure(job: dict, rank: int = 0, port: int = 0, queue=None) -> dict:
     from unified_wm import parallel
     from unified_wm.bench.train import layout, our_model, synthetic_stream
+    from unified_wm.distributed import release_shm_buffer
     from unified_wm.train import enable_checkpointing
 
     sp = parallel.SequenceParallel()
@@ -54,6 +55,7 @@ def _measure(job: dict, rank: int = 0, port: int = 0, queue=None) -> dict:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+        release_shm_buffer(rank, job["sp"])
         sp, _ = parallel.init_sequence_parallel(job["sp"], rank, job["sp"])
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)

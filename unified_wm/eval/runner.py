@@ -91,7 +91,7 @@ def eval_nll(wm, episodes, suite: Suite) -> dict:
                 mask = torch.tensor([doc["loss_mask"]]).bool()
                 logits = model(ids).logits[0, :-1]
                 tgt, m = ids[0, 1:], mask[0, 1:]
-                _, modality, _, (_, k_coords) = stream_layout_continue(ids, model.config, None)
+                _, modality, _, (_, k_coords, _) = stream_layout_continue(ids, model.config, None)
                 mod = modality[0, 1:]
                 ce = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
                 for name, (s_, n_) in zip(MODALITY_KEYS, model.ce_sums(ce, mod, m, len(MODALITY_KEYS))):

@@ -36,6 +36,15 @@ MODALITIES = ("special", "text", "action", "video")
 # "3d" splits the rotary pairs into four axes: position in the document, frame index, and the
 # row and column of a video code in its frame (see ``rope_frequencies``).
 ROPE_MODES = ("1d", "3d")
+# the previous frame as an input: a code is predicted with the embeddings of the codes one frame
+# earlier at its cell ("cell"), at its cell and the four cells beside it ("cross"), or at the 3x3
+# cells around it ("square"), read from the ids already fed; offsets are (row, column)
+PREV_FRAME_INPUTS = {
+    "none": (),
+    "cell": ((0, 0),),
+    "cross": ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0)),
+    "square": tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)),
+}
 # the keys of the config's `attention` dict: the recipe's `attention:` section and AttentionSettings' names
 ATTENTION_KEYS = ("backend", "top_k", "n_sink", "drop_off", "drop_in")
 LEGACY_ATTENTION_KEYS = {"attn_backend": "backend", "moc_top_k": "top_k", "moc_n_sink": "n_sink",
@@ -60,6 +69,7 @@ class UnifiedWMConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         rope_mode: str = "1d",
         attention_bias: bool = False,
+        prev_frame_input: str = "none",
         video_grid: tuple[int, int] | None = None,
         rms_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
@@ -95,6 +105,7 @@ class UnifiedWMConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.rope_mode = rope_mode
         self.attention_bias = attention_bias
+        self.prev_frame_input = prev_frame_input
         if video_grid is None:  # square grids (every processor so far): derived from tokens_per_frame
             side = int(round(tokens_per_frame ** 0.5))
             video_grid = (side, tokens_per_frame // max(side, 1))
@@ -122,6 +133,8 @@ class UnifiedWMConfig(PretrainedConfig):
         self.max_chunk_len = max_chunk_len
         if rope_mode not in ROPE_MODES:
             raise ValueError(f"rope_mode: unknown value '{rope_mode}'; valid values: {', '.join(ROPE_MODES)}")
+        if prev_frame_input not in PREV_FRAME_INPUTS:
+            raise ValueError(f"prev_frame_input: unknown value '{prev_frame_input}'; valid values: {', '.join(PREV_FRAME_INPUTS)}")
         if rope_mode == "3d" and self.head_dim // 2 < 4:
             raise ValueError(f"rope_mode '3d' needs head_dim >= 8 (4 rotary pairs), got head_dim {self.head_dim}")
         if self.video_grid[0] * self.video_grid[1] != tokens_per_frame:
@@ -176,6 +189,11 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     the code it predicts when that is known from the grammar (``<frame>`` predicts code 0, code
     j predicts code j+1 of the same frame), else at its own. So "the same cell one frame ago"
     is the offset (0*, 1, 0, 0) for every code whatever text or actions lie between frames.
+
+    The third coordinate tensor, ``prev`` [B, N, K] (K: the offsets of ``prev_frame_input``),
+    holds for a position that predicts a code the index (among all ids fed) of the code at each
+    offset of that cell in the previous frame of the same document, and -1 where there is none
+    (first frame, off the grid, other positions).
     """
     ids = input_ids
     B, N = ids.shape
@@ -184,7 +202,7 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
         none = torch.full((B,), -1, dtype=torch.long, device=dev)
         zero = torch.zeros(B, dtype=torch.long, device=dev)
         state = {"n": 0, "starts": zero, "bos": zero, "frame": none, "open": none, "close": none, "last_bos": none,
-                 "frames": zero, "frames_at_bos": zero}
+                 "frames": zero, "frames_at_bos": zero, "prev_frame": none}
     n0 = state["n"]
     pos = torch.arange(n0, n0 + N, device=dev).expand(B, N)
 
@@ -196,7 +214,8 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     is_frame = ids == cfg.frame_id
     v_lo, v_hi = cfg.video_range
     is_video = (ids >= v_lo) & (ids < v_hi)
-    code_idx = pos - latest(is_frame, state["frame"]) - 1  # index of a video code inside its frame
+    last_frame = latest(is_frame, state["frame"])
+    code_idx = pos - last_frame - 1  # index of a video code inside its frame
     tile_start = is_video & (code_idx > 0) & (code_idx % cfg.max_chunk_len == 0)
     starts = is_bos | (ids == cfg.text_open_id) | (ids == cfg.act_open_id) | is_frame | tile_start
     if n0 == 0 and N:
@@ -240,12 +259,26 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     keep = ~is_pad[..., None]
     k_coords = torch.stack([meta.pos_in_doc, t_idx, k_row, k_col], -1) * keep
     q_coords = torch.stack([meta.pos_in_doc, t_idx, q_row, q_col], -1) * keep
+    # the previous frame's start for every position: at a <frame>, the latest <frame> before it
+    frame_before = torch.cat([state["frame"][:, None], last_frame[:, :-1]], 1)
+    prev_frame = torch.maximum(torch.where(is_frame, frame_before, torch.full_like(ids, -1)).cummax(dim=1).values,
+                               state["prev_frame"][:, None])
+    offsets = PREV_FRAME_INPUTS[getattr(cfg, "prev_frame_input", "none")]
+    prev = torch.full((B, N, len(offsets)), -1, dtype=torch.long, device=dev)
+    if offsets:
+        has_prev = predicts_code & (prev_frame >= 0) & (prev_frame > last_bos)
+        gh = cfg.video_grid[0]
+        for j, (dr, dc) in enumerate(offsets):
+            r, c = q_row + dr, q_col + dc
+            ok = has_prev & (r >= 0) & (r < gh) & (c >= 0) & (c < gw)
+            prev[..., j] = torch.where(ok, prev_frame + 1 + r * gw + c, -1)
     if N:
         state = {"n": n0 + N, "starts": starts_seen[:, -1], "bos": bos_seen[:, -1],
-                 "frame": latest(is_frame, state["frame"])[:, -1], "open": last_open[:, -1],
+                 "frame": last_frame[:, -1], "open": last_open[:, -1],
                  "close": last_close[:, -1], "last_bos": last_bos[:, -1],
-                 "frames": frames_seen[:, -1], "frames_at_bos": frames_at_bos[:, -1]}
-    return meta, modality, state, (q_coords, k_coords)
+                 "frames": frames_seen[:, -1], "frames_at_bos": frames_at_bos[:, -1],
+                 "prev_frame": prev_frame[:, -1]}
+    return meta, modality, state, (q_coords, k_coords, prev)
 
 
 def _cat_meta(a: StreamMeta, b: StreamMeta) -> StreamMeta:
@@ -425,6 +458,10 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
     def __init__(self, config: UnifiedWMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # prev_frame_input: the embeddings of the previous frame's codes around the cell a position
+        # predicts, concatenated and projected into the residual stream (see ``embed``)
+        n_prev = len(PREV_FRAME_INPUTS[config.prev_frame_input])
+        self.prev_frame_proj = nn.Linear(n_prev * config.hidden_size, config.hidden_size, bias=False) if n_prev else None
         self.layers = nn.ModuleList([Block(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -441,6 +478,19 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def embed(self, all_ids: torch.Tensor, prev: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The input of positions ``lo:hi`` of ``all_ids`` (every id fed so far): the token's
+        embedding, plus with ``prev_frame_input`` the projected embeddings of the previous
+        frame's codes that ``prev`` [B, hi - lo, K] points at (``stream_layout_continue``)."""
+        x = self.embed_tokens(all_ids[:, lo:hi])
+        if self.prev_frame_proj is None:
+            return x
+        v_lo, v_hi = self.config.video_range
+        codes = all_ids.gather(1, prev.clamp(min=0).flatten(1)).view_as(prev)
+        ok = (prev >= 0) & (codes >= v_lo) & (codes < v_hi)
+        e = self.embed_tokens(codes) * ok[..., None].to(x.dtype)  # [B, n, K, H]
+        return x + self.prev_frame_proj(e.flatten(2))
 
     def run_layers(self, x, rope, q_meta, k_meta, cache=None, stats: dict | None = None) -> torch.Tensor:
         """The blocks and the final norm over hidden states ``x`` (with activation checkpointing
@@ -502,10 +552,10 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         else:
             all_ids = input_ids
             k_meta, modality_all, _, coords = stream_layout_continue(all_ids, self.config, None)
-        n_new = input_ids.shape[1]
-        q_meta = k_meta.slice(all_ids.shape[1] - n_new)
-        x = self.embed_tokens(input_ids)
-        q_coords, k_coords = (c[:, -n_new:] for c in coords)
+        n_new, n_all = input_ids.shape[1], all_ids.shape[1]
+        q_meta = k_meta.slice(n_all - n_new)
+        q_coords, k_coords, prev = (c[:, -n_new:] for c in coords)
+        x = self.embed(all_ids, prev, n_all - n_new, n_all)
         rope = rope_pair(q_coords, k_coords, self.config, x.dtype)
         stats: dict | None = {} if return_routing_stats else None
         x = self.run_layers(x, rope, q_meta, k_meta, cache, stats)
