@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import unified_wm  # noqa: F401  (registers the Auto classes)
-from unified_wm.model.modeling_uwm import StreamGrammar, UnifiedWMConfig, UnifiedWMForCausalLM, stream_layout, stream_layout_continue
+from unified_wm.model.grammar import StreamGrammar
+from unified_wm.model.modeling_uwm import UnifiedWMConfig, UnifiedWMForCausalLM, stream_layout, stream_layout_continue
 
 # ids: 0 pad 1 bos 2 eos 3 <text> 4 </text> 5 <act> 6 </act> 7 <frame>; text 16-39, actions 40-44, video 45-99
 CFG = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -241,7 +242,7 @@ def test_bad_head_config_is_refused():
 def test_moc_model_decodes_like_full_forward_and_trains(rope_mode):
     """The model with Mixture-of-Contexts attention: cached sparse decoding == teacher forcing."""
     from unified_wm.model.cache import UWMCache
-    from unified_wm.model.modeling_uwm import summarize_routing
+    from unified_wm.model.attention_routing import summarize_routing
 
     doc = [1, 3, 20, 21, 4] + sum(([7, 50, 51, 52, 53, 5, 41, 6] for _ in range(6)), []) + [2]
     m = model(attention={"backend": "moc", "top_k": 2}, max_chunk_len=4, rope_mode=rope_mode)

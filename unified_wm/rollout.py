@@ -32,7 +32,7 @@ from unified_wm.video_io import StreamingOutputs, read_video
 
 class WorldModel:
     def __init__(self, model, processor):
-        from unified_wm.model.modeling_uwm import StreamGrammar
+        from unified_wm.model.grammar import StreamGrammar
         from unified_wm.sequence import StreamBuilder
 
         processor.check_model(model.config)

@@ -51,7 +51,8 @@ from unified_wm.data.packing import PackedBatches, prepare_batch
 from unified_wm.distributed import all_reduce_sum, barrier, setup_distributed
 from unified_wm.fingerprint import KEY as TOKEN_SPACE
 from unified_wm.fingerprint import check_training_inputs, token_space
-from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM, summarize_routing
+from unified_wm.model.attention_routing import summarize_routing
+from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
 from unified_wm.recipe import Recipe, build_model, check_recipe_inputs, fill_ds_config, load_recipe, lr_lambda, read_ds_config
 from unified_wm.parallel import check_sequence_parallel, check_zero_config, init_sequence_parallel, zero_grad_scale
 from unified_wm.parallel import enable as enable_long_sequence

@@ -46,7 +46,7 @@ def _frames_tokens(n_frames: int, gen: torch.Generator, cfg) -> list[int]:
 @torch.no_grad()
 def time_frames(backend: str, early: int, late: int, top_k: int, repeats: int = 1) -> dict:
     from unified_wm.model.cache import UWMCache
-    from unified_wm.model.modeling_uwm import StreamGrammar
+    from unified_wm.model.grammar import StreamGrammar
 
     model = _stream_model(backend, top_k, max_len=(late + 2) * 68 + 64)
     cfg = model.config

@@ -103,7 +103,7 @@ def time_steps(model, ids: torch.Tensor, warmup: int, steps: int) -> dict:
 
 
 def moc_sparsity(model, ids) -> float | None:
-    from unified_wm.model.modeling_uwm import summarize_routing
+    from unified_wm.model.attention_routing import summarize_routing
 
     with torch.no_grad():
         out = model(input_ids=ids, return_routing_stats=True)

@@ -285,3 +285,20 @@ def with_padding(out: torch.Tensor, v: torch.Tensor, r: Routing) -> torch.Tensor
     if not bool(pad.any()):
         return out
     return torch.where(pad[:, None, :, None], self_values(v, out.shape[1], out.shape[2]).to(out.dtype), out)
+
+
+def summarize_routing(stats: dict) -> dict:
+    """Flatten per-layer routing statistics: overall sparsity, share of selections by chunk
+    kind (previous frame, sink, text, far past) and the selection entropy of each layer."""
+    layers = [v for k, v in sorted(stats.items()) if k.startswith("layer") and v.get("moc_causal_pairs")]
+    if not layers:
+        return {}
+    routed = sum(v["moc_routed_pairs"] for v in layers)
+    causal = sum(v["moc_causal_pairs"] for v in layers)
+    out = {"moc_sparsity": 1.0 - routed / max(causal, 1.0)}
+    total = sum(v.get("moc_sel_total", 0.0) for v in layers)
+    for kind in ("prev", "sink", "text", "far"):
+        out[f"moc_share_{kind}"] = sum(v.get(f"moc_sel_{kind}", 0.0) for v in layers) / max(total, 1.0)
+    for i, v in enumerate(layers):
+        out[f"moc_entropy_layer{i}"] = v.get("moc_selection_entropy", 0.0)
+    return out

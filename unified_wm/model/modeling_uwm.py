@@ -11,8 +11,8 @@ Read top to bottom:
 5. ``MLP`` (SwiGLU), ``Block``.
 6. ``UnifiedWMForCausalLM``  embeddings, blocks, LM head, per-modality losses, KV cache,
                            and ``generate()`` constrained by the stream's grammar.
-7. ``StreamGrammar``       a logits processor: at a frame position only video codes can be
-                           sampled, at an action position only actions, and so on.
+``generate()`` enforces the stream's grammar with ``StreamGrammar`` (``grammar.py``): at a frame
+position only video codes can be sampled, at an action position only actions, and so on.
 """
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import LogitsProcessorList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # relative: an exported folder carries these files and loads without the package (remote_code.py)
 from .attention import AttentionSettings, StreamMeta, attend
 from .cache import UWMCache, layer_decode_state, new_decode_states, stream_state
+from .grammar import StreamGrammar
 
 MODALITIES = ("special", "text", "action", "video")
 # rotary positions: "1d" rotates every token by its position in the document (LLaMA);
@@ -617,73 +618,6 @@ class UnifiedWMForCausalLM(UnifiedWMPreTrainedModel, GenerationMixin):
         if kwargs.get("use_cache", True) and kwargs.get("cache") is None:
             kwargs["cache"] = UWMCache(self.config)
         return super().generate(inputs, logits_processor=procs, **kwargs)
-
-
-def summarize_routing(stats: dict) -> dict:
-    """Flatten per-layer routing statistics: overall sparsity, share of selections by chunk
-    kind (previous frame, sink, text, far past) and the selection entropy of each layer."""
-    layers = [v for k, v in sorted(stats.items()) if k.startswith("layer") and v.get("moc_causal_pairs")]
-    if not layers:
-        return {}
-    routed = sum(v["moc_routed_pairs"] for v in layers)
-    causal = sum(v["moc_causal_pairs"] for v in layers)
-    out = {"moc_sparsity": 1.0 - routed / max(causal, 1.0)}
-    total = sum(v.get("moc_sel_total", 0.0) for v in layers)
-    for kind in ("prev", "sink", "text", "far"):
-        out[f"moc_share_{kind}"] = sum(v.get(f"moc_sel_{kind}", 0.0) for v in layers) / max(total, 1.0)
-    for i, v in enumerate(layers):
-        out[f"moc_entropy_layer{i}"] = v.get("moc_selection_entropy", 0.0)
-    return out
-
-
-# ----------------------------------------------------------------------------- 7. grammar
-class StreamGrammar(LogitsProcessor):
-    """Mask logits so that generated streams are always well formed.
-
-    - inside a frame (fewer than ``tokens_per_frame`` codes since ``<frame>``): video codes only;
-    - after ``<act>`` until ``tokens_per_action`` actions: action ids only, then ``</act>``;
-    - inside a text segment: text pieces or ``</text>``;
-    - between segments: ``<frame>``, ``<act>``, ``<text>`` or ``<eos>``.
-    """
-
-    def __init__(self, cfg: UnifiedWMConfig):
-        self.cfg = cfg
-        V = cfg.vocab_size
-        self.allow = {}
-        def mk(*ranges_or_ids):
-            m = torch.zeros(V, dtype=torch.bool)
-            for r in ranges_or_ids:
-                if isinstance(r, (tuple, list)):
-                    m[r[0]:r[1]] = True
-                else:
-                    m[r] = True
-            return m
-        self.allow["video"] = mk(tuple(cfg.video_range))
-        self.allow["action"] = mk(tuple(cfg.action_range))
-        self.allow["act_close"] = mk(cfg.act_close_id)
-        self.allow["text"] = mk(tuple(cfg.text_range), cfg.text_close_id)
-        self.allow["between"] = mk(cfg.frame_id, cfg.act_open_id, cfg.text_open_id, cfg.eos_token_id)
-
-    def state_of(self, ids: list[int]) -> str:
-        c = self.cfg
-        for back, t in enumerate(reversed(ids)):
-            if t == c.frame_id:
-                return "video" if back < c.tokens_per_frame else "between"
-            if t == c.act_open_id:
-                return "action" if back < c.tokens_per_action else "act_close"
-            if t == c.text_open_id:
-                return "text"
-            if t in (c.text_close_id, c.act_close_id, c.bos_token_id, c.eos_token_id):
-                return "between"
-        return "between"
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = scores.clone()
-        tail = input_ids[:, -1024:].tolist()  # segments are far shorter than this
-        for b in range(input_ids.shape[0]):
-            allow = self.allow[self.state_of(tail[b])].to(scores.device)
-            out[b, ~allow[: scores.shape[-1]]] = float("-inf")
-        return out
 
 
 def register() -> None:
