@@ -99,3 +99,23 @@ def tiny_hf(tmp_path_factory, processor):
     UnifiedWMForCausalLM(tiny_model_config(processor)).save_pretrained(str(out), safe_serialization=True)
     processor.save_pretrained(out)
     return out
+
+
+def uwm_in_process(*args):
+    """`uwm ARGS` through the CLI's own entry point in this process: the same exit code and
+    messages as the console command, without a new interpreter importing torch and
+    transformers again (seconds per call). For bad-input paths that stop before any heavy work;
+    runs that train or launch ranks use a subprocess."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from unified_wm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code if isinstance(e.code, int) else 1
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from unified_wm.distributed import free_port
 
+from tests.conftest import uwm_in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DEEPSPEED = str(Path(PY).parent / "deepspeed")
@@ -134,12 +136,12 @@ def test_unknown_eval_task_lists_valid_names(trained, tmp_path):
     suite["tasks"] = ["nll", "fvd_magic"]
     sp = tmp_path / "suite.yaml"
     sp.write_text(yaml.safe_dump(suite))
-    r = uwm("eval", "--model", trained["hf"], "--suite", sp, check=False)
+    r = uwm_in_process("eval", "--model", trained["hf"], "--suite", sp)
     assert r.returncode == 2 and "unknown task 'fvd_magic'" in r.stderr and "offscreen" in r.stderr
 
 
 def test_eval_refuses_training_episodes(trained, world_data, tmp_path):
-    r = uwm("eval", "--model", trained["hf"], "--suite", ROOT / "eval/quick.yaml", "--data", world_data, check=False)
+    r = uwm_in_process("eval", "--model", trained["hf"], "--suite", ROOT / "eval/quick.yaml", "--data", world_data)
     assert r.returncode == 2 and "shares" in r.stderr and "held-out" in r.stderr
 
 
@@ -177,20 +179,20 @@ def test_single_process_uwm_train_and_resume(tiny_recipe):
 
 
 def test_missing_model_folder(tmp_path):
-    r = uwm("rollout", "--model", tmp_path / "no_model", "--out", tmp_path / "x.mp4", check=False)
+    r = uwm_in_process("rollout", "--model", tmp_path / "no_model", "--out", tmp_path / "x.mp4")
     assert r.returncode == 2 and "no_model" in r.stderr and "does not exist" in r.stderr
     assert not (tmp_path / "x.mp4").exists()
 
 
 def test_unknown_action_name(trained, tmp_path):
-    r = uwm("rollout", "--model", trained["hf"], "--actions", "left,teleport", "--out", tmp_path / "x.mp4", check=False)
+    r = uwm_in_process("rollout", "--model", trained["hf"], "--actions", "left,teleport", "--out", tmp_path / "x.mp4")
     assert r.returncode == 2 and "unknown action name 'teleport'" in r.stderr
     assert not (tmp_path / "x.mp4").exists()
 
 
 def test_prompt_longer_than_context(trained, tmp_path):
     long_prompt = " ".join(["a red car enters from the left"] * 400)
-    r = uwm("rollout", "--model", trained["hf"], "--prompt", long_prompt, "--frames", "2", "--out", tmp_path / "x.mp4", check=False)
+    r = uwm_in_process("rollout", "--model", trained["hf"], "--prompt", long_prompt, "--frames", "2", "--out", tmp_path / "x.mp4")
     assert r.returncode == 2 and "more than the model's context of 2048 tokens" in r.stderr
     assert not list(tmp_path.iterdir())
 
@@ -237,3 +239,21 @@ def test_uwm_pipeline_runs_every_stage_once_and_resumes(tmp_path):
     cp.write_text(yaml.safe_dump(cfg))
     bad = uwm("pipeline", "--config", cp, check=False)
     assert bad.returncode == 2 and "trains on 'dynamics', which this pipeline does not tokenize" in bad.stderr
+
+
+def test_atari_pipeline_generates_with_gen_atari_and_refuses_probe_splits(tmp_path):
+    """The shipped Pong pipeline's data stage runs `uwm data gen-atari` for both splits, and its
+    eval gets no probe folders; probe splits or two data sources are refused by name."""
+    cfg = yaml.safe_load((ROOT / "recipes/pipelines/atari_cpu.yaml").read_text())
+    cfg["workdir"] = str(tmp_path / "w")
+    cp = tmp_path / "p.yaml"
+    cp.write_text(yaml.safe_dump(cfg))
+    r = uwm_in_process("pipeline", "--config", cp, "--dry-run")
+    gens = [ln for ln in r.stdout.splitlines() if ln.startswith("$ ") and " data gen-" in ln]
+    assert len(gens) == 2 and all(" data gen-atari --config recipes/data/atari_pong.yaml " in g for g in gens)
+    assert "--split val" in gens[1] and "--offscreen-data" not in r.stdout and not (tmp_path / "w").exists()
+    for change, message in (({"episodes": {"probe_offscreen": 8}}, "the probe splits are made by the procedural world"),
+                            ({"world": "recipes/data/world.yaml"}, "give exactly one data source")):
+        cp.write_text(yaml.safe_dump({**cfg, **change}))
+        bad = uwm_in_process("pipeline", "--config", cp)
+        assert bad.returncode == 2 and message in bad.stderr

@@ -219,13 +219,15 @@ def test_cli_streams_a_batch_from_an_episode(model_dir, val_data, tmp_path):
 
 
 def test_cli_bad_context_and_episode_are_named(model_dir, tmp_path):
+    from tests.conftest import uwm_in_process
+
     from PIL import Image
 
     img = tmp_path / "big.png"
     Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(img)
-    r = run_uwm("rollout", "--model", model_dir, "--context", img, "--out", tmp_path / "x.mp4")
+    r = uwm_in_process("rollout", "--model", model_dir, "--context", img, "--out", tmp_path / "x.mp4")
     assert r.returncode == 2 and str(img) in r.stderr and "64x64" in r.stderr, r.stderr
-    r = run_uwm("rollout", "--model", model_dir, "--episode", "nowhere", "--out", tmp_path / "x.mp4")
+    r = uwm_in_process("rollout", "--model", model_dir, "--episode", "nowhere", "--out", tmp_path / "x.mp4")
     assert r.returncode == 2 and "DATASET:INDEX" in r.stderr, r.stderr
     assert not list(tmp_path.glob("x*")) and not list(tmp_path.glob(".x*"))
 

@@ -1,6 +1,7 @@
 """``uwm pipeline --config recipes/pipelines/world_cpu.yaml``: a recipe's whole path, resumable.
 
-data (procedural world: train, val and probe splits) -> text + video tokenizers -> processor
+data (the procedural world: train, val and probe splits; or Atari: train and val) -> text + video
+tokenizers -> processor
 -> token documents -> training (the ``deepspeed`` launcher) -> Hugging Face folder -> eval
 suites. Each stage is the command a user would type, printed before it runs. A stage whose
 output is complete is skipped (``pipeline_state.json`` in the work folder records the
@@ -37,10 +38,11 @@ class EpisodeCounts:
 @dataclass
 class Pipeline:
     workdir: str
-    world: str  # world config (recipes/data/*.yaml)
     recipe: str  # training recipe (recipes/*.yaml); its data paths are set to this pipeline's
+    world: str = ""  # the data: a procedural-world config (recipes/data/world*.yaml) ...
+    atari: str = ""  # ... or an Atari config (recipes/data/atari_*.yaml); exactly one of the two
     episodes: EpisodeCounts = field(default_factory=EpisodeCounts)
-    world_overrides: dict = field(default_factory=dict)  # world knobs changed for this pipeline (e.g. texture)
+    world_overrides: dict = field(default_factory=dict)  # data-config knobs changed for this pipeline (e.g. texture)
     text_tokenizer: str = "tokenizers/text_captions.yaml"
     video_tokenizer: str = "tokenizers/video_fsq_tiny.yaml"
     processor: str = "tokenizers/processor.yaml"
@@ -51,13 +53,22 @@ class Pipeline:
     eval: list[str] = field(default_factory=list)  # suites (eval/*.yaml), run on this pipeline's splits
     description: str = ""
 
+    @property
+    def source(self) -> str:
+        return "atari" if self.atari else "world"
+
     def validate(self) -> None:
         from unified_wm.sequence import TEMPLATES
 
         for t in self.templates:
             if t not in TEMPLATES:
                 raise ValueError(f"templates: unknown template '{t}'; valid templates: {', '.join(TEMPLATES)}")
-        files = [(k, getattr(self, k)) for k in ("world", "recipe", "text_tokenizer", "video_tokenizer", "processor", "deepspeed")]
+        if bool(self.world) == bool(self.atari):
+            raise ValueError("give exactly one data source: 'world' (a procedural-world config) or 'atari' (an Atari config)")
+        if self.atari and (self.episodes.probe_offscreen or self.episodes.probe_revisit):
+            raise ValueError("episodes.probe_offscreen / probe_revisit: the probe splits are made by the procedural world "
+                             "only; set both to 0 for an 'atari' pipeline")
+        files = [(k, getattr(self, k)) for k in (self.source, "recipe", "text_tokenizer", "video_tokenizer", "processor", "deepspeed")]
         for key, path in files + [("eval", s) for s in self.eval]:
             if not Path(path).is_file():
                 raise ValueError(f"{key}: file '{path}' does not exist")
@@ -72,18 +83,19 @@ class Pipeline:
 
 
 def _world_config(p: Pipeline, w: Path) -> str:
-    """The world config with this pipeline's overrides, written beside the data (so the data's
-    recipe is on disk with it)."""
+    """The data config (world or Atari) with this pipeline's overrides, written beside the data
+    (so the data's recipe is on disk with it)."""
+    src = getattr(p, p.source)
     if not p.world_overrides:
-        return p.world
+        return src
     import yaml
 
-    cfg = yaml.safe_load(Path(p.world).read_text())
+    cfg = yaml.safe_load(Path(src).read_text())
     unknown = [k for k in p.world_overrides if k not in cfg]
     if unknown:
-        raise ConfigError(f"world_overrides: '{unknown[0]}' is not a key of '{p.world}'")
+        raise ConfigError(f"world_overrides: '{unknown[0]}' is not a key of '{src}'")
     cfg.update(p.world_overrides)
-    out = w / "world.yaml"
+    out = w / f"{p.source}.yaml"
     w.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return str(out)
@@ -96,8 +108,9 @@ def stage_commands(p: Pipeline, config_path: str) -> dict[str, list[list[str]]]:
     uwm = [py, "-m", "unified_wm.cli"]
     world = _world_config(p, w)
     e = p.episodes
-    data = [uwm + ["data", "gen-world", "--config", world, "--out", str(w / "data"), "--episodes", str(e.train), "--no-progress"],
-            uwm + ["data", "gen-world", "--config", world, "--out", str(w / "data_val"), "--episodes", str(e.val),
+    gen = uwm + ["data", f"gen-{p.source}", "--config", world]
+    data = [gen + ["--out", str(w / "data"), "--episodes", str(e.train), "--no-progress"],
+            gen + ["--out", str(w / "data_val"), "--episodes", str(e.val),
                    "--split", "val", "--no-progress"]]
     for split, n in (("probe_offscreen", e.probe_offscreen), ("probe_revisit", e.probe_revisit)):
         if n:
