@@ -63,3 +63,17 @@ def test_model_registers_after_import_unified_wm_then_transformers():
     from unified_wm.model.modeling_uwm import UnifiedWMConfig
 
     assert unified_wm.UnifiedWMConfig is UnifiedWMConfig
+
+
+def test_model_registers_when_transformers_is_first_imported_inside_the_package():
+    """`from unified_wm.model.cache import UWMCache` first: transformers is imported from inside
+    a half-made module; the model registers once that import is done, without a warning."""
+    code = ("import warnings; warnings.simplefilter('error')\n"
+            "from unified_wm.model.cache import UWMCache\n"
+            "from transformers import AutoConfig\n"
+            "cfg = AutoConfig.for_model('unified_wm', hidden_size=32, num_attention_heads=4)\n"
+            "print(type(cfg).__module__)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "could not register" not in r.stderr, r.stderr[-3000:]
+    assert r.stdout.split() == ["unified_wm.model.modeling_uwm"]

@@ -25,9 +25,22 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'unified_wm' has no attribute '{name}'")
 
 
+def _importing_package() -> bool:
+    """True while one of this package's modules is half-imported (its body is running)."""
+    return any(n.startswith("unified_wm.") and getattr(getattr(m, "__spec__", None), "_initializing", False)
+               for n, m in list(sys.modules.items()))
+
+
 def _register_model() -> None:
-    """Import the model's module (it registers itself), unless it is being imported right now."""
+    """Import the model's module (it registers itself), unless it is being imported right now.
+    When ``transformers`` is first imported from inside one of this package's modules (say
+    ``from unified_wm.model.cache import UWMCache`` before anything else), the model's module
+    would import that half-made module: registration then waits for the next import after it."""
     if _MODEL in sys.modules:
+        return
+    if _importing_package():
+        if not any(isinstance(f, _RegisterWhenPackageReady) for f in sys.meta_path):
+            sys.meta_path.insert(0, _RegisterWhenPackageReady())
         return
     try:
         importlib.import_module(_MODEL)
@@ -61,6 +74,17 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
         except AttributeError:  # a loader that cannot be wrapped: register when the model is used
             pass
         return spec
+
+
+class _RegisterWhenPackageReady(importlib.abc.MetaPathFinder):
+    """One-shot: at the first import once no module of this package is half-imported, register."""
+
+    def find_spec(self, name, path=None, target=None):
+        if not _importing_package():
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _register_model()
+        return None
 
 
 if "transformers" in sys.modules:
