@@ -392,3 +392,47 @@ def test_resume_skips_a_corrupted_tokenizer_checkpoint(data_dir, tmp_path):
     state.write_bytes(bytes(data))
     s = train_video_tokenizer("<test>", data_dir, out, resume=True, progress=False, config=cfg)
     assert s["steps"] == 12 and s["steps_this_run"] == 6  # resumed from step6, the newest that verifies
+
+
+def test_foreground_mask_weights_and_report_find_a_moving_dot():
+    """A 2x2 dot moving over a flat background: the background is the flat colour, the mask and
+    the loss weights pick the dot's pixels alone (per frame, also in a 2-frame group), and the
+    reconstruction report's foreground PSNR scores those pixels only."""
+    from unified_wm.tokenization.video_train import _foreground_weights, _reconstruction_report, background_of, foreground_mask
+
+    frames = np.full((8, 16, 16, 3), (140, 70, 20), np.uint8)
+    for i in range(8):
+        frames[i, 5:7, 2 * i:2 * i + 2] = (230, 230, 230)
+    bg = background_of(frames)
+    assert (bg == (140, 70, 20)).all()
+    mask = foreground_mask(frames, bg)
+    assert mask.sum() == 8 * 4 and mask[3, 5:7, 6:8].all()
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    bgt = torch.from_numpy(bg).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    w = _foreground_weights(x, bgt, 9.0)
+    assert torch.equal(w == 10.0, torch.from_numpy(mask)[:, None].expand(8, 3, 16, 16)) and set(w.unique().tolist()) == {1.0, 10.0}
+    w2 = _foreground_weights(x.reshape(4, 6, 16, 16), bgt, 9.0)  # frames grouped in twos
+    assert torch.equal(w2.reshape(8, 3, 16, 16), w)
+
+    class Erase:  # a "tokenizer" that returns the background: perfect off the dot, wrong on it
+        temporal, codebook_size, tokens_per_frame, grid, image_size = 1, 4, 1, (1, 1), 16
+
+        def encode(self, f):
+            return torch.zeros(len(f), 1, dtype=torch.long)
+
+        def decode(self, c, num_frames=None):
+            return np.broadcast_to(bg, (len(c), 16, 16, 3)).copy()
+
+    rep, _ = _reconstruction_report(Erase(), frames)
+    assert rep["foreground_share"] == 32 / (8 * 256) and rep["foreground_psnr"] < 5 and rep["psnr"] > rep["foreground_psnr"] + 15
+
+
+def test_foreground_weight_changes_the_training_loss_and_is_checked(data_dir, tmp_path):
+    runs = {}
+    for w in (0.0, 20.0):
+        train_video_tokenizer("<test>", data_dir, tmp_path / f"w{w}", max_steps=5, progress=False, config=_tiny_config(foreground_weight=w))
+        rows = [json.loads(x) for x in (tmp_path / f"w{w}" / "metrics.jsonl").read_text().splitlines()]
+        runs[w] = [r["loss"] for r in rows if "loss" in r][-1]
+    assert all(math.isfinite(v) for v in runs.values()) and runs[0.0] != runs[20.0]
+    with pytest.raises(ValueError, match="train.foreground_weight"):
+        _tiny_config(foreground_weight=-1.0).train.validate()

@@ -98,6 +98,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     loss: Literal["l1", "mse", "l1+mse"] = "l1+mse"
     grad_loss_weight: float = 0.0  # L1 on horizontal/vertical image differences (edges)
+    # pixels that differ from the static background (the per-pixel median of the training
+    # frames) weigh 1 + foreground_weight in the reconstruction loss: small moving objects on a
+    # flat background (Pong's ball and paddles) are otherwise a rounding error of the mean
+    foreground_weight: float = 0.0
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
@@ -121,6 +125,8 @@ class TrainConfig:
             raise ValueError(f"train.grad_clip = {self.grad_clip}; expected >= 0 (0: no clipping)")
         if self.grad_loss_weight < 0:
             raise ValueError(f"train.grad_loss_weight = {self.grad_loss_weight}; a loss weight must be >= 0")
+        if self.foreground_weight < 0:
+            raise ValueError(f"train.foreground_weight = {self.foreground_weight}; a loss weight must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay = {self.ema_decay}; expected 0 (off) or a decay in (0, 1), e.g. 0.999")
 

@@ -124,13 +124,39 @@ def _lr_at(step: int, tc: TrainConfig) -> float:
     return warmup_cosine_lr(step, tc.lr, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
 
 
-def _recon_loss(rec: torch.Tensor, x: torch.Tensor, tc: TrainConfig) -> torch.Tensor:
-    if tc.loss == "l1":
-        loss = (rec - x).abs().mean()
-    elif tc.loss == "mse":
-        loss = (rec - x).pow(2).mean()
+FOREGROUND_THRESHOLD = 24  # a pixel is foreground where a channel differs from the background by more (0..255)
+
+
+def background_of(frames: np.ndarray | torch.Tensor, max_frames: int = 1024) -> np.ndarray:
+    """The static background of uint8 frames [N,H,W,3]: the per-pixel median of up to
+    ``max_frames`` evenly spaced frames."""
+    f = np.asarray(frames)
+    idx = np.linspace(0, len(f) - 1, num=min(max_frames, len(f))).astype(int)
+    return np.median(f[idx], axis=0).astype(np.uint8)
+
+
+def foreground_mask(frames: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """bool [N,H,W]: the pixels of ``frames`` that differ from ``background``."""
+    return (np.abs(frames.astype(np.int16) - background.astype(np.int16)).max(-1) > FOREGROUND_THRESHOLD)
+
+
+def _foreground_weights(x: torch.Tensor, bg: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-element loss weights for a batch [B,3*t,H,W] in [-1,1] against bg [3,H,W] in [-1,1]."""
+    b, c, h, w = x.shape
+    d = (x - bg.repeat(c // 3, 1, 1)).abs().reshape(b, c // 3, 3, h, w).amax(2, keepdim=True)
+    fg = (d > FOREGROUND_THRESHOLD / 127.5).float()
+    return (1.0 + weight * fg).expand(b, c // 3, 3, h, w).reshape(b, c, h, w)
+
+
+def _recon_loss(rec: torch.Tensor, x: torch.Tensor, tc: TrainConfig, bg: torch.Tensor | None = None) -> torch.Tensor:
+    e = rec - x
+    if bg is not None and tc.foreground_weight > 0:  # weighted means: the loss keeps its scale
+        wt = _foreground_weights(x, bg, tc.foreground_weight)
+        wt = wt / wt.mean()
+        l1, l2 = (wt * e.abs()).mean(), (wt * e.pow(2)).mean()
     else:
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        l1, l2 = e.abs().mean(), e.pow(2).mean()
+    loss = l1 if tc.loss == "l1" else l2 if tc.loss == "mse" else l1 + l2
     if tc.grad_loss_weight > 0:
         dxr, dxx = rec[..., :, 1:] - rec[..., :, :-1], x[..., :, 1:] - x[..., :, :-1]
         dyr, dyx = rec[..., 1:, :] - rec[..., :-1, :], x[..., 1:, :] - x[..., :-1, :]
@@ -211,6 +237,8 @@ def train_video_tokenizer(
     frames = torch.from_numpy(frames_np)  # uint8 [N,S,S,3]
     n = len(frames)
     sampler = _group_sampler(n, starts, cfg.temporal) if cfg.temporal > 1 else None
+    bg = (torch.from_numpy(background_of(frames_np)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+          if tc.foreground_weight > 0 else None)
 
     torch.manual_seed(tc.seed)
     model = VideoTokenizer(cfg)
@@ -265,7 +293,7 @@ def train_video_tokenizer(
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, tc)
         rec, idx, aux = model(x)
-        loss = _recon_loss(rec, x, tc) + aux
+        loss = _recon_loss(rec, x, tc, bg) + aux
         if not torch.isfinite(loss):
             raise FloatingPointError(f"video tokenizer loss became {float(loss)} at step {step}; lower train.lr in '{config_path}'")
         opt.zero_grad(set_to_none=True)
@@ -329,12 +357,17 @@ def _reconstruction_report(tok: VideoTokenizer, frames: np.ndarray, starts: np.n
     p = psnr(frames, rec)
     p = p.clamp(max=100.0)
     s = ssim(frames, rec)
+    # the pixels off the static background (moving objects): PSNR pooled over them alone
+    fg = foreground_mask(frames, background_of(frames))
+    fg_mse = float(((frames.astype(np.float64) - rec.astype(np.float64)) ** 2)[fg].mean()) if fg.any() else float("nan")
     use = code_usage(codes, tok.codebook_size)
     rep = {
         "frames": int(len(frames)),
         "psnr": float(p.mean()),
         "psnr_min": float(p.min()),
         "ssim": float(s.mean()),
+        "foreground_share": float(fg.mean()),
+        "foreground_psnr": 10 * math.log10(255.0 ** 2 / max(fg_mse, 1e-10)) if fg.any() else float("nan"),
         "code_usage": use["usage"],
         "codes_used": use["codes_used"],
         "perplexity": use["perplexity"],
