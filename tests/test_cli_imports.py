@@ -47,6 +47,12 @@ def test_light_command_help_does_not_import_torch(command):
     assert "torch" not in info["heavy"] and "transformers" not in info["heavy"], info
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (the import order under test is its own)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def test_model_registers_after_import_unified_wm_then_transformers():
     code = ("import sys, unified_wm\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
@@ -54,8 +60,7 @@ def test_model_registers_after_import_unified_wm_then_transformers():
             "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
             "cfg = AutoConfig.for_model('unified_wm', hidden_size=32, num_attention_heads=4)\n"
             "print(type(cfg).__module__, 'unified_wm' in CONFIG_MAPPING)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = _python(code)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["unified_wm.model.modeling_uwm", "True"]
     # and the package's names still resolve (lazily)
@@ -73,7 +78,6 @@ def test_model_registers_when_transformers_is_first_imported_inside_the_package(
             "from transformers import AutoConfig\n"
             "cfg = AutoConfig.for_model('unified_wm', hidden_size=32, num_attention_heads=4)\n"
             "print(type(cfg).__module__)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = _python(code)
     assert r.returncode == 0 and "could not register" not in r.stderr, r.stderr[-3000:]
     assert r.stdout.split() == ["unified_wm.model.modeling_uwm"]
