@@ -82,7 +82,7 @@ class Pipeline:
                              f"tokenize (templates: {', '.join(self.templates)})")
 
 
-def _world_config(p: Pipeline, w: Path) -> str:
+def _data_config(p: Pipeline, w: Path) -> str:
     """The data config (world or Atari) with this pipeline's overrides, written beside the data
     (so the data's recipe is on disk with it)."""
     src = getattr(p, p.source)
@@ -106,16 +106,15 @@ def stage_commands(p: Pipeline, config_path: str) -> dict[str, list[list[str]]]:
     w = Path(p.workdir)
     py = sys.executable
     uwm = [py, "-m", "unified_wm.cli"]
-    world = _world_config(p, w)
+    data_config = _data_config(p, w)
     e = p.episodes
-    gen = uwm + ["data", f"gen-{p.source}", "--config", world]
+    gen = uwm + ["data", f"gen-{p.source}", "--config", data_config]
     data = [gen + ["--out", str(w / "data"), "--episodes", str(e.train), "--no-progress"],
             gen + ["--out", str(w / "data_val"), "--episodes", str(e.val),
                    "--split", "val", "--no-progress"]]
     for split, n in (("probe_offscreen", e.probe_offscreen), ("probe_revisit", e.probe_revisit)):
         if n:
-            data.append(uwm + ["data", "gen-world", "--config", world, "--out", str(w / split), "--episodes", str(n),
-                               "--split", split, "--no-progress"])
+            data.append(gen + ["--out", str(w / split), "--episodes", str(n), "--split", split, "--no-progress"])
     video = uwm + ["tokenizer", "train-video", "--config", p.video_tokenizer, "--data", str(w / "data"),
                    "--out", str(w / "tokenizers" / "video"), "--no-progress"]
     if (w / "tokenizers" / "video" / "checkpoints").is_dir():
