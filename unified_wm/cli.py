@@ -4,7 +4,7 @@
   uwm pipeline                              a recipe's whole path (data .. eval), resumable
   uwm data gen-world | gen-atari | tokenize
   uwm tokenizer train-text | train-video | eval-video | build-processor
-  uwm train                                 one process (multi-rank: deepspeed -m unified_wm.train)
+  uwm train                                 one process (multi-rank: deepspeed --module unified_wm.train)
   uwm export                                DeepSpeed checkpoint -> Hugging Face folder
   uwm rollout                               text + actions -> video, GIF, contact sheet
   uwm play                                  play the model in the browser (a local page)

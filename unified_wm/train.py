@@ -1,7 +1,7 @@
-"""Training through DeepSpeed: ``deepspeed --num_gpus N -m unified_wm.train --recipe R --deepspeed C``.
+"""Training through DeepSpeed: ``deepspeed --num_gpus N --module unified_wm.train --recipe R --deepspeed C``.
 
 ``uwm train`` runs the same loop in one process (DeepSpeed with world size 1). Several nodes:
-a hostfile (``node1 slots=8`` per line) and ``deepspeed --hostfile hostfile -m unified_wm.train
+a hostfile (``node1 slots=8`` per line) and ``deepspeed --hostfile hostfile --module unified_wm.train
 --recipe R --deepspeed C`` from a checkout on a filesystem every node shares.
 
 We use the DeepSpeed engine directly (not the HF Trainer): the loss is ours (per-task,
