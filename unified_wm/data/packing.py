@@ -42,11 +42,15 @@ class PackedBatches:
             self.task_of[self.by_task[name]] = i
         self.ids = docs["input_ids"]
         self.masks = docs["loss_mask"]
-        self._epoch_rows: dict[int, list] = {}
+        self._epoch_rows: dict[int, list] = {}  # the epoch in use (one epoch of rows held at a time)
+        self._per_rank: int | None = None
 
     def epoch_rows(self, epoch: int):
-        if epoch in self._epoch_rows:
-            return self._epoch_rows[epoch]
+        if epoch not in self._epoch_rows:
+            self._epoch_rows = {epoch: self._pack(epoch)}
+        return self._epoch_rows[epoch]
+
+    def _pack(self, epoch: int) -> list:
         rng = np.random.default_rng(self.recipe.train.seed * 1000003 + epoch)
         names = [n for n in self.recipe.tasks if len(self.by_task[n]) and self.recipe.tasks[n].weight > 0]
         w = np.array([self.recipe.tasks[n].weight for n in names], dtype=float)
@@ -77,11 +81,14 @@ class PackedBatches:
             cur_task += [int(self.task_of[d])] * len(take)
         if cur_ids:
             rows.append((cur_ids, cur_mask, cur_task))
-        self._epoch_rows = {epoch: rows}
         return rows
 
     def rows_per_rank_per_epoch(self) -> int:
-        return len(self.epoch_rows(0)) // self.world
+        """Epoch 0's rows per rank: every epoch is this many micro-batches long. Counted once: asking
+        epoch 0 again from a later epoch would re-pack both epochs at every step."""
+        if self._per_rank is None:
+            self._per_rank = len(self.epoch_rows(0)) // self.world
+        return self._per_rank
 
     def batch(self, micro_step: int):
         """The micro-batch of global micro-step ``micro_step`` for this rank."""
