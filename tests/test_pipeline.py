@@ -229,15 +229,16 @@ def test_uwm_pipeline_runs_every_stage_once_and_resumes(tmp_path):
     assert list(state["done"]) == ["data", "text_tokenizer", "video_tokenizer", "processor", "tokens", "train", "export", "eval"]
     res = json.loads((w / "eval_suite" / "results.json").read_text())
     assert 0.0 <= res["nll"]["dynamics"]["next_frame_token_acc"] <= 1.0 and "copy_shift" in res["nll"]["baselines"]
-    again = uwm("pipeline", "--config", cp)
-    assert again.stdout.count("skipped") == 8 and "$ " not in again.stdout
-    redo = uwm("pipeline", "--config", cp, "--redo", "train", "--dry-run")
+    # the calls below start no stage: in-process (each subprocess would import torch again)
+    again = uwm_in_process("pipeline", "--config", cp)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 8 and "$ " not in again.stdout
+    redo = uwm_in_process("pipeline", "--config", cp, "--redo", "train", "--dry-run")
     assert "--resume latest" in redo.stdout and "[pipeline] data: done" in redo.stdout
-    bad = uwm("pipeline", "--config", cp, "--redo", "training", check=False)
+    bad = uwm_in_process("pipeline", "--config", cp, "--redo", "training")
     assert bad.returncode == 2 and "unknown stage 'training'" in bad.stderr
     cfg["templates"] = ["interleaved"]
     cp.write_text(yaml.safe_dump(cfg))
-    bad = uwm("pipeline", "--config", cp, check=False)
+    bad = uwm_in_process("pipeline", "--config", cp)
     assert bad.returncode == 2 and "trains on 'dynamics', which this pipeline does not tokenize" in bad.stderr
 
 
