@@ -127,8 +127,8 @@ def test_eval_suite_writes_json_table_and_plots(trained, val_data, tmp_path):
     assert (tmp_path / "ev" / "rollout_psnr.png").stat().st_size > 1000
     assert (tmp_path / "ev" / "rollout_token_acc.png").stat().st_size > 1000
     # compare two runs side by side
-    c = uwm("eval", "compare", tmp_path / "ev", tmp_path / "ev")
-    assert "rollout/psnr_mean" in c.stdout and "+0.0000" in c.stdout
+    c = uwm_in_process("eval", "compare", tmp_path / "ev", tmp_path / "ev")
+    assert c.returncode == 0 and "rollout/psnr_mean" in c.stdout and "+0.0000" in c.stdout
 
 
 def test_unknown_eval_task_lists_valid_names(trained, tmp_path):
