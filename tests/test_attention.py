@@ -364,12 +364,36 @@ def test_reference_equals_naive_moba():
     torch.testing.assert_close(gat, want, atol=2e-5, rtol=1e-4)
 
 
+def test_dense_text_queries_read_their_whole_document():
+    """With ``dense_text_queries`` a text query's row of the mask is the dense row; other rows
+    keep their routing; every MoC backend (here gather and its decode state) equals the
+    reference, gradients included; the statistics count the dense rows."""
+    meta = make_meta(2, 83, seed=23)
+    q, k, v = qkv(seed=23)
+    kw = moc_kw(top_k=1)
+    on = AttentionSettings(backend="reference", dense_text_queries=True, **kw)
+    off = AttentionSettings(backend="reference", **kw)
+    m_on, m_off = routed_mask(q, k, meta, meta, on), routed_mask(q, k, meta, meta, off)
+    text = (meta.is_text & (meta.doc_ids >= 0))[:, None, :, None]
+    dense = dense_mask(meta, meta).expand_as(m_on)
+    assert bool((m_on == torch.where(text, dense, m_off)).all())
+    assert bool((m_on & text).sum() > (m_off & text).sum())  # top-k 1 leaves text rows sparse without it
+    ref = run("reference", q, k, v, meta, dense_text_queries=True, **kw)
+    got = run("gather", q, k, v, meta, dense_text_queries=True, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ref, got):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    stats: dict = {}
+    attend(q, k, v, meta, meta, AttentionSettings(backend="gather", dense_text_queries=True, **kw), stats=stats)
+    assert stats["moc_routed_pairs"] == float((m_on & (meta.doc_ids >= 0)[:, None, :, None]).sum())
+
+
 # ----------------------------------------------------------------------------- decoding
-def test_incremental_decoding_matches_full_reference():
+@pytest.mark.parametrize("dense_text", [False, True])
+def test_incremental_decoding_matches_full_reference(dense_text):
     B, N, p = 2, 60, 20
     meta = make_meta(B, N, seed=13)
     q, k, v = qkv(B=B, N=N, seed=13)
-    kw = dict(top_k=2, n_sink=2)
+    kw = dict(top_k=2, n_sink=2, dense_text_queries=dense_text)
     s = AttentionSettings(backend="gather", **kw)
     state = new_decode_state(s)
     assert isinstance(state, MoCDecodeState)
@@ -466,6 +490,7 @@ def test_regularisers_only_in_training_and_backends_agree():
         (dict(backend="gather", drop_off=1.0), "drop_off"),
         (dict(backend="gather", drop_in=-0.1), "drop_in"),
         (dict(backend="gather", gather_tile=0), "gather_tile"),
+        (dict(backend="gather", dense_text_queries="yes"), "dense_text_queries"),
     ],
 )
 def test_bad_settings_name_the_setting(kw, name):

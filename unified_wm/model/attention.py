@@ -60,6 +60,10 @@ attention: query head ``h`` reads KV head ``h // (Hq // Hkv)``). The queries are
 * Each query head picks the ``top_k`` highest-scoring candidates (fewer when fewer
   exist; ties broken by ``torch.topk``). With ``own_chunk_in_k=True`` (MoBA
   convention) the own chunk counts inside the budget: ``top_k - 1`` are routed.
+* With ``dense_text_queries=True`` a text query (``is_text``) routes nothing and reads every
+  key of its document at or before it, as in ``dense``: a caption written after a clip, or
+  an event caption, reads the whole clip. ``attend`` recomputes those rows after any MoC
+  backend (rows x keys of work); the reference mask holds them directly.
 * Allowed keys = causal (key position <= query position) AND same document AND
   (mandatory OR in a selected chunk). Padding queries (doc -1) attend to themselves
   only, as in :func:`dense_mask`, so no softmax row is empty.
@@ -93,7 +97,7 @@ from .attention_triton import triton_attend  # noqa: F401
 from .attention_core import ATTENTION_FUNCTIONS, BACKENDS, MOC_BACKENDS, AttentionSettings, StreamMeta, register_attention
 from .attention_decode import DECODE_MASKED_MAX_PAIRS, DECODE_MAX_QUERIES, MoCDecodeState, new_decode_state
 from .attention_dense import dense_mask
-from .attention_routing import check_shapes, routed_mask
+from .attention_routing import attend_dense_rows, check_shapes, dense_text_rows, routed_mask
 
 __all__ = ["ATTENTION_FUNCTIONS", "BACKENDS", "MOC_BACKENDS", "AttentionSettings", "MoCDecodeState", "StreamMeta", "attend",
            "dense_mask", "new_decode_state", "register_attention", "resolve_backend", "routed_mask"]
@@ -135,12 +139,18 @@ def attend(
     settings.validate()
     check_shapes(q, k, v, q_meta, k_meta)
     backend = resolve_backend(settings, q.device)
-    if state is not None and backend not in ("dense", "reference"):
+    if backend in ("dense", "reference"):  # the reference's mask already holds the dense text rows
+        return ATTENTION_FUNCTIONS[backend](q, k, v, q_meta, k_meta, settings, training, stats)
+    out = None
+    if state is not None:
         if not isinstance(state, MoCDecodeState):
             raise ValueError(f"attention state must be a MoCDecodeState (from new_decode_state), got {type(state).__name__}")
         state.update(k, k_meta)
         if q.shape[2] <= DECODE_MAX_QUERIES:
-            return state.attend(q, k, v, q_meta, k_meta, settings, training=training, stats=stats)
-        if q.shape[2] * k.shape[2] <= DECODE_MASKED_MAX_PAIRS and not training:
-            return state.attend_masked(q, k, v, q_meta, k_meta, settings, stats=stats)
-    return ATTENTION_FUNCTIONS[backend](q, k, v, q_meta, k_meta, settings, training, stats)
+            out = state.attend(q, k, v, q_meta, k_meta, settings, training=training, stats=stats)
+        elif q.shape[2] * k.shape[2] <= DECODE_MASKED_MAX_PAIRS and not training:
+            out = state.attend_masked(q, k, v, q_meta, k_meta, settings, stats=stats)
+    if out is None:
+        out = ATTENTION_FUNCTIONS[backend](q, k, v, q_meta, k_meta, settings, training, stats)
+    rows = dense_text_rows(q_meta, settings)
+    return out if rows is None else attend_dense_rows(out, q, k, v, q_meta, k_meta, rows)

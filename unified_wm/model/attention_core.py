@@ -65,6 +65,9 @@ class AttentionSettings:
     drop_off        training only: probability of dropping each selected chunk.
     drop_in         training only: probability of keeping each of ``top_k`` random extra chunks.
     own_chunk_in_k  MoBA convention: the own chunk uses one of the ``top_k`` slots.
+    dense_text_queries  a text query reads every earlier key of its document (no routing):
+                    captions and event text read the whole clip; text is a few percent of
+                    the tokens, so sparsity barely moves.
     gather_tile     query rows per (key chunk) tile in the ``gather`` backend.
     gather_block    most queries per block in the ``gather`` backend; blocks also shrink so
                     that one holds at most 65536 (query row, key chunk) pairs (workspace bound).
@@ -76,6 +79,7 @@ class AttentionSettings:
     drop_off: float = 0.0
     drop_in: float = 0.0
     own_chunk_in_k: bool = False
+    dense_text_queries: bool = False
     gather_tile: int = 128
     gather_block: int = 1024
 
@@ -93,8 +97,9 @@ class AttentionSettings:
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) < 1.0:
                 raise ValueError(f"attention setting '{name}' must be a number in [0, 1), got {val!r}")
-        if not isinstance(self.own_chunk_in_k, bool):
-            raise ValueError(f"attention setting 'own_chunk_in_k' must be true or false, got {self.own_chunk_in_k!r}")
+        for name in ("own_chunk_in_k", "dense_text_queries"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"attention setting '{name}' must be true or false, got {getattr(self, name)!r}")
         if self.backend == "flash":
             require_flash(None)
         if self.backend == "triton":

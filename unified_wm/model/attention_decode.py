@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention_core import BIG, AttentionSettings, StreamMeta
-from .attention_routing import (ChunkTable, Routing, accumulate_stats, key_mandatory, mandatory_before, query_slots, route,
-                                with_padding)
+from .attention_routing import (ChunkTable, Routing, accumulate_stats, dense_text_rows, key_mandatory, mandatory_before,
+                                query_slots, route, with_padding)
 
 # Decode path (per-token gather) is used for at most this many new queries per call.
 DECODE_MAX_QUERIES = 16
@@ -175,7 +175,7 @@ class MoCDecodeState:
         G = Hq // Hkv
         t = self.table()
         qslot, qdoc = query_slots(t, q_meta)
-        sel = route(q, t, qslot, qdoc, settings, training)
+        sel = route(q, t, qslot, qdoc, settings, training, q_meta.is_text)
         W = sel.shape[-1]
         L = max(t.lmax, 1)
         dev = q.device
@@ -216,7 +216,8 @@ class MoCDecodeState:
         out = torch.einsum("bkgql,bkgqld->bkgqd", p, vg.float()).reshape(B, Hq, Nq, D).to(q.dtype)
         if stats is not None:
             full = _chunk_table_lite(t, k_meta, self.n_sink)
-            accumulate_stats(stats, sel, full, qslot, q_meta, q_index, mandatory_before(full, qslot, q_meta, q_index))
+            accumulate_stats(stats, sel, full, qslot, q_meta, q_index, mandatory_before(full, qslot, q_meta, q_index),
+                             dense_text_rows(q_meta, settings))
         if W:  # how often each chunk is selected: unbounded streaming keeps the popular ones
             flat = sel.reshape(B, -1)
             self.sel_count[:, :t.C].scatter_add_(1, flat.clamp(min=0), (flat >= 0).float())
@@ -230,7 +231,7 @@ class MoCDecodeState:
         Nk = k.shape[2]
         t = self.table()
         qslot, qdoc = query_slots(t, q_meta)
-        sel = route(q, t, qslot, qdoc, settings, False)  # [B, Hq, Nq, W]
+        sel = route(q, t, qslot, qdoc, settings, False, q_meta.is_text)  # [B, Hq, Nq, W]
         key = (id(k_meta), t.C, Nk)
         memo = q_meta.__dict__.get("_masked_memo")
         if memo is None or memo[0] != key:  # the layout part is the same for every layer of a call
@@ -263,7 +264,8 @@ class MoCDecodeState:
         if stats is not None:
             full = _chunk_table_lite(t, k_meta, self.n_sink)
             q_index = torch.arange(Nk - Nq, Nk, device=q.device).expand(B, Nq)
-            accumulate_stats(stats, sel, full, qslot, q_meta, q_index, mandatory_before(full, qslot, q_meta, q_index))
+            accumulate_stats(stats, sel, full, qslot, q_meta, q_index, mandatory_before(full, qslot, q_meta, q_index),
+                             dense_text_rows(q_meta, settings))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != k.shape[1])
         return out
 

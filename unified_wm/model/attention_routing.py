@@ -4,7 +4,7 @@ regularisers, the statistics, and the routed mask. The ``reference`` backend (th
 to SDPA) is the oracle the other backends are tested against, so it lives here."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -99,8 +99,18 @@ def query_slots(table: ChunkTable, q_meta: StreamMeta) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def route(q: torch.Tensor, table: ChunkTable, qslot: torch.Tensor, qdoc: torch.Tensor,
-           settings: AttentionSettings, training: bool) -> torch.Tensor:
-    """Selected chunk slots ``[B, Hq, Nq, W]`` (-1 = none) for every query and head."""
+          settings: AttentionSettings, training: bool, q_text: torch.Tensor) -> torch.Tensor:
+    """Selected chunk slots ``[B, Hq, Nq, W]`` (-1 = none) for every query and head. With
+    ``dense_text_queries``, text queries (``q_text`` [B, Nq]) select none: they read every
+    earlier key of their document instead (:func:`dense_text_rows`)."""
+    sel = _top_chunks(q, table, qslot, qdoc, settings, training)
+    if settings.dense_text_queries and sel.shape[-1]:
+        sel = sel.masked_fill(q_text.bool()[:, None, :, None], -1)
+    return sel
+
+
+def _top_chunks(q: torch.Tensor, table: ChunkTable, qslot: torch.Tensor, qdoc: torch.Tensor,
+                settings: AttentionSettings, training: bool) -> torch.Tensor:
     B, Hq, Nq, _ = q.shape
     Hkv = table.sums.shape[1]
     G = Hq // Hkv
@@ -145,7 +155,8 @@ def route(q: torch.Tensor, table: ChunkTable, qslot: torch.Tensor, qdoc: torch.T
 
 @torch.no_grad()
 def accumulate_stats(stats: dict, sel: torch.Tensor, table: ChunkTable, qslot: torch.Tensor,
-                      q_meta: StreamMeta, q_index: torch.Tensor, mand_before: torch.Tensor) -> None:
+                      q_meta: StreamMeta, q_index: torch.Tensor, mand_before: torch.Tensor,
+                      dense_rows: torch.Tensor | None = None) -> None:
     """Add routing statistics of one call to ``stats`` (accumulated over calls/layers).
 
     Keys: ``moc_calls``; ``moc_routed_pairs`` / ``moc_causal_pairs`` (allowed vs causal
@@ -154,7 +165,8 @@ def accumulate_stats(stats: dict, sel: torch.Tensor, table: ChunkTable, qslot: t
     (previous chunk, chunk holding a sink token, chunk holding text, any other past
     chunk); ``moc_selection_entropy`` mean entropy (nats) of the per-head histogram of
     selected chunks. ``q_index`` [B, Nq] index of each query in the key row;
-    ``mand_before`` [B, Nq] mandatory keys of the query's document before its chunk.
+    ``mand_before`` [B, Nq] mandatory keys of the query's document before its chunk;
+    ``dense_rows`` [B, Nq] queries that read every earlier key of their document.
     """
     B, Hq, Nq, W = sel.shape
     C = table.C
@@ -168,7 +180,10 @@ def accumulate_stats(stats: dict, sel: torch.Tensor, table: ChunkTable, qslot: t
     hist = hist[:, :C].view(B, Hq, C)
     per_chunk = hist.sum(1)  # [B, C] selections of each chunk over heads and queries
     routed_keys = (table.length - table.mand_count).float()
-    base = ((own_causal + mand_before) * valid_q).sum() * Hq
+    row_keys = own_causal + mand_before
+    if dense_rows is not None:
+        row_keys = torch.where(dense_rows.bool(), q_meta.pos_in_doc.long() + 1, row_keys)
+    base = (row_keys * valid_q).sum() * Hq
     routed_pairs = float((per_chunk * routed_keys).sum()) + float(base)
     causal_pairs = float(((q_meta.pos_in_doc.long() + 1) * valid_q).sum()) * Hq
     sink_c = table.sink_chunk
@@ -222,11 +237,12 @@ class Routing:
 def plan_routing(q, k, q_meta, k_meta, settings, training, stats) -> Routing:
     table = chunk_table(k, k_meta, settings.n_sink)
     qslot, qdoc = query_slots(table, q_meta)
-    sel = route(q, table, qslot, qdoc, settings, training)
+    sel = route(q, table, qslot, qdoc, settings, training, q_meta.is_text)
     Nq, Nk = q.shape[2], k.shape[2]
     q_index = torch.arange(Nk - Nq, Nk, device=q.device).expand(q.shape[0], Nq)
     if stats is not None:
-        accumulate_stats(stats, sel, table, qslot, q_meta, q_index, mandatory_before(table, qslot, q_meta, q_index))
+        accumulate_stats(stats, sel, table, qslot, q_meta, q_index, mandatory_before(table, qslot, q_meta, q_index),
+                         dense_text_rows(q_meta, settings))
     return Routing(table, qslot, qdoc, sel, q_index)
 
 
@@ -266,7 +282,36 @@ def routed_mask(q: torch.Tensor, k: torch.Tensor, q_meta: StreamMeta, k_meta: St
     """
     check_shapes(q, k, k, q_meta, k_meta)
     r = plan_routing(q, k, q_meta, k_meta, settings, training, stats)
-    return mask_from_routing(r, q_meta, k_meta, q.shape[1])
+    mask = mask_from_routing(r, q_meta, k_meta, q.shape[1])
+    rows = dense_text_rows(q_meta, settings)
+    if rows is not None:
+        mask = mask | (dense_mask(q_meta, k_meta) & rows[:, None, :, None])
+    return mask
+
+
+def dense_text_rows(q_meta: StreamMeta, settings: AttentionSettings) -> torch.Tensor | None:
+    """``[B, Nq]`` queries that read every earlier key of their document (text queries under
+    ``dense_text_queries``), or None when no query does."""
+    if not settings.dense_text_queries:
+        return None
+    rows = q_meta.is_text.bool() & (q_meta.doc_ids >= 0)
+    return rows if bool(rows.any()) else None
+
+
+def attend_dense_rows(out: torch.Tensor, q, k, v, q_meta: StreamMeta, k_meta: StreamMeta, rows: torch.Tensor) -> torch.Tensor:
+    """``out`` with the queries in ``rows`` [B, Nq] recomputed as dense document-causal
+    attention. Only those rows are computed, so the work is (rows x keys), not Nq x Nk."""
+    out = out.clone()
+    for b in range(q.shape[0]):
+        idx = rows[b].nonzero()[:, 0]
+        if not len(idx):
+            continue
+        sub = StreamMeta(*(getattr(q_meta, f.name)[b:b + 1, idx] for f in fields(StreamMeta)))
+        kb = StreamMeta(*(getattr(k_meta, f.name)[b:b + 1] for f in fields(StreamMeta)))
+        o = F.scaled_dot_product_attention(q[b:b + 1, :, idx], k[b:b + 1], v[b:b + 1], attn_mask=dense_mask(sub, kb),
+                                           enable_gqa=q.shape[1] != k.shape[1])
+        out[b, :, idx] = o[0].to(out.dtype)
+    return out
 
 
 @register_attention("reference")
