@@ -196,10 +196,12 @@ def test_config_attention_is_the_recipes_section_and_old_configs_still_load(tmp_
     from unified_wm.recipe import build_model, load_recipe
     from unified_wm.train import parse_override
 
-    recipe = load_recipe(tiny_recipe, parse_override("attention.top_k=3"))
+    over = parse_override("attention.top_k=3")
+    over["attention"].update(parse_override("attention.dense_text_queries=true")["attention"])
+    recipe = load_recipe(tiny_recipe, over)
     model = build_model(recipe, processor)
     assert model.config.attention == dataclasses.asdict(recipe.attention)
-    assert model.config.attention_settings().top_k == 3
+    assert model.config.attention_settings().top_k == 3 and model.config.attention_settings().dense_text_queries
     model.config.save_pretrained(tmp_path / "new")
     d = json.loads((tmp_path / "new" / "config.json").read_text())
     old = {k: v for k, v in d.items() if k != "attention"}
@@ -207,7 +209,7 @@ def test_config_attention_is_the_recipes_section_and_old_configs_still_load(tmp_
                moc_drop_in=0.0)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(old))
-    assert UnifiedWMConfig.from_pretrained(tmp_path / "old").attention == model.config.attention
+    assert UnifiedWMConfig.from_pretrained(tmp_path / "old").attention == {**model.config.attention, "dense_text_queries": False}
     with pytest.raises(ValueError, match="unknown key 'topk'"):
         UnifiedWMConfig(attention={"topk": 2})
 

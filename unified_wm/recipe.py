@@ -42,6 +42,7 @@ class AttentionRecipe:
     n_sink: int = 1
     drop_off: float = 0.0
     drop_in: float = 0.0
+    dense_text_queries: bool = False  # text queries read every earlier key of their document (no routing)
 
 
 # loss weight per modality of the target token: the same four fields the templates use

@@ -47,7 +47,7 @@ PREV_FRAME_INPUTS = {
     "square": tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)),
 }
 # the keys of the config's `attention` dict: the recipe's `attention:` section and AttentionSettings' names
-ATTENTION_KEYS = ("backend", "top_k", "n_sink", "drop_off", "drop_in")
+ATTENTION_KEYS = ("backend", "top_k", "n_sink", "drop_off", "drop_in", "dense_text_queries")
 LEGACY_ATTENTION_KEYS = {"attn_backend": "backend", "moc_top_k": "top_k", "moc_n_sink": "n_sink",
                          "moc_drop_off": "drop_off", "moc_drop_in": "drop_in"}
 
