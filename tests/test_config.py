@@ -195,9 +195,9 @@ def test_config_attention_is_the_recipes_section_and_old_configs_still_load(tmp_
     from unified_wm.model.modeling_uwm import UnifiedWMConfig
     from unified_wm.recipe import build_model, load_recipe
     from unified_wm.train import parse_override
+    from unified_wm.utils import deep_update
 
-    over = parse_override("attention.top_k=3")
-    over["attention"].update(parse_override("attention.dense_text_queries=true")["attention"])
+    over = deep_update(parse_override("attention.top_k=3"), parse_override("attention.dense_text_queries=true"))
     recipe = load_recipe(tiny_recipe, over)
     model = build_model(recipe, processor)
     assert model.config.attention == dataclasses.asdict(recipe.attention)
