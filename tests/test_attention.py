@@ -491,6 +491,7 @@ def test_regularisers_only_in_training_and_backends_agree():
         (dict(backend="gather", drop_in=-0.1), "drop_in"),
         (dict(backend="gather", gather_tile=0), "gather_tile"),
         (dict(backend="gather", dense_text_queries="yes"), "dense_text_queries"),
+        (dict(backend="gather", mandatory_actions=1), "mandatory_actions"),
     ],
 )
 def test_bad_settings_name_the_setting(kw, name):

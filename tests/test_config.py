@@ -172,9 +172,14 @@ def test_recipe_model_and_attention_defaults_are_the_configs():
     cfg = inspect.signature(UnifiedWMConfig.__init__).parameters
     for f in dataclasses.fields(ModelRecipe):
         assert f.default == cfg[f.name].default, f"model.{f.name}: recipe {f.default} vs config {cfg[f.name].default}"
+    # the attention keys have one home (CONFIG_KEYS, AttentionSettings' defaults): recipe, config.json
+    # and settings name the same keys with the same defaults
+    from unified_wm.model.attention import CONFIG_KEYS
+
     st = {f.name: f.default for f in dataclasses.fields(AttentionSettings)}
-    for f in dataclasses.fields(AttentionRecipe):
-        assert f.default == st[f.name], f"attention.{f.name}: recipe {f.default} vs settings {st[f.name]}"
+    assert [f.name for f in dataclasses.fields(AttentionRecipe)] == list(CONFIG_KEYS)
+    assert {f.name: f.default for f in dataclasses.fields(AttentionRecipe)} == {k: st[k] for k in CONFIG_KEYS}
+    assert UnifiedWMConfig().attention == {k: st[k] for k in CONFIG_KEYS}
 
 
 def test_unknown_attention_backend_is_refused_when_the_recipe_loads(tiny_recipe):

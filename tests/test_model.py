@@ -33,6 +33,18 @@ def test_stream_layout_chunks_docs_text_and_modality():
     assert mod[0, :13].tolist() == [0, 0, 1, 1, 0, 0, 3, 3, 3, 3, 0, 2, 0]
 
 
+def test_mandatory_actions_mark_action_segments_as_mandatory():
+    """``attention.mandatory_actions``: the action segment (``<act> a </act>``) joins the text
+    as mandatory keys (``is_text``); chunks and everything else stay as they were."""
+    ids = torch.tensor([DOC])
+    off, _ = stream_layout(ids, UnifiedWMConfig(**CFG))
+    on, _ = stream_layout(ids, UnifiedWMConfig(**CFG, attention={"backend": "moc", "mandatory_actions": True}))
+    act = torch.tensor([[i in (10, 11, 12) for i in range(len(DOC))]])  # <act> 41 </act>
+    assert not bool((off.is_text & act).any())
+    assert torch.equal(on.is_text, off.is_text | act)
+    assert torch.equal(on.chunk_ids, off.chunk_ids) and torch.equal(on.doc_ids, off.doc_ids)
+
+
 def test_stream_layout_continued_piece_by_piece_equals_the_whole():
     """Decoding lays out only the new tokens (`stream_layout_continue` with the prefix's
     state); cut anywhere, the pieces must equal the layout of the whole row: random rows
@@ -238,14 +250,15 @@ def test_bad_head_config_is_refused():
         UnifiedWMConfig(**{**CFG, "num_attention_heads": 4, "num_key_value_heads": 3})
 
 
-@pytest.mark.parametrize("rope_mode", ["1d", "3d"])
-def test_moc_model_decodes_like_full_forward_and_trains(rope_mode):
+@pytest.mark.parametrize("rope_mode,mandatory_actions", [("1d", False), ("3d", False), ("3d", True)])
+def test_moc_model_decodes_like_full_forward_and_trains(rope_mode, mandatory_actions):
     """The model with Mixture-of-Contexts attention: cached sparse decoding == teacher forcing."""
     from unified_wm.model.cache import UWMCache
     from unified_wm.model.attention_routing import summarize_routing
 
     doc = [1, 3, 20, 21, 4] + sum(([7, 50, 51, 52, 53, 5, 41, 6] for _ in range(6)), []) + [2]
-    m = model(attention={"backend": "moc", "top_k": 2}, max_chunk_len=4, rope_mode=rope_mode)
+    m = model(attention={"backend": "moc", "top_k": 2, "mandatory_actions": mandatory_actions}, max_chunk_len=4,
+              rope_mode=rope_mode)
     ids = torch.tensor([doc])
     out = m(ids, return_routing_stats=True)
     cache = UWMCache(m.config)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from unified_wm.model.attention import AttentionSettings
+from unified_wm.model.attention import CONFIG_KEYS, AttentionSettings
 from unified_wm.sequence import TEMPLATES, TaskWeights
 from unified_wm.utils import ConfigError, load_config, warmup_cosine_lr
 
 
-# The recipe's `model:` and `attention:` sections: their defaults are those of UnifiedWMConfig and
-# AttentionSettings (tests/test_config.py checks that they agree); build_model maps them onto the config.
+# The recipe's `model:` section: its defaults are those of UnifiedWMConfig (tests/test_config.py
+# checks that they agree); build_model maps it and `attention:` onto the config.
 @dataclass
 class ModelRecipe:
     hidden_size: int = 256
@@ -35,14 +35,13 @@ class ModelRecipe:
     prev_frame_input: str = "none"  # cell | cross | square: the previous frame's codes around the predicted cell as input
 
 
-@dataclass
-class AttentionRecipe:
-    backend: str = "dense"
-    top_k: int = 4
-    n_sink: int = 1
-    drop_off: float = 0.0
-    drop_in: float = 0.0
-    dense_text_queries: bool = False  # text queries read every earlier key of their document (no routing)
+# The recipe's `attention:` section: AttentionSettings' fields that a model's config.json carries
+# (CONFIG_KEYS), with the same defaults; AttentionSettings' docstring says what each does.
+AttentionRecipe = dataclasses.make_dataclass(
+    "AttentionRecipe",
+    [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(AttentionSettings) if f.name in CONFIG_KEYS],
+)
+AttentionRecipe.__module__ = __name__  # its type names resolve here (typing.get_type_hints)
 
 
 # loss weight per modality of the target token: the same four fields the templates use

@@ -50,7 +50,8 @@ attention: query head ``h`` reads KV head ``h // (Hq // Hkv)``). The queries are
 * Descriptor of a chunk = mean of its keys, per batch row and KV head (float32).
   Score = ``q . descriptor`` per query head, against its KV group's descriptors.
 * Mandatory keys (outside the ``top_k`` budget), for a query of document ``d``:
-  every text token of ``d`` (``is_text``), the first ``n_sink`` tokens of ``d``
+  every text token of ``d`` (``is_text``; with ``mandatory_actions`` the model's stream layout
+  marks its action segments there too), the first ``n_sink`` tokens of ``d``
   (``pos_in_doc < n_sink``), and the query's own chunk. All of them only at or before
   the query.
 * Candidates for routing: chunks of the same document whose id is strictly less than
@@ -94,7 +95,7 @@ from .attention_flex import flex_attend  # noqa: F401
 from .attention_gather import gather_attend  # noqa: F401
 from .attention_routing import reference_attend  # noqa: F401
 from .attention_triton import triton_attend  # noqa: F401
-from .attention_core import ATTENTION_FUNCTIONS, BACKENDS, MOC_BACKENDS, AttentionSettings, StreamMeta, register_attention
+from .attention_core import ATTENTION_FUNCTIONS, BACKENDS, CONFIG_KEYS, MOC_BACKENDS, AttentionSettings, StreamMeta, register_attention  # noqa: F401 (CONFIG_KEYS: re-exported)
 from .attention_decode import DECODE_MASKED_MAX_PAIRS, DECODE_MAX_QUERIES, MoCDecodeState, new_decode_state
 from .attention_dense import dense_mask
 from .attention_routing import attend_dense_rows, check_shapes, dense_text_rows, routed_mask

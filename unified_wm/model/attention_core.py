@@ -41,7 +41,8 @@ class StreamMeta:
     chunk_ids   routing chunk of each token, increasing along the row, unique across
                 documents of one row; -1 for padding.
     doc_ids     document of each token (packed rows hold several); -1 for padding.
-    is_text     token belongs to a text segment (a mandatory link for MoC).
+    is_text     token belongs to a text segment, or with ``mandatory_actions`` an action
+                segment (a mandatory link for MoC).
     pos_in_doc  0-based position inside its document (attention sinks are pos_in_doc < n_sink).
     positions   absolute index in the row (causality also holds across a KV cache).
     """
@@ -56,6 +57,12 @@ class StreamMeta:
         return StreamMeta(*(t[:, start:end] for t in (self.chunk_ids, self.doc_ids, self.is_text, self.pos_in_doc, self.positions)))
 
 
+# The settings a recipe's `attention:` section and a model's config.json carry (the recipe's
+# dataclass and the config's `attention` dict are made from this tuple and AttentionSettings'
+# defaults); the others are runtime knobs of the backends.
+CONFIG_KEYS = ("backend", "top_k", "n_sink", "drop_off", "drop_in", "dense_text_queries", "mandatory_actions")
+
+
 @dataclass
 class AttentionSettings:
     """Which backend and, for Mixture of Contexts, its routing knobs.
@@ -68,6 +75,10 @@ class AttentionSettings:
     dense_text_queries  a text query reads every earlier key of its document (no routing):
                     captions and event text read the whole clip; text is a few percent of
                     the tokens, so sparsity barely moves.
+    mandatory_actions  action segments (``<act> a </act>``) are mandatory keys, as text is: every
+                    query reads every earlier action of its document, and action chunks leave
+                    the routed candidates (``top_k`` buys frames). Applied where the stream's
+                    metadata is built (``is_text`` then marks both); a few tokens per frame.
     gather_tile     query rows per (key chunk) tile in the ``gather`` backend.
     gather_block    most queries per block in the ``gather`` backend; blocks also shrink so
                     that one holds at most 65536 (query row, key chunk) pairs (workspace bound).
@@ -80,6 +91,7 @@ class AttentionSettings:
     drop_in: float = 0.0
     own_chunk_in_k: bool = False
     dense_text_queries: bool = False
+    mandatory_actions: bool = False
     gather_tile: int = 128
     gather_block: int = 1024
 
@@ -97,7 +109,7 @@ class AttentionSettings:
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= float(val) < 1.0:
                 raise ValueError(f"attention setting '{name}' must be a number in [0, 1), got {val!r}")
-        for name in ("own_chunk_in_k", "dense_text_queries"):
+        for name in ("own_chunk_in_k", "dense_text_queries", "mandatory_actions"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"attention setting '{name}' must be true or false, got {getattr(self, name)!r}")
         if self.backend == "flash":

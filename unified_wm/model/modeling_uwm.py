@@ -28,7 +28,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # relative: an exported folder carries these files and loads without the package (remote_code.py)
-from .attention import AttentionSettings, StreamMeta, attend
+from .attention import CONFIG_KEYS, AttentionSettings, StreamMeta, attend
 from .cache import UWMCache, layer_decode_state, new_decode_states, stream_state
 from .grammar import StreamGrammar
 
@@ -46,8 +46,8 @@ PREV_FRAME_INPUTS = {
     "cross": ((0, 0), (0, -1), (0, 1), (-1, 0), (1, 0)),
     "square": tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)),
 }
-# the keys of the config's `attention` dict: the recipe's `attention:` section and AttentionSettings' names
-ATTENTION_KEYS = ("backend", "top_k", "n_sink", "drop_off", "drop_in", "dense_text_queries")
+# the keys of the config's `attention` dict (the recipe's `attention:` section): attention_core.CONFIG_KEYS
+ATTENTION_KEYS = CONFIG_KEYS
 LEGACY_ATTENTION_KEYS = {"attn_backend": "backend", "moc_top_k": "top_k", "moc_n_sink": "n_sink",
                          "moc_drop_off": "drop_off", "moc_drop_in": "drop_in"}
 
@@ -233,6 +233,8 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     pos_in_doc = pos - last_bos.clamp(min=0)
     t_lo, t_hi = cfg.text_range
     a_lo, a_hi = cfg.action_range
+    if cfg.attention.get("mandatory_actions"):  # action segments join text as mandatory keys
+        is_text = is_text | (ids == cfg.act_open_id) | (ids == cfg.act_close_id) | ((ids >= a_lo) & (ids < a_hi))
     modality = torch.zeros_like(ids)
     modality[(ids >= t_lo) & (ids < t_hi)] = 1
     modality[(ids >= a_lo) & (ids < a_hi)] = 2
