@@ -146,6 +146,9 @@ def test_suite_runs_controllability_and_caption_end_to_end(tiny_hf, val_data, wo
                 controllability={"epochs": 1, "time_limit_s": 2.0}, caption={"max_events_per_episode": 1, "max_new_tokens": 8})
     out = tmp_path / "ev"
     res = run_suite(str(tiny_hf), str(sp), str(out), progress=False, data=str(val_data))
+    ro = res["rollout"]  # copy-last in token space (the last context frame's codes, decoded) next to copy-last's pixels
+    assert len(ro["copy_last_codes_psnr_by_step"]) == 2 and 0 < ro["copy_last_codes_psnr_mean"] < 100
+    assert ro["copy_last_codes_psnr_mean"] != ro["copy_last_psnr_mean"]
     co = res["controllability"]
     for k in ("real", "tokenizer_real", "model", "frozen"):
         assert 0.0 <= co[k]["accuracy"] <= 1.0 and 0.0 <= co[k]["macro_f1"] <= 1.0, (k, co[k])
@@ -158,6 +161,7 @@ def test_suite_runs_controllability_and_caption_end_to_end(tiny_hf, val_data, wo
     assert cap["baseline"]["scene"] and 0.0 <= cap["scene"]["most_frequent_caption"]["object_hit"] <= 1.0
     md = (out / "results.md").read_text()
     assert "probe accuracy: real / real via tokenizer / model / frozen frame" in md and "caption scene (model)" in md
+    assert "| rollout | copy_last_codes_psnr_mean |" in md
     assert (out / "controllability.png").stat().st_size > 1000
     assert "controllability/real/accuracy" in compare(str(out), str(out))
 

@@ -17,6 +17,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
     curves = (  # file, y label, title, (key, label) per line: metric vs horizon, model vs baselines
         ("rollout_psnr.png", "PSNR (dB)", "rollout quality vs horizon",
          (("psnr_by_step", "model"), ("copy_last_psnr_by_step", "copy last frame"),
+          ("copy_last_codes_psnr_by_step", "copy last frame's codes, decoded"),
           ("tokenizer_recon_psnr_by_step", "tokenizer ceiling"))),
         ("rollout_token_acc.png", "video token accuracy", "sampled codes vs the real frame's codes",
          (("token_acc_by_step", "model"), ("copy_last_token_acc_by_step", "copy last frame"))),
@@ -85,7 +86,8 @@ def markdown_table(r: dict) -> str:
                          + " / ".join(f"{nll['baselines'][n]['next_frame_token_acc']:.3f}" for n in names) + " |")
     ro = r.get("rollout")
     if ro and "error" not in ro:
-        for k in ("psnr_mean", "ssim_mean", "copy_last_psnr_mean", "copy_shift_psnr_mean", "tokenizer_recon_psnr_mean"):
+        for k in ("psnr_mean", "ssim_mean", "copy_last_psnr_mean", "copy_last_codes_psnr_mean", "copy_shift_psnr_mean",
+                  "tokenizer_recon_psnr_mean"):
             if k in ro:
                 lines.append(f"| rollout | {k} | {ro[k]:.3f} |")
         lines.append("| rollout | psnr_by_step | " + " ".join(f"{x:.1f}" for x in ro["psnr_by_step"]) + " |")

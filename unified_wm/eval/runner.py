@@ -166,6 +166,7 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
     use_lpips = "lpips" in suite.metrics
     model_psnr, model_ssim = [[] for _ in range(H)], [[] for _ in range(H)]
     copy_psnr, recon_psnr = [[] for _ in range(H)], [[] for _ in range(H)]
+    copy_codes_psnr = [[] for _ in range(H)]  # the last context frame's codes, decoded: copy-last in token space
     tok_acc, copy_acc = [[] for _ in range(H)], [[] for _ in range(H)]
     shift_acc, shift_psnr = [[] for _ in range(H)], [[] for _ in range(H)]
     with_shift = "copy_shift" in suite.baselines
@@ -179,6 +180,7 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
         actions = list(ep["actions"][: c + H - 1])
         gen, gen_ids = roll(ep, c, actions, H, with_codes=True)
         recon = p.decode_frames(fids[c:c + H])
+        copy_codes = p.decode_frames(np.repeat(np.asarray(fids[c - 1:c]), H, axis=0))
         real = frames[c:c + H]
         for h in range(H):  # token accuracy: the sampled codes against the real frame's codes
             tok_acc[h].append(float((np.asarray(gen_ids[h]) == np.asarray(fids[c + h])).mean()))
@@ -193,6 +195,7 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
             model_psnr[h].append(frame_psnr(gen[h], real[h]))
             model_ssim[h].append(frame_ssim(gen[h], real[h]))
             copy_psnr[h].append(frame_psnr(frames[c - 1], real[h]))
+            copy_codes_psnr[h].append(frame_psnr(copy_codes[h], real[h]))
             recon_psnr[h].append(frame_psnr(recon[h], real[h]))
         if use_lpips:
             from unified_wm.eval.learned import lpips
@@ -210,6 +213,7 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
         "copy_last_psnr_by_step": mean(copy_psnr), "tokenizer_recon_psnr_by_step": mean(recon_psnr),
         "psnr_mean": float(np.mean(model_psnr)), "ssim_mean": float(np.mean(model_ssim)),
         "copy_last_psnr_mean": float(np.mean(copy_psnr)), "tokenizer_recon_psnr_mean": float(np.mean(recon_psnr)),
+        "copy_last_codes_psnr_by_step": mean(copy_codes_psnr), "copy_last_codes_psnr_mean": float(np.mean(copy_codes_psnr)),
         "token_acc_by_step": mean(tok_acc), "token_acc_mean": float(np.mean(tok_acc)),
         "copy_last_token_acc_by_step": mean(copy_acc), "copy_last_token_acc_mean": float(np.mean(copy_acc)),
     }
