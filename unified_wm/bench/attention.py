@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from unified_wm.model import attention as A
+from unified_wm.model.attention_cpu_kernel import KERNEL_SEGMENT, cpu_kernel
+from unified_wm.model.attention_gather import _tile_plan
+from unified_wm.model.attention_routing import plan_routing
 
 
 def layout(n: int, chunk: int, text: int) -> A.StreamMeta:
@@ -84,19 +87,31 @@ def _measure(job: dict) -> dict:
     out.backward(torch.ones_like(out))
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res = {"fwd_s": t1 - t0, "bwd_s": t2 - t1, "total_s": t2 - t0, "peak_mb": max(peak - base, 0.0)}
+    res = {"fwd_s": t1 - t0, "bwd_s": t2 - t1, "total_s": t2 - t0, "peak_mb": max(peak - base, 0.0),
+           "first_call_s": t2 - t0}
+    times = []  # the same call again: training's steady state (allocations reused, pages mapped)
+    for _ in range(job.get("repeats", 0)):
+        q.grad = k.grad = v.grad = None
+        t0 = time.perf_counter()
+        o = call()
+        t1 = time.perf_counter()
+        o.backward(torch.ones_like(o))
+        times.append((t1 - t0, time.perf_counter() - t1))
+    if times:  # the median call by total time
+        fwd, bwd = sorted(times, key=sum)[len(times) // 2]
+        res.update(fwd_s=fwd, bwd_s=bwd, total_s=fwd + bwd)
     if job["method"] == "gather":
         res["sparsity"] = stats["moc_sparsity"]
         with torch.no_grad():  # work actually done, chunk padding included
-            r = A._plan_routing(q, k, meta, meta, settings, False, None)
-            ext = A._cpu_kernel() if q.shape[-1] % 16 == 0 else None
+            r = plan_routing(q, k, meta, meta, settings, False, None)
+            ext = cpu_kernel() if q.shape[-1] % 16 == 0 else None
             if ext is not None:  # (query row, chunk) pairs x the chunk length padded to 16
                 t = r.table
-                _, rows = ext.moc_plan(r.sel.contiguous(), r.qslot, r.qdoc, t.doc, t.mand_count, Hkv, A.KERNEL_SEGMENT)
+                _, rows = ext.moc_plan(r.sel.contiguous(), r.qslot, r.qdoc, t.doc, t.mand_count, Hkv, KERNEL_SEGMENT)
                 res["computed_pairs"] = float(rows.numel() * ((max(t.lmax, 1) + 15) // 16 * 16))
                 res["path"] = "compiled kernel"
             else:  # torch tiles: padded tiles x chunk length
-                plan = A._tile_plan(q, k, meta, meta, r, settings, 1.0)
+                plan = _tile_plan(q, k, meta, meta, r, settings, 1.0)
                 res["computed_pairs"] = float(plan.rows.numel() * plan.shape[7])
                 res["path"] = "torch tiles"
         res["causal_pairs"] = stats["moc_causal_pairs"]
@@ -108,7 +123,7 @@ def _measure(job: dict) -> dict:
 def _kernel_breakdown(q, k, v, meta, settings, Hkv) -> dict:
     """Seconds of each piece of one compiled-kernel call: routing (+ statistics), work
     lists, forward, backward (the same calls `attend` makes, timed one by one)."""
-    ext = A._cpu_kernel()
+    ext = cpu_kernel()
     out: dict = {}
 
     def tm(name, fn):
@@ -119,10 +134,10 @@ def _kernel_breakdown(q, k, v, meta, settings, Hkv) -> dict:
 
     with torch.no_grad():
         st: dict = {}
-        r = tm("routing_and_stats", lambda: A._plan_routing(q, k, meta, meta, settings, True, st))
+        r = tm("routing_and_stats", lambda: plan_routing(q, k, meta, meta, settings, True, st))
         t = r.table
         ptr, rows = tm("work_lists", lambda: ext.moc_plan(r.sel.contiguous(), r.qslot, r.qdoc, t.doc, t.mand_count,
-                                                          Hkv, A.KERNEL_SEGMENT))
+                                                          Hkv, KERNEL_SEGMENT))
         qf = (q.detach().float() * (1.0 / q.shape[-1] ** 0.5)).contiguous()
         kf, vf = k.detach().float().contiguous(), v.detach().float().contiguous()
         o, lse = tm("forward", lambda: ext.moc_forward(qf, kf, vf, ptr, rows, t.start, t.length, t.key_mand, t.lmax))
@@ -151,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     ap.add_argument("--tile", type=int, default=A.AttentionSettings.gather_tile, help="gather_tile")
     ap.add_argument("--block", type=int, default=A.AttentionSettings.gather_block, help="gather_block")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed calls after the first (whose memory is reported); the time is their median "
+                         "(0: the first call's time, page faults and first allocations included)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the compiled kernel's pieces (routing, work lists, forward, backward)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
@@ -161,21 +179,24 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
     if not lengths or min(lengths) <= args.text + args.chunk:
         ap.error(f"--lengths must be larger than --text + --chunk ({args.text + args.chunk})")
+    if args.repeats < 0:
+        ap.error(f"--repeats must be >= 0, got {args.repeats}")
     if not 0.0 < args.sparsity < 1.0:
         ap.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
 
     rows = []
     hdr = (f"{'N':>6} {'chunk':>5} {'k':>4} {'sparsity':>8} {'flops/dense':>11} {'computed/dense':>14} "
            f"{'dense s':>8} {'gather s':>8} {'speedup':>7} {'dense MB':>8} {'gather MB':>9}")
-    kernel = "compiled CPU kernel" if A._cpu_kernel() is not None and args.head_dim % 16 == 0 else "torch tiles"
+    kernel = "compiled CPU kernel" if cpu_kernel() is not None and args.head_dim % 16 == 0 else "torch tiles"
     print(f"# MoC gather ({kernel}) vs dense causal SDPA, fwd+bwd, {args.dtype}, heads {args.heads}/{args.kv_heads}, "
-          f"head dim {args.head_dim}, threads {args.threads}")
+          f"head dim {args.head_dim}, threads {args.threads}, "
+          + (f"median of {args.repeats} calls after the first" if args.repeats else "the first call"))
     print(hdr)
     for n in lengths:
         k = choose_k(n, args.chunk, args.text, args.sparsity)
         job = dict(n=n, k=k, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, chunk=args.chunk,
                    text=args.text, dtype=args.dtype, threads=args.threads, tile=args.tile, block=args.block,
-                   breakdown=args.breakdown)
+                   breakdown=args.breakdown, repeats=args.repeats)
         dense = _run(dict(job, method="dense"))
         gat = _run(dict(job, method="gather"))
         row = {

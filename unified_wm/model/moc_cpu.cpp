@@ -20,8 +20,10 @@
 //
 // Parallel over (b, hk): rows and key chunks of different KV heads never overlap.
 // q arrives pre-scaled by 1/sqrt(D). Everything is float32, contiguous.
-// The tiles use GCC vector extensions (16 floats), so -march=native turns them into
-// AVX-512, AVX2 or NEON code without intrinsics.
+// The tiles use GCC vector extensions of the machine's native width (VW floats: 16 with
+// AVX-512, else 8), so -march=native turns them into AVX-512, AVX2 or NEON code without
+// intrinsics. A vector wider than the registers is split into several by the compiler, and on
+// AVX2 a 16-float type ran the micro-kernels about 8x slower than the native 8-float one.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -34,21 +36,36 @@
 
 namespace {
 
+#if defined(__AVX512F__)
+constexpr int VW = 16;    // floats per vector
+constexpr int NVMAX = 4;  // vectors per micro-kernel row: 6 x 4 = 24 of the 32 zmm registers
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
+#else
+constexpr int VW = 8;
+constexpr int NVMAX = 2;  // 6 x 2 = 12 of AVX2's 16 ymm registers (the classic 6x16 block)
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+#endif
+static_assert(16 % VW == 0, "rows, chunks and head dims are padded to multiples of 16");
 
 inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
 inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
 // copy one row of D floats (D % 16 == 0) without a libc call
 inline void copy_row(float* dst, const float* src, int D) {
-  for (int d = 0; d < D; d += 16) st(dst + d, ld(src + d));
+  for (int d = 0; d < D; d += VW) st(dst + d, ld(src + d));
 }
-inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline vf splat(float x) { return vf{} + x; }
+inline vi iota() {  // 0, 1, ..., VW - 1
+  vi v{};
+  for (int x = 0; x < VW; x++) v[x] = x;
+  return v;
+}
 
 constexpr float kNeg = -1e30f;  // finite "minus infinity": no inf arithmetic anywhere
 constexpr int TB = 72;          // query rows per tile (a multiple of the 6-row micro-kernel)
 
-// exp on 16 lanes: 2^n * p(r), r = x - n ln2, |r| <= ln2/2, degree-6 polynomial
+// exp on VW lanes: 2^n * p(r), r = x - n ln2, |r| <= ln2/2, degree-6 polynomial
 // (relative error ~2e-7, like expf). Inputs below -87 give ~0 (the caller masks anyway).
 inline vf vexp(vf x) {
   const vf hi = splat(88.0f), lo = splat(-87.0f);
@@ -71,10 +88,10 @@ inline vf vexp(vf x) {
   return p * s;
 }
 
-// Register-blocked micro-kernels: RR rows x NV 16-float vectors of accumulators (6 x 4
-// = 24 of the 32 vector registers on AVX-512; the compiler splits them on narrower ISAs).
+// Register-blocked micro-kernels: RR rows x NV vectors of accumulators (at most 6 x NVMAX,
+// sized to the vector registers above).
 
-// S[RR x 16NV] = X[RR x D] . Yt[D x 16NV]   (Yt: row d holds column values, stride ldy)
+// S[RR x VW*NV] = X[RR x D] . Yt[D x VW*NV]   (Yt: row d holds column values, stride ldy)
 template <int RR, int NV>
 inline void xyt_k(const float* X, int ldx, const float* Yt, int ldy, float* S, int lds, int D) {
   vf a[RR][NV];
@@ -82,40 +99,40 @@ inline void xyt_k(const float* X, int ldx, const float* Yt, int ldy, float* S, i
     for (int c = 0; c < NV; c++) a[r][c] = vf{};
   for (int d = 0; d < D; d++) {
     vf y[NV];
-    for (int c = 0; c < NV; c++) y[c] = ld(Yt + (int64_t)d * ldy + 16 * c);
+    for (int c = 0; c < NV; c++) y[c] = ld(Yt + (int64_t)d * ldy + VW * c);
     for (int r = 0; r < RR; r++) {
       const vf x = splat(X[r * ldx + d]);
       for (int c = 0; c < NV; c++) a[r][c] += x * y[c];
     }
   }
   for (int r = 0; r < RR; r++)
-    for (int c = 0; c < NV; c++) st(S + r * lds + 16 * c, a[r][c]);
+    for (int c = 0; c < NV; c++) st(S + r * lds + VW * c, a[r][c]);
 }
 
-// O[RR x 16NV] += P[RR x L] . Y[L x 16NV]
+// O[RR x VW*NV] += P[RR x L] . Y[L x VW*NV]
 template <int RR, int NV>
 inline void py_k(const float* P, int ldp, const float* Y, int ldy, float* O, int ldo, int L) {
   vf a[RR][NV];
   for (int r = 0; r < RR; r++)
-    for (int c = 0; c < NV; c++) a[r][c] = ld(O + r * ldo + 16 * c);
+    for (int c = 0; c < NV; c++) a[r][c] = ld(O + r * ldo + VW * c);
   for (int j = 0; j < L; j++) {
     vf y[NV];
-    for (int c = 0; c < NV; c++) y[c] = ld(Y + (int64_t)j * ldy + 16 * c);
+    for (int c = 0; c < NV; c++) y[c] = ld(Y + (int64_t)j * ldy + VW * c);
     for (int r = 0; r < RR; r++) {
       const vf p = splat(P[r * ldp + j]);
       for (int c = 0; c < NV; c++) a[r][c] += p * y[c];
     }
   }
   for (int r = 0; r < RR; r++)
-    for (int c = 0; c < NV; c++) st(O + r * ldo + 16 * c, a[r][c]);
+    for (int c = 0; c < NV; c++) st(O + r * ldo + VW * c, a[r][c]);
 }
 
-// Column blocks of up to 4 vectors for a fixed row count RR.
+// Column blocks of up to NVMAX vectors for a fixed row count RR.
 template <int RR>
 inline void xyt_rows(const float* X, int ldx, const float* Yt, int ldy, float* S, int lds, int D, int L) {
   int j = 0;
-  for (; j + 64 <= L; j += 64) xyt_k<RR, 4>(X, ldx, Yt + j, ldy, S + j, lds, D);
-  switch ((L - j) / 16) {
+  for (; j + VW * NVMAX <= L; j += VW * NVMAX) xyt_k<RR, NVMAX>(X, ldx, Yt + j, ldy, S + j, lds, D);
+  switch ((L - j) / VW) {
     case 3: xyt_k<RR, 3>(X, ldx, Yt + j, ldy, S + j, lds, D); break;
     case 2: xyt_k<RR, 2>(X, ldx, Yt + j, ldy, S + j, lds, D); break;
     case 1: xyt_k<RR, 1>(X, ldx, Yt + j, ldy, S + j, lds, D); break;
@@ -126,8 +143,8 @@ inline void xyt_rows(const float* X, int ldx, const float* Yt, int ldy, float* S
 template <int RR>
 inline void py_rows(const float* P, int ldp, const float* Y, int ldy, float* O, int ldo, int L, int D) {
   int d = 0;
-  for (; d + 64 <= D; d += 64) py_k<RR, 4>(P, ldp, Y + d, ldy, O + d, ldo, L);
-  switch ((D - d) / 16) {
+  for (; d + VW * NVMAX <= D; d += VW * NVMAX) py_k<RR, NVMAX>(P, ldp, Y + d, ldy, O + d, ldo, L);
+  switch ((D - d) / VW) {
     case 3: py_k<RR, 3>(P, ldp, Y + d, ldy, O + d, ldo, L); break;
     case 2: py_k<RR, 2>(P, ldp, Y + d, ldy, O + d, ldo, L); break;
     case 1: py_k<RR, 1>(P, ldp, Y + d, ldy, O + d, ldo, L); break;
@@ -153,10 +170,10 @@ void mm_py(const float* P, int ldp, const float* Y, int ldy, float* O, int ldo, 
 
 // O[L x D] += P^T . X with P[T x L], X[T x D], through P^T in `scratch` ([L x T]).
 void mm_ptx(const float* P, int ldp, const float* X, int ldx, float* O, int ldo, int T, int L, int D, float* scratch) {
-  for (int j0 = 0; j0 < L; j0 += 16)  // 16 columns at a time: one vector load per row
+  for (int j0 = 0; j0 < L; j0 += VW)  // VW columns at a time: one vector load per row
     for (int i = 0; i < T; i++) {
       const vf x = ld(P + i * ldp + j0);
-      for (int jj = 0; jj < 16; jj++) scratch[(size_t)(j0 + jj) * T + i] = x[jj];
+      for (int jj = 0; jj < VW; jj++) scratch[(size_t)(j0 + jj) * T + i] = x[jj];
     }
   mm_py(scratch, T, X, ldx, O, ldo, L, T, D);
 }
@@ -164,12 +181,12 @@ void mm_ptx(const float* P, int ldp, const float* X, int ldx, float* O, int ldo,
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 
-// The keys of chunk c that one row of a tile may read, lanes j..j+15 as 0/1: `base` is
+// The keys of chunk c that one row of a tile may read, lanes j..j+VW-1 as 0/1: `base` is
 // the mode's key mask; mode 0 (own chunk) also stops after the query's own key `lim`.
 inline vf row_mask(const float* base, int j, int mode, int lim) {
   const vf m = ld(base + j);
   if (mode != 0) return m;
-  const vi idx = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + j;
+  const vi idx = iota() + j;
   return idx <= (vi{} + lim) ? m : vf{};
 }
 
@@ -315,18 +332,18 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
               const float* srow = &sb[(size_t)r * Lp];
               const int lim = (int)(Nk - Nq + R[t + r] % Nq - s0);
               vf mv = splat(kNeg);
-              for (int j = 0; j < Lp; j += 16) {
+              for (int j = 0; j < Lp; j += VW) {
                 const vf y = row_mask(base, j, mode, lim) > 0 ? ld(srow + j) : splat(kNeg);
                 mv = y > mv ? y : mv;
               }
               float m = kNeg;
-              for (int x = 0; x < 16; x++) m = std::max(m, mv[x]);
+              for (int x = 0; x < VW; x++) m = std::max(m, mv[x]);
               const float mo = mx[R[t + r]];
               tmax[r] = m;
               newm[r] = std::max(mo, m);
               resc[r] = mo - newm[r];
             }
-            for (int r = 0; r < nb; r += 16) st(&resc[r], vexp(ld(&resc[r])));
+            for (int r = 0; r < nb; r += VW) st(&resc[r], vexp(ld(&resc[r])));
             for (int r = 0; r < nb; r++) {
               float* srow = &sb[(size_t)r * Lp];
               const int64_t row = R[t + r];
@@ -337,13 +354,13 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
               const int lim = (int)(Nk - Nq + row % Nq - s0);
               const vf mv = splat(newm[r]);
               vf acc = vf{};
-              for (int j = 0; j < Lp; j += 16) {
+              for (int j = 0; j < Lp; j += VW) {
                 const vf e = vexp(ld(srow + j) - mv) * row_mask(base, j, mode, lim);
                 st(srow + j, e);
                 acc += e;
               }
               float l = 0;
-              for (int x = 0; x < 16; x++) l += acc[x];
+              for (int x = 0; x < VW; x++) l += acc[x];
               sm[row] = sm[row] * resc[r] + l;
               mx[row] = newm[r];
             }
@@ -352,7 +369,7 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
               float* orow = og + (int64_t)R[t + r] * D;
               const float* tr = &ob[(size_t)r * D];
               const vf av = splat(resc[r]);
-              for (int d = 0; d < D; d += 16) st(orow + d, ld(orow + d) * av + ld(tr + d));
+              for (int d = 0; d < D; d += VW) st(orow + d, ld(orow + d) * av + ld(tr + d));
             }
           }
         }
@@ -443,7 +460,7 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
               const int lim = (int)(Nk - Nq + i - s0);
               const float* base = &msk[(size_t)mode * Lp];
               const vf lv = splat(LS[row]), dl = splat(DL[row]);
-              for (int j = 0; j < Lp; j += 16) {
+              for (int j = 0; j < Lp; j += VW) {
                 vf p = vexp(ld(prow + j) - lv) * row_mask(base, j, mode, lim);
                 st(prow + j, p);
                 st(drow + j, p * (ld(drow + j) - dl));  // dS
@@ -456,7 +473,7 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
             for (int r = 0; r < nb; r++) {
               float* dr = DQ + (g0 + R[t + r]) * D;
               const float* tr = &dqb[(size_t)r * D];
-              for (int d = 0; d < D; d += 16) st(dr + d, ld(dr + d) + ld(tr + d));
+              for (int d = 0; d < D; d += VW) st(dr + d, ld(dr + d) + ld(tr + d));
             }
           }
         }
