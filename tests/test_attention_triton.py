@@ -9,6 +9,7 @@ grouped-query heads). A real GPU run is the job of ``uwm bench gpu``.
 """
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
@@ -204,3 +205,23 @@ def test_bench_gpu_arguments_and_shapes():
     assert meta.doc_ids[0, 179].item() == 0 and meta.doc_ids[0, 180].item() == 1
     assert meta.is_text[0, :10].all() and meta.is_text[0, 180:190].all() and not meta.is_text[0, 10:180].any()
     assert bool((meta.chunk_ids[0, 1:] >= meta.chunk_ids[0, :-1]).all())
+
+
+def test_bench_attention_runs_and_writes_its_rows(tmp_path):
+    """`uwm bench attention` end to end on a small row: both methods timed, the kernel's pieces,
+    the sparsity it asked for, and a refused argument that names itself."""
+    from unified_wm import cli
+
+    out = tmp_path / "attn.json"
+    assert cli.main(["bench", "attention", "--lengths", "640", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                     "--chunk", "32", "--text", "8", "--threads", "1", "--repeats", "2", "--breakdown",
+                     "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["N"] == 640 and abs(row["sparsity"] - 0.85) < 0.1
+    for method in ("dense", "gather"):
+        assert row[method]["total_s"] > 0 and row[method]["first_call_s"] > 0
+    assert row["gather"]["path"] in ("compiled kernel", "torch tiles")
+    if row["gather"]["path"] == "compiled kernel":
+        assert set(row["gather"]["breakdown_s"]) == {"routing_and_stats", "work_lists", "forward", "backward"}
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "attention", "--repeats", "-1"])
