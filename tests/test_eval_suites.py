@@ -88,6 +88,25 @@ def test_probe_refuses_too_little_data():
         train_probe(pairs, ["stay"] * 10)
 
 
+def test_probe_trains_every_step_without_a_time_limit_and_says_when_one_cut_it_short():
+    """No wall-clock limit by default, so the probe's figures do not depend on the machine's load;
+    a limit that stops it is reported in the probe's info and as a warning naming the setting."""
+    import torch
+
+    from unified_wm.eval.controllability import train_probe
+
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, 255, (16, 2, 8, 8, 3), dtype=np.uint8)
+    labels = ["left", "right"] * 8
+    a, b = (train_probe(pairs, labels, epochs=1, min_steps=6, batch_size=8) for _ in range(2))
+    assert a.info["steps"] == a.info["planned_steps"] == 6 and not a.info["stopped_by_time_limit"]
+    for pa, pb in zip(a.probe.parameters(), b.probe.parameters()):
+        assert torch.equal(pa, pb)
+    with pytest.warns(UserWarning, match="controllability.time_limit_s"):
+        c = train_probe(pairs, labels, epochs=1, min_steps=6, batch_size=8, time_limit_s=1e-9)
+    assert c.info["stopped_by_time_limit"] and c.info["steps"] < 6
+
+
 # ----------------------------------------------------------------------------- captions
 def test_caption_scores_objects_events_and_exact_match():
     from unified_wm.eval.captioning import objects_in, score_caption
@@ -221,6 +240,7 @@ def test_shipped_suites_cover_the_issue():
                                       "revisit, controllability, caption, fvd"),
     ({"metrics": ["psnr", "fid"]}, "unknown metric 'fid'; valid metrics: psnr, ssim, lpips"),
     ({"controllability": {"actions": "random"}}, "controllability.actions: unknown value 'random'; valid values: logged, uniform"),
+    ({"controllability": {"time_limit_s": 0}}, "controllability.time_limit_s = 0.0; expected a positive number of seconds"),
     ({"caption": {"max_tokens": 3}}, "unknown key 'caption.max_tokens'"),
     ({"rollout": {"mode": "jacobi"}}, "rollout.mode: unknown mode 'jacobi'; valid modes: token, diagonal"),
 ])

@@ -38,7 +38,9 @@ class ControllabilitySettings:
     actions: str = "logged"  # logged: the episode's own actions; uniform: drawn uniformly from the probe's classes
     probe_transitions: int = 4000  # real transitions the probe learns from (at most)
     epochs: int = 6  # raised on small data so that the probe gets at least 400 optimizer steps
-    time_limit_s: float = 60.0  # the probe stops training after this, whatever the epochs
+    # None: the probe trains all its epochs, so its figures do not depend on the machine's speed
+    # or load; a number of seconds stops it sooner, and the results say that it did
+    time_limit_s: float | None = None
     downsample: int = 2  # average-pool frames by this before the probe's CNN (1 = full resolution)
     seed: int = 0
 
@@ -114,6 +116,9 @@ class Suite:
         probes = [t for t in ("offscreen", "revisit") if t in self.tasks]
         if probes and self.n_probes < 1:
             raise ValueError(f"n_probes = {self.n_probes}; task '{probes[0]}' needs at least 1 probe episode")
+        tl = self.controllability.time_limit_s
+        if tl is not None and (isinstance(tl, bool) or not isinstance(tl, (int, float)) or tl <= 0):
+            raise ValueError(f"controllability.time_limit_s = {tl!r}; expected a positive number of seconds, or null for no limit")
         if self.train_episodes < 1:
             raise ValueError(f"train_episodes = {self.train_episodes}; expected >= 1")
 
