@@ -139,8 +139,9 @@ def test_extensions_dir_follows_the_environment(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("D,max_chunk,Hq,Hkv", [(64, 70, 8, 2), (32, 19, 4, 4), (16, 3, 6, 2)])
 def test_cpu_kernel_matches_torch_tiles_and_reference(monkeypatch, D, max_chunk, Hq, Hkv):
-    """Chunks longer than 64 and not multiples of 16 (padded tiles), several head dims and
-    GQA groups: the compiled kernel, the torch tiles and the oracle agree, gradients too."""
+    """Chunks of 1 to 70 keys, longer than 64 and not multiples of 16 (the kernel computes each
+    at its own padded width, 16 to 80), several head dims and GQA groups: the compiled kernel,
+    the torch tiles and the oracle agree, gradients too."""
     from unified_wm.model import attention_cpu_kernel as attention
 
     meta = make_meta(2, 160, max_chunk=max_chunk, seed=D + max_chunk)

@@ -11,7 +11,8 @@
 //                 (only those keys). The three key sets are disjoint per query, so
 //                 their softmax terms add up to exactly the routed mask.
 //   moc_forward   per key chunk: the chunk's keys stay in cache while every row that
-//                 reads it is processed in register-blocked tiles; each row keeps an
+//                 reads it is processed in register-blocked tiles, as wide as that chunk
+//                 (its length rounded up to 16, not the longest chunk's); each row keeps an
 //                 online-softmax state (max, sum, accumulator) that merges the chunks in
 //                 any order. Returns the output and the log-sum-exp of each row.
 //   moc_backward  per key chunk again, with each row's global LSE and delta = dO . O:
@@ -310,8 +311,9 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
         const int c = (int)(sc % C);
         if (off[3 * sc + 3] == off[3 * sc]) continue;
         const int64_t s0 = ch.start[(int64_t)b * C + c], n = ch.len[(int64_t)b * C + c];
+        const int Lc = std::min(Lp, round_up(std::max<int>((int)n, 1), 16));  // this chunk's width
         std::fill(kt.begin(), kt.end(), 0.0f);
-        std::fill(vc.begin(), vc.end(), 0.0f);
+        std::fill(vc.begin(), vc.begin() + (size_t)Lc * D, 0.0f);
         for (int j = 0; j < n; j++) {
           const float* kr = kh + (s0 + j) * D;
           for (int d = 0; d < D; d++) kt[(size_t)d * Lp + j] = kr[d];
@@ -323,7 +325,7 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
           for (int64_t t = r0; t < r1; t += TB) {
             const int nb = (int)std::min<int64_t>(TB, r1 - t);  // the micro-kernels take any row count
             for (int r = 0; r < nb; r++) copy_row(&qb[(size_t)r * D], qg + (int64_t)R[t + r] * D, D);
-            mm_xyt(qb.data(), D, kt.data(), Lp, sb.data(), Lp, nb, D, Lp);
+            mm_xyt(qb.data(), D, kt.data(), Lp, sb.data(), Lp, nb, D, Lc);
             std::fill(ob.begin(), ob.begin() + (size_t)nb * D, 0.0f);
             const float* base = &msk[(size_t)mode * Lp];
             // the new running max of each row first, so the tile is exponentiated against
@@ -332,7 +334,7 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
               const float* srow = &sb[(size_t)r * Lp];
               const int lim = (int)(Nk - Nq + R[t + r] % Nq - s0);
               vf mv = splat(kNeg);
-              for (int j = 0; j < Lp; j += VW) {
+              for (int j = 0; j < Lc; j += VW) {
                 const vf y = row_mask(base, j, mode, lim) > 0 ? ld(srow + j) : splat(kNeg);
                 mv = y > mv ? y : mv;
               }
@@ -348,13 +350,13 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
               float* srow = &sb[(size_t)r * Lp];
               const int64_t row = R[t + r];
               if (tmax[r] == kNeg) {  // no key of this chunk is allowed for this row
-                std::fill(srow, srow + Lp, 0.0f);
+                std::fill(srow, srow + Lc, 0.0f);
                 continue;
               }
               const int lim = (int)(Nk - Nq + row % Nq - s0);
               const vf mv = splat(newm[r]);
               vf acc = vf{};
-              for (int j = 0; j < Lp; j += VW) {
+              for (int j = 0; j < Lc; j += VW) {
                 const vf e = vexp(ld(srow + j) - mv) * row_mask(base, j, mode, lim);
                 st(srow + j, e);
                 acc += e;
@@ -364,7 +366,7 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
               sm[row] = sm[row] * resc[r] + l;
               mx[row] = newm[r];
             }
-            mm_py(sb.data(), Lp, vc.data(), D, ob.data(), D, nb, Lp, D);
+            mm_py(sb.data(), Lp, vc.data(), D, ob.data(), D, nb, Lc, D);
             for (int r = 0; r < nb; r++) {
               float* orow = og + (int64_t)R[t + r] * D;
               const float* tr = &ob[(size_t)r * D];
@@ -426,11 +428,12 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
         const int c = (int)(sc % C);
         if (off[3 * sc + 3] == off[3 * sc]) continue;
         const int64_t s0 = ch.start[(int64_t)b * C + c], n = ch.len[(int64_t)b * C + c];
+        const int Lc = std::min(Lp, round_up(std::max<int>((int)n, 1), 16));  // this chunk's width
         std::fill(kt.begin(), kt.end(), 0.0f);
         std::fill(vt.begin(), vt.end(), 0.0f);
-        std::fill(kc.begin(), kc.end(), 0.0f);
-        std::fill(dkc.begin(), dkc.end(), 0.0f);
-        std::fill(dvc.begin(), dvc.end(), 0.0f);
+        std::fill(kc.begin(), kc.begin() + (size_t)Lc * D, 0.0f);
+        std::fill(dkc.begin(), dkc.begin() + (size_t)Lc * D, 0.0f);
+        std::fill(dvc.begin(), dvc.begin() + (size_t)Lc * D, 0.0f);
         for (int j = 0; j < n; j++) {
           const float* kr = kh + (s0 + j) * D;
           const float* vr = vh + (s0 + j) * D;
@@ -450,8 +453,8 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
               copy_row(&qb[(size_t)r * D], Q + row * D, D);
               copy_row(&gb[(size_t)r * D], DO + row * D, D);
             }
-            mm_xyt(qb.data(), D, kt.data(), Lp, pb.data(), Lp, nb, D, Lp);  // scores
-            mm_xyt(gb.data(), D, vt.data(), Lp, db.data(), Lp, nb, D, Lp);  // dP = dO V^T
+            mm_xyt(qb.data(), D, kt.data(), Lp, pb.data(), Lp, nb, D, Lc);  // scores
+            mm_xyt(gb.data(), D, vt.data(), Lp, db.data(), Lp, nb, D, Lc);  // dP = dO V^T
             for (int r = 0; r < nb; r++) {
               float* prow = &pb[(size_t)r * Lp];
               float* drow = &db[(size_t)r * Lp];
@@ -460,16 +463,16 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
               const int lim = (int)(Nk - Nq + i - s0);
               const float* base = &msk[(size_t)mode * Lp];
               const vf lv = splat(LS[row]), dl = splat(DL[row]);
-              for (int j = 0; j < Lp; j += VW) {
+              for (int j = 0; j < Lc; j += VW) {
                 vf p = vexp(ld(prow + j) - lv) * row_mask(base, j, mode, lim);
                 st(prow + j, p);
                 st(drow + j, p * (ld(drow + j) - dl));  // dS
               }
             }
-            mm_ptx(pb.data(), Lp, gb.data(), D, dvc.data(), D, nb, Lp, D, tr.data());  // dV += P^T dO
-            mm_ptx(db.data(), Lp, qb.data(), D, dkc.data(), D, nb, Lp, D, tr.data());  // dK += dS^T Q
+            mm_ptx(pb.data(), Lp, gb.data(), D, dvc.data(), D, nb, Lc, D, tr.data());  // dV += P^T dO
+            mm_ptx(db.data(), Lp, qb.data(), D, dkc.data(), D, nb, Lc, D, tr.data());  // dK += dS^T Q
             std::fill(dqb.begin(), dqb.begin() + (size_t)nb * D, 0.0f);
-            mm_py(db.data(), Lp, kc.data(), D, dqb.data(), D, nb, Lp, D);   // dQ = dS K
+            mm_py(db.data(), Lp, kc.data(), D, dqb.data(), D, nb, Lc, D);   // dQ = dS K
             for (int r = 0; r < nb; r++) {
               float* dr = DQ + (g0 + R[t + r]) * D;
               const float* tr = &dqb[(size_t)r * D];
