@@ -97,6 +97,7 @@ def zero0_run(tmp_path_factory, tokens_dir, processor_dir):
     return {"recipe": rp, "run": d / "run"}
 
 
+@pytest.mark.slow
 def test_zero0_checkpoint_records_hashes_and_resume_skips_a_corrupted_one(zero0_run, tmp_path):
     ck = zero0_run["run"] / "checkpoints"
     assert check_checkpoint(ck / "step4") == [] and check_checkpoint(ck / "step2") == []
@@ -114,6 +115,7 @@ def test_zero0_checkpoint_records_hashes_and_resume_skips_a_corrupted_one(zero0_
     assert "resumed from step 2" in r.stdout
 
 
+@pytest.mark.slow
 def test_resume_under_another_zero_stage_is_refused_up_front(zero0_run):
     r = uwm("train", "--recipe", zero0_run["recipe"], "--deepspeed", ROOT / "ds_configs/zero2.json", "--resume", "latest",
             "--max-steps", "5", "--no-progress")
@@ -121,6 +123,7 @@ def test_resume_under_another_zero_stage_is_refused_up_front(zero0_run):
     assert "saved under ZeRO stage 0" in r.stderr and "uses ZeRO stage 2" in r.stderr and "zero2.json" in r.stderr
 
 
+@pytest.mark.slow
 def test_zero0_run_exports_to_a_hf_folder(zero0_run, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
