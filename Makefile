@@ -30,13 +30,13 @@ browser:
 	  || echo "note: could not install chromium with apt-get; the browser test will skip"; \
 	fi
 
-# The suite runs in PYTEST_WORKERS processes (pytest-xdist), one test file per worker at a time,
-# in collection order (tests/conftest.py puts the files with `slow` tests first): most tests use
-# one core, and each worker builds the shared fixtures once. PYTEST_WORKERS=0: this process only.
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist), one test file per worker at a time:
+# most tests use one core, and each worker builds the shared fixtures once. PYTEST_WORKERS=0
+# runs it in this process.
 PYTEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf runs .pytest_cache

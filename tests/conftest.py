@@ -120,10 +120,3 @@ def uwm_in_process(*args):
             code = e.code if isinstance(e.code, int) else 1
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
-
-def pytest_collection_modifyitems(config, items):
-    """Files with `slow` tests (real subprocesses, deepspeed launches) are collected first. `make
-    test`'s workers take whole files in collection order, so the long files start at once and the
-    short ones fill in at the end, instead of one long file running alone after the rest."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays
