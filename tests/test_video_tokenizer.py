@@ -436,3 +436,32 @@ def test_foreground_weight_changes_the_training_loss_and_is_checked(data_dir, tm
     assert all(math.isfinite(v) for v in runs.values()) and runs[0.0] != runs[20.0]
     with pytest.raises(ValueError, match="train.foreground_weight"):
         _tiny_config(foreground_weight=-1.0).train.validate()
+
+
+def test_object_weight_masks_the_world_objects_and_needs_their_boxes(data_dir, tmp_path):
+    """`train.object_weight`: the masks follow the world's object boxes through the crop and
+    resize of the frames (the palette's colours are far likelier inside them), the weight
+    changes the training loss, and a dataset without boxes or a negative weight is refused."""
+    from unified_wm.data.world import PALETTE, generate_world
+    from unified_wm.tokenization.video_train import load_episode_frames, load_object_masks
+
+    world = tmp_path / "world"
+    generate_world(Path(__file__).resolve().parents[1] / "recipes/data/world_tiny.yaml", world, n_episodes=2, seed=0,
+                   split="train", progress=False)
+    frames, _, _ = load_episode_frames(world, 32, "train", 10_000)
+    masks = load_object_masks(world, 32, 10_000)
+    assert masks.shape == frames.shape[:3] and 0 < masks.mean() < 0.3
+    pal = np.array(list(PALETTE.values()), float)
+    near = np.linalg.norm(frames[..., None, :].astype(float) - pal, axis=-1).min(-1) < 40
+    assert near[masks].mean() > 3 * near[~masks].mean(), (near[masks].mean(), near[~masks].mean())
+    losses = {}
+    for w in (0.0, 20.0):
+        train_video_tokenizer("<test>", world, tmp_path / f"o{w}", max_steps=3, progress=False, config=_tiny_config(object_weight=w))
+        rows = [json.loads(x) for x in (tmp_path / f"o{w}" / "metrics.jsonl").read_text().splitlines()]
+        losses[w] = [r["loss"] for r in rows if "loss" in r][-1]
+    assert all(math.isfinite(v) for v in losses.values()) and losses[0.0] != losses[20.0]
+    with pytest.raises(ValueError, match=r"train.object_weight needs the objects' boxes .* episode 'train-0'"):
+        train_video_tokenizer("<test>", data_dir, tmp_path / "nobox", max_steps=2, progress=False, config=_tiny_config(object_weight=5.0))
+    assert not (tmp_path / "nobox").exists()
+    with pytest.raises(ValueError, match="train.object_weight"):
+        _tiny_config(object_weight=-1.0).train.validate()

@@ -102,6 +102,10 @@ class TrainConfig:
     # frames) weigh 1 + foreground_weight in the reconstruction loss: small moving objects on a
     # flat background (Pong's ball and paddles) are otherwise a rounding error of the mean
     foreground_weight: float = 0.0
+    # pixels inside an object's box (from each episode's state: the procedural world writes
+    # them) weigh 1 + object_weight: with a moving camera there is no static background, and
+    # small objects otherwise come back in the background's colours (BENCHMARKS.md)
+    object_weight: float = 0.0
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
@@ -127,6 +131,8 @@ class TrainConfig:
             raise ValueError(f"train.grad_loss_weight = {self.grad_loss_weight}; a loss weight must be >= 0")
         if self.foreground_weight < 0:
             raise ValueError(f"train.foreground_weight = {self.foreground_weight}; a loss weight must be >= 0")
+        if self.object_weight < 0:
+            raise ValueError(f"train.object_weight = {self.object_weight}; a loss weight must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay = {self.ema_decay}; expected 0 (off) or a decay in (0, 1), e.g. 0.999")
 

@@ -63,18 +63,7 @@ def load_episode_frames(data_dir: str | os.PathLike, image_size: int, which: Lit
     from unified_wm.data.episodes import get_episode, load_episodes
 
     ds = load_episodes(data_dir)
-    splits = list(ds["split"]) if "split" in ds.column_names else ["train"] * len(ds)
-    if which == "train":
-        rows = [i for i, s in enumerate(splits) if not _is_heldout_split(s)]
-        note = "non-held-out splits: " + ",".join(sorted({splits[i] for i in rows}))
-    else:
-        rows = [i for i, s in enumerate(splits) if s in ("val", "valid", "validation", "test")]
-        note = "held-out splits: " + ",".join(sorted({splits[i] for i in rows}))
-        if not rows:
-            rows = [i for i, s in enumerate(splits) if not s.startswith("probe")]
-            note = "all non-probe episodes (dataset has no val/test split)"
-    if not rows:
-        raise ValueError(f"episode dataset '{data_dir}' has no {which} episodes (splits present: {sorted(set(splits))})")
+    rows, note = _frame_rows(ds, which, data_dir)
     chunks, starts, n = [], [], 0
     for i in rows:
         f = get_episode(ds, i)["frames"]
@@ -91,6 +80,60 @@ def load_episode_frames(data_dir: str | os.PathLike, image_size: int, which: Lit
     return frames, starts_arr, note
 
 
+def _frame_rows(ds, which: str, data_dir) -> tuple[list[int], str]:
+    """The episodes :func:`load_episode_frames` reads, in order, and a note on their splits."""
+    splits = list(ds["split"]) if "split" in ds.column_names else ["train"] * len(ds)
+    if which == "train":
+        rows = [i for i, s in enumerate(splits) if not _is_heldout_split(s)]
+        note = "non-held-out splits: " + ",".join(sorted({splits[i] for i in rows}))
+    else:
+        rows = [i for i, s in enumerate(splits) if s in ("val", "valid", "validation", "test")]
+        note = "held-out splits: " + ",".join(sorted({splits[i] for i in rows}))
+        if not rows:
+            rows = [i for i, s in enumerate(splits) if not s.startswith("probe")]
+            note = "all non-probe episodes (dataset has no val/test split)"
+    if not rows:
+        raise ValueError(f"episode dataset '{data_dir}' has no {which} episodes (splits present: {sorted(set(splits))})")
+    return rows, note
+
+
+def load_object_masks(data_dir: str | os.PathLike, image_size: int, max_frames: int) -> np.ndarray:
+    """bool [N,S,S]: the pixels inside an object's box in each training frame, aligned with
+    :func:`load_episode_frames` (``train``). The boxes come from each episode's state (world
+    coordinates, the camera's corner, the view's size), cropped and scaled as the frames are."""
+    from unified_wm.data.episodes import get_episode, load_episodes
+
+    ds = load_episodes(data_dir)
+    rows, _ = _frame_rows(ds, "train", data_dir)
+    out, n = [], 0
+    for i in rows:
+        ep = get_episode(ds, i)
+        st = json.loads(ep["state"]) if isinstance(ep["state"], str) else (ep["state"] or {})
+        fs = st.get("frames") if isinstance(st, dict) else None
+        t, h, w = ep["frames"].shape[:3]
+        if not fs or len(fs) != t or any("camera" not in f or "objects" not in f for f in fs):
+            raise ValueError(f"train.object_weight needs the objects' boxes in each episode's state (`uwm data gen-world` "
+                             f"writes them); episode {ep['episode_id']!r} of '{data_dir}' has none")
+        side = min(h, w)
+        top, left, scale = (h - side) // 2, (w - side) // 2, image_size / side  # as resize_frames crops and scales
+        m = np.zeros((t, image_size, image_size), bool)
+        for k, f in enumerate(fs):
+            cx, cy = f["camera"]
+            for o in f["objects"]:
+                x0, y0, x1, y1 = o["bbox"]
+                xa, xb = (np.array([x0, x1]) - cx - left) * scale
+                ya, yb = (np.array([y0, y1]) - cy - top) * scale
+                xa, ya = max(0, int(np.floor(xa))), max(0, int(np.floor(ya)))
+                xb, yb = min(image_size, int(np.ceil(xb))), min(image_size, int(np.ceil(yb)))
+                if xb > xa and yb > ya:
+                    m[k, ya:yb, xa:xb] = True
+        out.append(m)
+        n += t
+        if n >= max_frames:
+            break
+    return np.concatenate(out)[:max_frames]
+
+
 def _group_sampler(n_frames: int, starts: np.ndarray, temporal: int):
     """Index tables for causal training groups: first frames (alone) and windows of ``temporal`` frames."""
     ends = np.append(starts[1:], n_frames)
@@ -101,20 +144,30 @@ def _group_sampler(n_frames: int, starts: np.ndarray, temporal: int):
     return torch.from_numpy(starts.astype(np.int64)), torch.from_numpy(windows.astype(np.int64)), p_first
 
 
-def _sample_batch(frames: torch.Tensor, bs: int, gen: torch.Generator, temporal: int, sampler) -> torch.Tensor:
-    """A training batch in [-1,1]: [B,3,H,W] frames, or [B,3*t,H,W] causal groups when temporal > 1."""
+def _sample_batch(frames: torch.Tensor, bs: int, gen: torch.Generator, temporal: int, sampler,
+                  masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training batch in [-1,1]: [B,3,H,W] frames, or [B,3*t,H,W] causal groups when temporal > 1;
+    with ``masks`` ([N,H,W]) also their masks, as 0/1 floats of the batch's shape."""
+    idx = _batch_index(len(frames), bs, gen, temporal, sampler).flatten()
+    x = frames[idx].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    x = x.reshape(bs, temporal * 3, *x.shape[2:])
+    if masks is None:
+        return x, None
+    m = masks[idx].float().reshape(bs, temporal, 1, *x.shape[2:]).expand(bs, temporal, 3, *x.shape[2:])
+    return x, m.reshape(x.shape)
+
+
+def _batch_index(n: int, bs: int, gen: torch.Generator, temporal: int, sampler) -> torch.Tensor:
+    """[B, t] frame indices of a batch: single frames, or causal groups when temporal > 1."""
     if temporal == 1:
-        bi = torch.randint(0, len(frames), (bs,), generator=gen)
-        return frames[bi].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        return torch.randint(0, n, (bs,), generator=gen)[:, None]
     firsts, windows, p_first = sampler
     first = torch.rand(bs, generator=gen) < p_first
     w = windows[torch.randint(0, max(1, len(windows)), (bs,), generator=gen)] if len(windows) else firsts[:1].expand(bs)
     f = firsts[torch.randint(0, len(firsts), (bs,), generator=gen)]
     start = torch.where(first, f, w)
     step = torch.where(first, 0, 1)
-    idx = start[:, None] + step[:, None] * torch.arange(temporal)[None]  # [B, t]
-    x = frames[idx.flatten()].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return x.reshape(bs, temporal * 3, *x.shape[2:])
+    return start[:, None] + step[:, None] * torch.arange(temporal)[None]  # [B, t]
 
 
 # ----------------------------------------------------------------------------- training
@@ -148,10 +201,15 @@ def _foreground_weights(x: torch.Tensor, bg: torch.Tensor, weight: float) -> tor
     return (1.0 + weight * fg).expand(b, c // 3, 3, h, w).reshape(b, c, h, w)
 
 
-def _recon_loss(rec: torch.Tensor, x: torch.Tensor, tc: TrainConfig, bg: torch.Tensor | None = None) -> torch.Tensor:
+def _recon_loss(rec: torch.Tensor, x: torch.Tensor, tc: TrainConfig, bg: torch.Tensor | None = None,
+                objects: torch.Tensor | None = None) -> torch.Tensor:
     e = rec - x
-    if bg is not None and tc.foreground_weight > 0:  # weighted means: the loss keeps its scale
+    wt = None
+    if bg is not None and tc.foreground_weight > 0:
         wt = _foreground_weights(x, bg, tc.foreground_weight)
+    if objects is not None and tc.object_weight > 0:
+        wt = (wt if wt is not None else 1.0) + tc.object_weight * objects
+    if wt is not None:  # weighted means: the loss keeps its scale
         wt = wt / wt.mean()
         l1, l2 = (wt * e.abs()).mean(), (wt * e.pow(2)).mean()
     else:
@@ -230,10 +288,12 @@ def train_video_tokenizer(
     ckpt_root = out / "checkpoints"
     if not resume and complete_checkpoints(ckpt_root):
         raise FileExistsError(f"output folder '{out}' already holds checkpoints; pass resume=True (--resume) or choose a new folder")
+    # the data first: a dataset that cannot serve this config leaves no output folder behind
+    frames_np, starts, note = load_episode_frames(data_dir, cfg.image_size, "train", tc.max_frames)
+    masks = torch.from_numpy(load_object_masks(data_dir, cfg.image_size, tc.max_frames)) if tc.object_weight > 0 else None
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "tokenizer train-video")
 
-    frames_np, starts, note = load_episode_frames(data_dir, cfg.image_size, "train", tc.max_frames)
     frames = torch.from_numpy(frames_np)  # uint8 [N,S,S,3]
     n = len(frames)
     sampler = _group_sampler(n, starts, cfg.temporal) if cfg.temporal > 1 else None
@@ -289,11 +349,11 @@ def train_video_tokenizer(
     last_psnr = float("nan")
     bar = tqdm(total=total, initial=step, disable=not progress, desc="video tokenizer", unit="step", dynamic_ncols=True)
     while step < total:
-        x = _sample_batch(frames, tc.batch_size, gen, cfg.temporal, sampler)
+        x, obj = _sample_batch(frames, tc.batch_size, gen, cfg.temporal, sampler, masks)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, tc)
         rec, idx, aux = model(x)
-        loss = _recon_loss(rec, x, tc, bg) + aux
+        loss = _recon_loss(rec, x, tc, bg, obj) + aux
         if not torch.isfinite(loss):
             raise FloatingPointError(f"video tokenizer loss became {float(loss)} at step {step}; lower train.lr in '{config_path}'")
         opt.zero_grad(set_to_none=True)
