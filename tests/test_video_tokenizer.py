@@ -427,12 +427,18 @@ def test_foreground_mask_weights_and_report_find_a_moving_dot():
     assert rep["foreground_share"] == 32 / (8 * 256) and rep["foreground_psnr"] < 5 and rep["psnr"] > rep["foreground_psnr"] + 15
 
 
-def test_foreground_weight_changes_the_training_loss_and_is_checked(data_dir, tmp_path):
-    runs = {}
+def _last_loss_by_weight(key: str, data, folder: Path, steps: int) -> dict[float, float]:
+    """The last logged training loss of a few steps with train.<key> at 0 and at 20."""
+    losses = {}
     for w in (0.0, 20.0):
-        train_video_tokenizer("<test>", data_dir, tmp_path / f"w{w}", max_steps=5, progress=False, config=_tiny_config(foreground_weight=w))
-        rows = [json.loads(x) for x in (tmp_path / f"w{w}" / "metrics.jsonl").read_text().splitlines()]
-        runs[w] = [r["loss"] for r in rows if "loss" in r][-1]
+        train_video_tokenizer("<test>", data, folder / f"{key}{w}", max_steps=steps, progress=False, config=_tiny_config(**{key: w}))
+        rows = [json.loads(x) for x in (folder / f"{key}{w}" / "metrics.jsonl").read_text().splitlines()]
+        losses[w] = [r["loss"] for r in rows if "loss" in r][-1]
+    return losses
+
+
+def test_foreground_weight_changes_the_training_loss_and_is_checked(data_dir, tmp_path):
+    runs = _last_loss_by_weight("foreground_weight", data_dir, tmp_path, 5)
     assert all(math.isfinite(v) for v in runs.values()) and runs[0.0] != runs[20.0]
     with pytest.raises(ValueError, match="train.foreground_weight"):
         _tiny_config(foreground_weight=-1.0).train.validate()
@@ -454,11 +460,7 @@ def test_object_weight_masks_the_world_objects_and_needs_their_boxes(data_dir, t
     pal = np.array(list(PALETTE.values()), float)
     near = np.linalg.norm(frames[..., None, :].astype(float) - pal, axis=-1).min(-1) < 40
     assert near[masks].mean() > 3 * near[~masks].mean(), (near[masks].mean(), near[~masks].mean())
-    losses = {}
-    for w in (0.0, 20.0):
-        train_video_tokenizer("<test>", world, tmp_path / f"o{w}", max_steps=3, progress=False, config=_tiny_config(object_weight=w))
-        rows = [json.loads(x) for x in (tmp_path / f"o{w}" / "metrics.jsonl").read_text().splitlines()]
-        losses[w] = [r["loss"] for r in rows if "loss" in r][-1]
+    losses = _last_loss_by_weight("object_weight", world, tmp_path, 3)
     assert all(math.isfinite(v) for v in losses.values()) and losses[0.0] != losses[20.0]
     with pytest.raises(ValueError, match=r"train.object_weight needs the objects' boxes .* episode 'train-0'"):
         train_video_tokenizer("<test>", data_dir, tmp_path / "nobox", max_steps=2, progress=False, config=_tiny_config(object_weight=5.0))
