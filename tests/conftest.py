@@ -119,4 +119,3 @@ def uwm_in_process(*args):
         except SystemExit as e:  # argparse's own errors
             code = e.code if isinstance(e.code, int) else 1
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
-

@@ -180,6 +180,8 @@ void mm_ptx(const float* P, int ldp, const float* X, int ldx, float* O, int ldo,
 }
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+// The tile width of a chunk of n keys: n rounded up to 16, at most Lp (the longest chunk's).
+inline int chunk_width(int64_t n, int Lp) { return std::min(Lp, round_up(std::max<int>((int)n, 1), 16)); }
 
 
 // The keys of chunk c that one row of a tile may read, lanes j..j+VW-1 as 0/1: `base` is
@@ -311,7 +313,7 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
         const int c = (int)(sc % C);
         if (off[3 * sc + 3] == off[3 * sc]) continue;
         const int64_t s0 = ch.start[(int64_t)b * C + c], n = ch.len[(int64_t)b * C + c];
-        const int Lc = std::min(Lp, round_up(std::max<int>((int)n, 1), 16));  // this chunk's width
+        const int Lc = chunk_width(n, Lp);
         std::fill(kt.begin(), kt.end(), 0.0f);
         std::fill(vc.begin(), vc.begin() + (size_t)Lc * D, 0.0f);
         for (int j = 0; j < n; j++) {
@@ -428,7 +430,7 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
         const int c = (int)(sc % C);
         if (off[3 * sc + 3] == off[3 * sc]) continue;
         const int64_t s0 = ch.start[(int64_t)b * C + c], n = ch.len[(int64_t)b * C + c];
-        const int Lc = std::min(Lp, round_up(std::max<int>((int)n, 1), 16));  // this chunk's width
+        const int Lc = chunk_width(n, Lp);
         std::fill(kt.begin(), kt.end(), 0.0f);
         std::fill(vt.begin(), vt.end(), 0.0f);
         std::fill(kc.begin(), kc.begin() + (size_t)Lc * D, 0.0f);

@@ -100,20 +100,23 @@ def _frame_rows(ds, which: str, data_dir) -> tuple[list[int], str]:
 def load_object_masks(data_dir: str | os.PathLike, image_size: int, max_frames: int) -> np.ndarray:
     """bool [N,S,S]: the pixels inside an object's box in each training frame, aligned with
     :func:`load_episode_frames` (``train``). The boxes come from each episode's state (world
-    coordinates, the camera's corner, the view's size), cropped and scaled as the frames are."""
-    from unified_wm.data.episodes import get_episode, load_episodes
+    coordinates, the camera's corner, the view's size), cropped and scaled as the frames are.
+    Only the state column is read: the frames are not decoded a second time."""
+    from unified_wm.data.episodes import load_episodes
 
     ds = load_episodes(data_dir)
     rows, _ = _frame_rows(ds, "train", data_dir)
+    meta = ds.select_columns(["episode_id", "state"])
     out, n = [], 0
     for i in rows:
-        ep = get_episode(ds, i)
+        ep = meta[int(i)]
         st = json.loads(ep["state"]) if isinstance(ep["state"], str) else (ep["state"] or {})
         fs = st.get("frames") if isinstance(st, dict) else None
-        t, h, w = ep["frames"].shape[:3]
-        if not fs or len(fs) != t or any("camera" not in f or "objects" not in f for f in fs):
+        view = st.get("view") if isinstance(st, dict) else None
+        if not fs or not view or any("camera" not in f or "objects" not in f for f in fs):
             raise ValueError(f"train.object_weight needs the objects' boxes in each episode's state (`uwm data gen-world` "
                              f"writes them); episode {ep['episode_id']!r} of '{data_dir}' has none")
+        (w, h), t = view, len(fs)
         side = min(h, w)
         top, left, scale = (h - side) // 2, (w - side) // 2, image_size / side  # as resize_frames crops and scales
         m = np.zeros((t, image_size, image_size), bool)
@@ -291,6 +294,9 @@ def train_video_tokenizer(
     # the data first: a dataset that cannot serve this config leaves no output folder behind
     frames_np, starts, note = load_episode_frames(data_dir, cfg.image_size, "train", tc.max_frames)
     masks = torch.from_numpy(load_object_masks(data_dir, cfg.image_size, tc.max_frames)) if tc.object_weight > 0 else None
+    if masks is not None and len(masks) != len(frames_np):
+        raise ValueError(f"train.object_weight: the episodes' states in '{data_dir}' describe {len(masks)} frames, "
+                         f"the episodes hold {len(frames_np)}; expected one state per frame")
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "tokenizer train-video")
 
