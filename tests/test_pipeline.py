@@ -4,6 +4,7 @@ the clear errors that bad input gets."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -253,8 +254,15 @@ def test_atari_pipeline_generates_with_gen_atari_and_refuses_probe_splits(tmp_pa
     gens = [ln for ln in r.stdout.splitlines() if ln.startswith("$ ") and " data gen-" in ln]
     assert len(gens) == 2 and all(" data gen-atari --config recipes/data/atari_pong.yaml " in g for g in gens)
     assert "--split val" in gens[1] and "--offscreen-data" not in r.stdout and not (tmp_path / "w").exists()
+    # the token documents are made by one process per core unless the config says how many
+    toks = [ln for ln in r.stdout.splitlines() if ln.startswith("$ ") and " data tokenize " in ln]
+    assert len(toks) == 2 and all(f" --workers {os.cpu_count()} " in t for t in toks)
+    cp.write_text(yaml.safe_dump({**cfg, "tokenize_workers": 3}))
+    r = uwm_in_process("pipeline", "--config", cp, "--dry-run")
+    assert r.stdout.count(" --workers 3 ") == 2
     for change, message in (({"episodes": {"probe_offscreen": 8}}, "the probe splits are made by the procedural world"),
-                            ({"world": "recipes/data/world.yaml"}, "give exactly one data source")):
+                            ({"world": "recipes/data/world.yaml"}, "give exactly one data source"),
+                            ({"tokenize_workers": -1}, "tokenize_workers must be >= 0")):
         cp.write_text(yaml.safe_dump({**cfg, **change}))
         bad = uwm_in_process("pipeline", "--config", cp)
         assert bad.returncode == 2 and message in bad.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -50,6 +51,7 @@ class Pipeline:
     templates: list[str] = field(default_factory=lambda: ["interleaved", "dynamics", "caption", "inverse"])
     deepspeed: str = "ds_configs/zero2.json"
     ranks: int = 2
+    tokenize_workers: int = 0  # processes for the token documents (0: one per CPU core); the documents do not depend on it
     eval: list[str] = field(default_factory=list)  # suites (eval/*.yaml), run on this pipeline's splits
     description: str = ""
 
@@ -74,6 +76,8 @@ class Pipeline:
                 raise ValueError(f"{key}: file '{path}' does not exist")
         if self.ranks < 1 or self.clip_frames < 2:
             raise ValueError("ranks must be >= 1 and clip_frames >= 2")
+        if self.tokenize_workers < 0:
+            raise ValueError(f"tokenize_workers must be >= 0 (0: one per CPU core), got {self.tokenize_workers}")
         from unified_wm.recipe import load_recipe
 
         missing = [t for t, tr in load_recipe(self.recipe).tasks.items() if tr.weight > 0 and t not in self.templates]
@@ -120,8 +124,10 @@ def stage_commands(p: Pipeline, config_path: str) -> dict[str, list[list[str]]]:
     if (w / "tokenizers" / "video" / "checkpoints").is_dir():
         video.append("--resume")
     templates = ",".join(p.templates)
+    workers = str(p.tokenize_workers or os.cpu_count() or 1)
     tokens = [uwm + ["data", "tokenize", "--data", str(w / d), "--processor", str(w / "processor"), "--out", str(w / out),
-                     "--clip-frames", str(p.clip_frames), "--templates", templates, "--resume", "--no-progress"]
+                     "--clip-frames", str(p.clip_frames), "--templates", templates, "--workers", workers,
+                     "--resume", "--no-progress"]
               for d, out in (("data", "tokens"), ("data_val", "val_tokens"))]
     launcher = str(Path(py).parent / "deepspeed") if (Path(py).parent / "deepspeed").exists() else "deepspeed"
     train = [launcher, "--num_gpus", str(p.ranks), "--master_port", str(free_port()), "--module", "unified_wm.train",
