@@ -256,7 +256,7 @@ def test_atari_pipeline_generates_with_gen_atari_and_refuses_probe_splits(tmp_pa
     assert "--split val" in gens[1] and "--offscreen-data" not in r.stdout and not (tmp_path / "w").exists()
     # the token documents are made by one process per core unless the config says how many
     toks = [ln for ln in r.stdout.splitlines() if ln.startswith("$ ") and " data tokenize " in ln]
-    assert len(toks) == 2 and all(f" --workers {os.cpu_count()} " in t for t in toks)
+    assert len(toks) == 2 and all(f" --workers {len(os.sched_getaffinity(0))} " in t for t in toks)
     cp.write_text(yaml.safe_dump({**cfg, "tokenize_workers": 3}))
     r = uwm_in_process("pipeline", "--config", cp, "--dry-run")
     assert r.stdout.count(" --workers 3 ") == 2

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unified_wm.utils import ConfigError, load_config, write_json
+from unified_wm.utils import ConfigError, load_config, usable_cpus, write_json
 from unified_wm.distributed import free_port
 
 STAGES = ("data", "text_tokenizer", "video_tokenizer", "processor", "tokens", "train", "export", "eval")
@@ -51,7 +50,7 @@ class Pipeline:
     templates: list[str] = field(default_factory=lambda: ["interleaved", "dynamics", "caption", "inverse"])
     deepspeed: str = "ds_configs/zero2.json"
     ranks: int = 2
-    tokenize_workers: int = 0  # processes for the token documents (0: one per CPU core); the documents do not depend on it
+    tokenize_workers: int = 0  # processes for the token documents (0: one per CPU core this process may use); the documents do not depend on it
     eval: list[str] = field(default_factory=list)  # suites (eval/*.yaml), run on this pipeline's splits
     description: str = ""
 
@@ -124,7 +123,7 @@ def stage_commands(p: Pipeline, config_path: str) -> dict[str, list[list[str]]]:
     if (w / "tokenizers" / "video" / "checkpoints").is_dir():
         video.append("--resume")
     templates = ",".join(p.templates)
-    workers = str(p.tokenize_workers or os.cpu_count() or 1)
+    workers = str(p.tokenize_workers or usable_cpus())
     tokens = [uwm + ["data", "tokenize", "--data", str(w / d), "--processor", str(w / "processor"), "--out", str(w / out),
                      "--clip-frames", str(p.clip_frames), "--templates", templates, "--workers", workers,
                      "--resume", "--no-progress"]

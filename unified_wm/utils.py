@@ -399,3 +399,12 @@ def require_dir(path: str | os.PathLike, what: str, must_contain: tuple[str, ...
         if not (p / name).exists():
             raise FileNotFoundError(f"{what} '{p}' has no '{name}' (expected {', '.join(must_contain)})")
     return p
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask, which a container or
+    ``taskset`` narrows), not the host's count that ``os.cpu_count()`` reports."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity call on this platform
+        return os.cpu_count() or 1
