@@ -21,7 +21,7 @@ from unified_wm.checkpoint import (
 )
 from unified_wm.distributed import free_port
 from unified_wm.recipe import fill_ds_config, load_recipe
-from unified_wm.train import TensorBoard, per_task_ce
+from unified_wm.train import TensorBoard, per_task_ce, scheduled_sampling
 from unified_wm.utils import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +200,45 @@ def test_per_task_ce_matches_direct_cross_entropy():
         assert abs(float(got[2 * i]) - float(ce[sel].sum())) < 1e-4
 
 
+def test_scheduled_sampling_replaces_only_generated_codes_with_the_models_guess(tiny_recipe, processor):
+    """Only video codes that are loss targets and have a previous frame in their document are
+    candidates; at rate 1 each becomes the model's greedy guess from the true inputs, at rate 0
+    nothing changes, and the draw is the generator's."""
+    from unified_wm.data.packing import PackedBatches, prepare_batch
+    from unified_wm.data.tokenize import load_token_documents
+    from unified_wm.model.modeling_uwm import stream_layout_continue
+    from unified_wm.recipe import build_model
+
+    recipe = load_recipe(tiny_recipe)
+    torch.manual_seed(0)
+    model = build_model(recipe, processor)
+    model.train()
+    batches = PackedBatches(load_token_documents(recipe.data.tokens), recipe, 0, 1)
+    ids, labels, _, _ = prepare_batch(batches, 0, model.config, recipe, list(recipe.tasks))
+    v_lo, v_hi = model.config.video_range
+    with torch.no_grad():
+        model.eval()
+        guess = model(input_ids=ids).logits[:, :-1, v_lo:v_hi].argmax(-1) + v_lo
+        model.train()
+    _, _, _, (_, k, _) = stream_layout_continue(ids, model.config, None)
+    nxt = ids[:, 1:]
+    cand = (nxt >= v_lo) & (nxt < v_hi) & (labels[:, 1:] != -100) & (k[:, 1:, 1] >= 2)
+    first_frame = (nxt >= v_lo) & (nxt < v_hi) & (k[:, 1:, 1] == 1)
+    assert cand.sum() > 100 and first_frame.sum() > 0
+
+    out, share, wrong = scheduled_sampling(model, ids, labels, 1.0, torch.Generator().manual_seed(0))
+    assert model.training and share == 1.0 and 0.5 < wrong <= 1.0  # an untrained model guesses wrong
+    assert torch.equal(out[:, 1:][cand], guess[cand])
+    assert torch.equal(out[:, 1:][~cand], nxt[~cand]) and out[0, 0] == ids[0, 0]
+    assert torch.equal(out[:, 1:][first_frame], nxt[first_frame])  # a rollout is given its first frame
+
+    same, share0, _ = scheduled_sampling(model, ids, labels, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, ids) and share0 == 0.0
+    a, share_a, _ = scheduled_sampling(model, ids, labels, 0.3, torch.Generator().manual_seed(5))
+    b, _, _ = scheduled_sampling(model, ids, labels, 0.3, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and 0.2 < share_a < 0.4
+
+
 def test_tensorboard_tags_group_by_kind():
     assert TensorBoard.tag("loss") == "loss/total"
     assert TensorBoard.tag("loss_video") == "loss_modality/video"
@@ -216,18 +255,21 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(tmp_path, tokens_dir, 
     checkpoint, resume with --resume latest, and every later step's loss equals the uninterrupted run's."""
     import psutil
 
-    ref_recipe = write_recipe(tmp_path / "ref", tokens_dir, processor_dir)
+    # scheduled sampling draws from its own per-step generator: the resumed steps must match too
+    ss = {"scheduled_sampling": 0.5, "scheduled_sampling_ramp": 4}
+    ref_recipe = write_recipe(tmp_path / "ref", tokens_dir, processor_dir, **ss)
     r = run_launcher(launch_cmd(ref_recipe, "ds_configs/zero1.json"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ref_run = tmp_path / "ref" / "run"
     ref = losses_by_step(ref_run / "metrics.jsonl")
     assert sorted(ref) == list(range(1, 9))
     last = json.loads((ref_run / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("loss_task_interleaved", "loss_video", "lr", "grad_norm", "tokens_per_s", "moc_sparsity"):
+    for key in ("loss_task_interleaved", "loss_video", "lr", "grad_norm", "tokens_per_s", "moc_sparsity", "ss_replaced"):
         assert key in last, key
+    assert last["ss_rate"] == 0.5 and 0.4 < last["ss_replaced"] < 0.6
     assert list((ref_run / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events"
 
-    recipe = write_recipe(tmp_path / "crash", tokens_dir, processor_dir)
+    recipe = write_recipe(tmp_path / "crash", tokens_dir, processor_dir, **ss)
     run = tmp_path / "crash" / "run"
     log = open(tmp_path / "crash.log", "w")
     crash_cmd = launch_cmd(recipe, "ds_configs/zero1.json")
@@ -282,7 +324,8 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(tmp_path, tokens_dir, 
 def zero3_nan_run(tmp_path_factory, tokens_dir, processor_dir):
     """2 ranks under ZeRO-3; rank 1's loss turns NaN at step 5 (UWM_DEBUG_NAN_AT_STEP=5:1)."""
     d = tmp_path_factory.mktemp("z3")
-    recipe = write_recipe(d, tokens_dir, processor_dir, max_steps=8, log_every=2)
+    # with scheduled sampling: its forward without gradients runs on ZeRO-3's partitioned weights too
+    recipe = write_recipe(d, tokens_dir, processor_dir, max_steps=8, log_every=2, scheduled_sampling=0.25)
     t0 = time.time()
     r = run_launcher(launch_cmd(recipe, "ds_configs/zero3.json"), {"UWM_DEBUG_NAN_AT_STEP": "5:1"})
     return {"d": d, "run": d / "run", "r": r, "seconds": time.time() - t0}

@@ -88,6 +88,13 @@ class TrainRecipe:
     text_dropout: float = 0.0
     action_dropout: float = 0.0
     torch_threads: int = 0  # 0: leave torch's default
+    # scheduled sampling (train.scheduled_sampling in unified_wm.train): the share of generated
+    # video codes (loss targets after the first frame) whose input is replaced by the model's own
+    # greedy guess from a forward without gradients (~1/3 more compute a step), so training sees
+    # the mistakes a rollout conditions on; reached linearly over the first
+    # scheduled_sampling_ramp steps (0: from the first step)
+    scheduled_sampling: float = 0.0
+    scheduled_sampling_ramp: int = 0
     # activation checkpointing: keep only each Block's input, recompute the Block in the
     # backward (less memory at long seq_len for ~1/3 more compute; same gradients)
     gradient_checkpointing: bool = False
@@ -144,6 +151,14 @@ class Recipe:
         for key in ("text_dropout", "action_dropout"):
             if not 0.0 <= getattr(t, key) < 1.0:
                 raise ValueError(f"'train.{key}' must be in [0, 1), got {getattr(t, key)}")
+        if not 0.0 <= t.scheduled_sampling <= 1.0:
+            raise ValueError(f"'train.scheduled_sampling' must be in [0, 1] (the share of generated video codes replaced "
+                             f"by the model's guess), got {t.scheduled_sampling}")
+        if t.scheduled_sampling_ramp < 0:
+            raise ValueError(f"'train.scheduled_sampling_ramp' must be >= 0, got {t.scheduled_sampling_ramp}")
+        if t.scheduled_sampling and t.sequence_parallel > 1:
+            raise ValueError("'train.scheduled_sampling' needs the whole sequence's logits on one rank; it cannot be combined "
+                             f"with 'train.sequence_parallel' = {t.sequence_parallel}")
         if len(t.betas) != 2:
             raise ValueError(f"'train.betas' must hold two numbers, got {t.betas}")
         if t.eval_every and not self.data.val_tokens:
