@@ -237,6 +237,23 @@ def test_uwm_pipeline_runs_every_stage_once_and_resumes(tmp_path):
     assert "--resume latest" in redo.stdout and "[pipeline] data: done" in redo.stdout
     bad = uwm_in_process("pipeline", "--config", cp, "--redo", "training")
     assert bad.returncode == 2 and "unknown stage 'training'" in bad.stderr
+    # a finished stage made from other settings stops the pipeline, naming the stage, the change and the --redo
+    suite_text = (tmp_path / "suite.yaml").read_text()
+    (tmp_path / "suite.yaml").write_text(suite_text.replace("n_episodes: 2", "n_episodes: 3"))
+    stale = uwm_in_process("pipeline", "--config", cp)
+    assert stale.returncode == 2 and "stage 'eval'" in stale.stderr and f"'{tmp_path / 'suite.yaml'}'" in stale.stderr
+    assert "has changed" in stale.stderr and "--redo eval" in stale.stderr and "$ " not in stale.stdout
+    assert uwm_in_process("pipeline", "--config", cp, "--redo", "eval", "--dry-run").returncode == 0
+    (tmp_path / "suite.yaml").write_text(suite_text)
+    cp.write_text(yaml.safe_dump({**cfg, "clip_frames": 12}))
+    stale = uwm_in_process("pipeline", "--config", cp)
+    assert stale.returncode == 2 and "stage 'tokens'" in stale.stderr and "'16' is now '12'" in stale.stderr
+    cp.write_text(yaml.safe_dump(cfg))
+    # a state written before input files were recorded is read too (commands compared only)
+    for rec in state["done"].values():
+        rec.pop("inputs")
+    (w / "pipeline_state.json").write_text(json.dumps(state))
+    assert uwm_in_process("pipeline", "--config", cp).stdout.count("skipped") == 8
     cfg["templates"] = ["interleaved"]
     cp.write_text(yaml.safe_dump(cfg))
     bad = uwm_in_process("pipeline", "--config", cp)

@@ -8,7 +8,11 @@ output is complete is skipped (``pipeline_state.json`` in the work folder record
 finished ones, with the command that made each), so the same command continues an
 interrupted pipeline: training resumes from its newest complete checkpoint
 (``--resume latest``) and the video tokenizer from its own. Nothing a stage finished is
-rebuilt unless ``--redo STAGE`` names it (that stage and every later one run again).
+rebuilt unless ``--redo STAGE`` names it (that stage and every later one run again). A
+finished stage whose command or input files (``--config``, ``--recipe``, ``--deepspeed``,
+``--suite``; their SHA-256 is recorded) differ from today's stops the pipeline with the
+difference and the ``--redo`` that rebuilds it: outputs made from other settings are
+neither kept silently nor replaced unasked.
 """
 from __future__ import annotations
 
@@ -159,6 +163,60 @@ def stage_commands(p: Pipeline, config_path: str) -> dict[str, list[list[str]]]:
     }
 
 
+# arguments that change from run to run without changing what a stage makes
+_VOLATILE = {"--master_port": 1, "--workers": 1}
+_INPUT_FLAGS = ("--config", "--recipe", "--deepspeed", "--suite")  # files whose contents a stage's output depends on
+
+
+def _normalize(cmd: list[str]) -> list[str]:
+    """A stage command without the interpreter or launcher path, the port, the worker count and
+    ``--resume`` (a resumed stage makes the same output)."""
+    out, i = [], 1
+    while i < len(cmd):
+        a = cmd[i]
+        if a in _VOLATILE:
+            i += 1 + _VOLATILE[a]
+            continue
+        if a == "--resume":
+            i += 2 if i + 1 < len(cmd) and cmd[i + 1] == "latest" else 1
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def _input_hashes(cmds: list[list[str]]) -> dict[str, str]:
+    import hashlib
+
+    out = {}
+    for cmd in cmds:
+        for i, a in enumerate(cmd[:-1]):
+            if a in _INPUT_FLAGS and Path(cmd[i + 1]).is_file():
+                out[cmd[i + 1]] = hashlib.sha256(Path(cmd[i + 1]).read_bytes()).hexdigest()
+    return out
+
+
+def _stale(stage: str, done: dict, cmds: list[list[str]]) -> str | None:
+    """How the stage's current commands or input files differ from those that made its finished
+    output (None: they do not). A state written before inputs were recorded compares commands only."""
+    import difflib
+
+    old = [_normalize(shlex.split(c)) for c in done.get("commands", [])]
+    new = [_normalize(c) for c in cmds]
+    if old != new:
+        if len(old) != len(new):
+            return f"it ran {len(old)} command(s) and now has {len(new)}"
+        a, b = next((x, y) for x, y in zip(old, new) if x != y)
+        op = next(o for o in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if o[0] != "equal")
+        return (f"its command changed: '{shlex.join(a[op[1]:op[2]]) or '(nothing)'}' is now "
+                f"'{shlex.join(b[op[3]:op[4]]) or '(nothing)'}'")
+    for path, digest in done.get("inputs", {}).items():
+        now = _input_hashes(cmds).get(path)
+        if now != digest:
+            return f"the file '{path}' it read has changed" if now else f"the file '{path}' it read is gone"
+    return None
+
+
 def run_pipeline(config_path: str, *, only: list[str] | None = None, redo: str | None = None, dry_run: bool = False) -> dict:
     p = load_config(Pipeline, config_path)
     w = Path(p.workdir)
@@ -173,6 +231,11 @@ def run_pipeline(config_path: str, *, only: list[str] | None = None, redo: str |
         if s not in STAGES:
             raise ConfigError(f"--only: unknown stage '{s}'; stages: {', '.join(STAGES)}")
     commands = stage_commands(p, config_path)
+    for stage in STAGES:  # a finished stage made from other settings than today's is not silently kept
+        why = _stale(stage, state["done"][stage], commands[stage]) if stage in state["done"] else None
+        if why:
+            raise ConfigError(f"pipeline '{config_path}': stage '{stage}' in '{w}' was finished with other settings ({why}). "
+                              f"Run with --redo {stage} to make it and every later stage again, or restore the settings it was made with")
     for stage in STAGES:
         if only and stage not in only:
             continue
@@ -191,7 +254,8 @@ def run_pipeline(config_path: str, *, only: list[str] | None = None, redo: str |
                 raise SystemExit(f"pipeline: stage '{stage}' failed (exit {r.returncode}): {shlex.join(cmd)}\n"
                                  f"run the same command again to continue from here")
         if not dry_run:
-            state["done"][stage] = {"seconds": round(time.time() - t0, 1), "commands": [shlex.join(c) for c in commands[stage]]}
+            state["done"][stage] = {"seconds": round(time.time() - t0, 1), "commands": [shlex.join(c) for c in commands[stage]],
+                                    "inputs": _input_hashes(commands[stage])}
             w.mkdir(parents=True, exist_ok=True)
             write_json(state_file, state)
     return state
