@@ -226,17 +226,18 @@ def test_scheduled_sampling_replaces_only_generated_codes_with_the_models_guess(
     first_frame = (nxt >= v_lo) & (nxt < v_hi) & (k[:, 1:, 1] == 1)
     assert cand.sum() > 100 and first_frame.sum() > 0
 
-    out, share, wrong = scheduled_sampling(model, ids, labels, 1.0, torch.Generator().manual_seed(0))
-    assert model.training and share == 1.0 and 0.5 < wrong <= 1.0  # an untrained model guesses wrong
+    out, (n_cand, n_pick, n_wrong) = scheduled_sampling(model, ids, labels, 1.0, torch.Generator().manual_seed(0))
+    assert model.training and n_cand == n_pick == int(cand.sum()) and n_wrong == int((guess != nxt)[cand].sum())
+    assert n_wrong > 0.5 * n_pick  # an untrained model guesses wrong
     assert torch.equal(out[:, 1:][cand], guess[cand])
     assert torch.equal(out[:, 1:][~cand], nxt[~cand]) and out[0, 0] == ids[0, 0]
     assert torch.equal(out[:, 1:][first_frame], nxt[first_frame])  # a rollout is given its first frame
 
-    same, share0, _ = scheduled_sampling(model, ids, labels, 0.0, torch.Generator().manual_seed(0))
-    assert torch.equal(same, ids) and share0 == 0.0
-    a, share_a, _ = scheduled_sampling(model, ids, labels, 0.3, torch.Generator().manual_seed(5))
-    b, _, _ = scheduled_sampling(model, ids, labels, 0.3, torch.Generator().manual_seed(5))
-    assert torch.equal(a, b) and 0.2 < share_a < 0.4
+    same, counts0 = scheduled_sampling(model, ids, labels, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, ids) and counts0[1] == 0
+    a, counts_a = scheduled_sampling(model, ids, labels, 0.3, torch.Generator().manual_seed(5))
+    b, _ = scheduled_sampling(model, ids, labels, 0.3, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and 0.2 < counts_a[1] / counts_a[0] < 0.4
 
 
 def test_tensorboard_tags_group_by_kind():

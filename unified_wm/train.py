@@ -160,8 +160,8 @@ def scheduled_sampling(model, ids: torch.Tensor, labels: torch.Tensor, rate: flo
     swapped for the code the model ranked first there. The labels stay the true codes: the
     model learns to predict the next frame from inputs that hold its own mistakes, as in a
     rollout, where each frame is conditioned on generated ones. ``model``: the DeepSpeed engine
-    or the bare model. Returns (new ids, the share of candidates replaced, the share of
-    replaced codes that differ from the truth)."""
+    or the bare model. Returns (new ids, [candidates, replaced, replaced codes that differ
+    from the truth]) as counts, so that shares over several rows are weighted by their codes."""
     from unified_wm.model.modeling_uwm import stream_layout_continue
 
     cfg = getattr(model, "module", model).config
@@ -178,9 +178,8 @@ def scheduled_sampling(model, ids: torch.Tensor, labels: torch.Tensor, rate: flo
     pick = candidate & (torch.rand(nxt.shape, generator=generator) < rate)
     out = ids.clone()
     out[:, 1:] = torch.where(pick, guess, nxt)
-    n_cand, n_pick = int(candidate.sum()), int(pick.sum())
-    wrong = int((pick & (guess != nxt)).sum())
-    return out, n_pick / max(n_cand, 1), wrong / max(n_pick, 1)
+    counts = [int(candidate.sum()), int(pick.sum()), int((pick & (guess != nxt)).sum())]
+    return out, counts
 
 
 class _Step:
@@ -330,15 +329,15 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
     try:
         while step < t.max_steps:
             acc = _Step(len(task_names))
-            ss_stats = torch.zeros(3, dtype=torch.float64)  # scheduled sampling: share replaced, share wrong, micro-batches
+            ss_stats = torch.zeros(3, dtype=torch.float64)  # scheduled sampling: candidate, replaced, wrong codes
             log_step = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps or step == start_step
             for micro in range(t.grad_accum):
                 ids, labels, weights, task = prepare_batch(batches, step * t.grad_accum + micro, engine.module.config, recipe, task_names)
                 rate = t.scheduled_sampling * min(1.0, (step + 1) / t.scheduled_sampling_ramp) if t.scheduled_sampling_ramp else t.scheduled_sampling
                 if rate > 0:  # the same draw for a step on a resumed run
                     g = torch.Generator().manual_seed((t.seed * 1_000_003 + step * t.grad_accum + micro) * 4099 + rank)
-                    ids, ss_share, ss_wrong = scheduled_sampling(engine, ids, labels, rate, g)
-                    ss_stats += torch.tensor([ss_share, ss_wrong, 1.0], dtype=torch.float64)
+                    ids, counts = scheduled_sampling(engine, ids, labels, rate, g)
+                    ss_stats += torch.tensor(counts, dtype=torch.float64)
                 want_stats = log_step and micro == 0
                 out_ = engine(input_ids=ids.to(engine.device), labels=labels.to(engine.device), loss_weights=weights.to(engine.device),
                               return_routing_stats=want_stats)
@@ -381,9 +380,9 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
                 gn = engine.get_global_grad_norm() if zero_stage > 0 else plain_grad_norm
                 gn = float(gn) if gn is not None else None
                 last.update(lr=float(sched.get_last_lr()[0]), grad_norm=gn, tokens_per_s=tokens_total / max(dt, 1e-9), **routing)
-                if ss_stats[2] > 0:
+                if t.scheduled_sampling:  # every rank joins the sum, also one whose rows held no candidate
                     ss = all_reduce_sum(ss_stats, world, engine.device)
-                    last.update(ss_rate=rate, ss_replaced=float(ss[0] / ss[2]), ss_wrong=float(ss[1] / ss[2]))
+                    last.update(ss_rate=rate, ss_replaced=float(ss[1] / max(ss[0], 1)), ss_wrong=float(ss[2] / max(ss[1], 1)))
             if val is not None and step % t.eval_every == 0:
                 last.update(evaluate(engine, val, recipe, task_names, world, sp))
             if log_step or "val_loss" in last:
