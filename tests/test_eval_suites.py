@@ -156,6 +156,23 @@ def test_generated_caption_is_text_only(tiny_hf, val_data):
     assert isinstance(wm.processor.decode_text(ids), str)
 
 
+def test_objects_placed_finds_the_objects_of_real_frames_and_none_of_a_blank_one(val_data):
+    import numpy as np
+
+    from unified_wm.data.episodes import get_episode, load_episodes
+    from unified_wm.eval.memory import objects_placed
+
+    ds = load_episodes(val_data)
+    ep = get_episode(ds, 0)
+    real = ep["frames"][2:8]
+    seen, placed = objects_placed(ep, 2, {"real": real, "blank": np.zeros_like(real)}, 8.0)
+    assert len(seen) == 6 and seen.sum() > 0
+    assert placed["real"].sum() / seen.sum() >= 0.8 and placed["blank"].sum() == 0
+    shifted = np.roll(real, 20, axis=2)  # every object moved 20 px right: none is within 8 px
+    assert objects_placed(ep, 2, {"shifted": shifted}, 8.0)[1]["shifted"].sum() <= 0.2 * seen.sum()
+    assert objects_placed({**ep, "state": "{}"}, 2, {"real": real}, 8.0) is None  # no object states: not measured
+
+
 # ----------------------------------------------------------------------------- whole suite
 def test_suite_runs_controllability_and_caption_end_to_end(tiny_hf, val_data, world_data, tmp_path):
     from unified_wm.eval.report import compare
@@ -168,6 +185,11 @@ def test_suite_runs_controllability_and_caption_end_to_end(tiny_hf, val_data, wo
     ro = res["rollout"]  # copy-last in token space (the last context frame's codes, decoded) next to copy-last's pixels
     assert len(ro["copy_last_codes_psnr_by_step"]) == 2 and 0 < ro["copy_last_codes_psnr_mean"] < 100
     assert ro["copy_last_codes_psnr_mean"] != ro["copy_last_psnr_mean"]
+    # object survival on the same rollouts: the detector finds the objects in the real frames
+    assert len(ro["objects_in_view_by_step"]) == 2 and sum(ro["objects_in_view_by_step"]) > 0
+    assert ro["real_object_placed_mean"] >= 0.5
+    for k in ("object_placed", "copy_last_object_placed", "tokenizer_recon_object_placed"):
+        assert 0.0 <= ro[f"{k}_mean"] <= 1.0 and len(ro[f"{k}_by_step"]) == 2
     co = res["controllability"]
     for k in ("real", "tokenizer_real", "model", "frozen"):
         assert 0.0 <= co[k]["accuracy"] <= 1.0 and 0.0 <= co[k]["macro_f1"] <= 1.0, (k, co[k])

@@ -127,6 +127,8 @@ def test_eval_suite_writes_json_table_and_plots(trained, val_data, tmp_path):
         assert 0.0 <= off["overall"]["model"]["success_rate"] <= 1.0
     assert (tmp_path / "ev" / "rollout_psnr.png").stat().st_size > 1000
     assert (tmp_path / "ev" / "rollout_token_acc.png").stat().st_size > 1000
+    if "object_placed_mean" in res["rollout"]:  # objects were in view in the held-out frames
+        assert (tmp_path / "ev" / "rollout_objects.png").stat().st_size > 1000 and "| rollout | object_placed_by_step |" in r.stdout
     # compare two runs side by side
     c = uwm_in_process("eval", "compare", tmp_path / "ev", tmp_path / "ev")
     assert c.returncode == 0 and "rollout/psnr_mean" in c.stdout and "+0.0000" in c.stdout

@@ -107,6 +107,38 @@ def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
     return out
 
 
+def objects_placed(ep: dict, start: int, frames: dict[str, np.ndarray], threshold_px: float):
+    """Object survival in a rollout: for frames ``start .. start + H - 1`` of a procedural-world
+    episode, the objects wholly in view (and not hidden) in the real frame, and for each named
+    frame sequence in ``frames`` ([H, h, w, 3] each) how many of them the colour detector places
+    within ``threshold_px`` of the true centre. Returns (in view [H], {name: placed [H]}), or
+    None for an episode without object states (Atari, recorded video)."""
+    from unified_wm.data.world import PALETTE
+
+    st = ep.get("state")
+    if isinstance(st, str):
+        st = json.loads(st) if st.strip() else {}
+    fstates = (st or {}).get("frames") or []
+    H = len(next(iter(frames.values())))
+    if len(fstates) < start + H or not all("objects" in f and "camera" in f for f in fstates[start:start + H]):
+        return None
+    view_w, view_h = st.get("view", [ep["frames"].shape[2], ep["frames"].shape[1]])
+    seen, placed = np.zeros(H), {k: np.zeros(H) for k in frames}
+    for h in range(H):
+        fs = fstates[start + h]
+        cam = fs["camera"]
+        for o in fs["objects"]:
+            if o.get("color") not in PALETTE or not _in_view(fs, o["id"], view_w, view_h):
+                continue
+            b = o["bbox"]
+            truth = ((b[0] + b[2]) / 2 - cam[0], (b[1] + b[3]) / 2 - cam[1])
+            seen[h] += 1
+            for k, seq in frames.items():
+                p = locate_color(seq[h], PALETTE[o["color"]])
+                placed[k][h] += p is not None and np.hypot(p[0] - truth[0], p[1] - truth[1]) <= threshold_px
+    return seen, placed
+
+
 def _in_view(frame_state: dict, oid, view_w: int, view_h: int) -> bool:
     """The object is wholly inside the camera's view and not hidden behind an occluder."""
     o = next(o for o in frame_state["objects"] if o["id"] == oid)

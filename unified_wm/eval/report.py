@@ -21,6 +21,9 @@ def write_plots(results: dict, out: Path) -> list[str]:
           ("tokenizer_recon_psnr_by_step", "tokenizer ceiling"))),
         ("rollout_token_acc.png", "video token accuracy", "sampled codes vs the real frame's codes",
          (("token_acc_by_step", "model"), ("copy_last_token_acc_by_step", "copy last frame"))),
+        ("rollout_objects.png", "objects placed within the threshold", "objects in view kept in the rollout",
+         (("object_placed_by_step", "model"), ("copy_last_object_placed_by_step", "copy last frame"),
+          ("tokenizer_recon_object_placed_by_step", "tokenizer ceiling"), ("real_object_placed_by_step", "real frame"))),
         ("rollout_lpips.png", "LPIPS (AlexNet, lower is better)", "rollout LPIPS vs horizon",
          (("lpips_by_step", "model"), ("copy_last_lpips_by_step", "copy last frame"),
           ("tokenizer_recon_lpips_by_step", "tokenizer ceiling"))),
@@ -96,6 +99,11 @@ def markdown_table(r: dict) -> str:
             lines.append(f"| rollout | token_acc_mean (model / copy last{' / copy or shift' if shift else ''}) | "
                          f"{ro['token_acc_mean']:.3f} / {ro['copy_last_token_acc_mean']:.3f}{shift} |")
             lines.append("| rollout | token_acc_by_step | " + " ".join(f"{x:.3f}" for x in ro["token_acc_by_step"]) + " |")
+        if "object_placed_mean" in ro:
+            lines.append(f"| rollout | objects in view placed within the threshold (model / copy last / tokenizer ceiling / real) | "
+                         f"{ro['object_placed_mean']:.3f} / {ro['copy_last_object_placed_mean']:.3f} / "
+                         f"{ro['tokenizer_recon_object_placed_mean']:.3f} / {ro['real_object_placed_mean']:.3f} |")
+            lines.append("| rollout | object_placed_by_step | " + " ".join(f"{x:.2f}" for x in ro["object_placed_by_step"]) + " |")
         if "lpips_mean" in ro:
             lines.append(f"| rollout | lpips_mean (model / copy last / tokenizer ceiling) | {ro['lpips_mean']:.3f} / "
                          f"{ro['copy_last_lpips_mean']:.3f} / {ro['tokenizer_recon_lpips_mean']:.3f} |")

@@ -8,6 +8,9 @@ A suite (YAML in ``eval/``) names held-out episode data and the tasks to run:
                       first ``context_frames`` frames: PSNR and SSIM per horizon step against the
                       real frames, next to two baselines: the tokenizer's own reconstruction
                       (the ceiling) and repeating the last context frame (the floor to beat).
+                      On the procedural world also object survival: the share of objects in
+                      view that the colour detector places within ``offscreen_threshold_px``
+                      in each generated frame, next to copy-last, the tokenizer and the real frame.
   action_sensitivity  from the same context, roll out each of two different actions and
                       report the mean absolute pixel difference of the outcomes (0 = the
                       model ignores its actions).
@@ -56,7 +59,7 @@ import torch
 
 from unified_wm.data.episodes import episode_caption
 from unified_wm.eval import baselines as bl
-from unified_wm.eval.memory import eval_offscreen, eval_revisit
+from unified_wm.eval.memory import eval_offscreen, eval_revisit, objects_placed
 from unified_wm.eval.metrics import frame_psnr, frame_ssim
 from unified_wm.eval.report import compare, markdown_table, write_plots
 from unified_wm.eval.suite import RolloutSettings, Suite, check_held_out
@@ -172,6 +175,7 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
     with_shift = "copy_shift" in suite.baselines
     cams = episode_cameras(wm, episodes, suite)
     lp = {k: [[] for _ in range(H)] for k in ("model", "copy", "recon")}
+    obj_seen, obj_placed = np.zeros(H), {k: np.zeros(H) for k in ("model", "copy_last", "tokenizer_recon", "real")}
     for (ep, fids), cam in zip(episodes, cams):
         frames = ep["frames"]
         c = rs.context_frames
@@ -197,6 +201,12 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
             copy_psnr[h].append(frame_psnr(frames[c - 1], real[h]))
             copy_codes_psnr[h].append(frame_psnr(copy_codes[h], real[h]))
             recon_psnr[h].append(frame_psnr(recon[h], real[h]))
+        placed = objects_placed(ep, c, {"model": gen, "copy_last": np.repeat(frames[c - 1:c], H, axis=0),
+                                        "tokenizer_recon": recon, "real": real}, suite.offscreen_threshold_px)
+        if placed is not None:
+            obj_seen += placed[0]
+            for k, v in placed[1].items():
+                obj_placed[k] += v
         if use_lpips:
             from unified_wm.eval.learned import lpips
 
@@ -220,6 +230,12 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
     if with_shift:
         out.update({"copy_shift_psnr_by_step": mean(shift_psnr), "copy_shift_psnr_mean": float(np.mean(shift_psnr)),
                     "copy_shift_token_acc_by_step": mean(shift_acc), "copy_shift_token_acc_mean": float(np.mean(shift_acc))})
+    if obj_seen.sum() > 0:  # the procedural world: objects in view placed within offscreen_threshold_px, per step
+        out["objects_in_view_by_step"] = obj_seen.astype(int).tolist()
+        for k, v in obj_placed.items():
+            name = "object_placed" if k == "model" else f"{k}_object_placed"
+            out[f"{name}_by_step"] = (v / np.maximum(obj_seen, 1)).round(4).tolist()
+            out[f"{name}_mean"] = float(v.sum() / obj_seen.sum())
     if use_lpips:
         for k, name in (("model", "lpips"), ("copy", "copy_last_lpips"), ("recon", "tokenizer_recon_lpips")):
             out[f"{name}_by_step"] = mean(lp[k])
