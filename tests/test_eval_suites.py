@@ -178,10 +178,13 @@ def test_suite_runs_controllability_and_caption_end_to_end(tiny_hf, val_data, wo
     from unified_wm.eval.report import compare
     from unified_wm.eval.runner import run_suite
 
-    sp = _suite(tmp_path, tasks=["rollout", "controllability", "caption"], train_data=str(world_data), train_episodes=12,
+    sp = _suite(tmp_path, tasks=["nll", "rollout", "controllability", "caption"], train_data=str(world_data), train_episodes=12,
                 controllability={"epochs": 1, "time_limit_s": 2.0}, caption={"max_events_per_episode": 1, "max_new_tokens": 8})
     out = tmp_path / "ev"
-    res = run_suite(str(tiny_hf), str(sp), str(out), progress=False, data=str(val_data))
+    # tasks= (uwm eval --tasks) runs a part of the suite
+    res = run_suite(str(tiny_hf), str(sp), str(out), progress=False, data=str(val_data),
+                    tasks=["rollout", "controllability", "caption"])
+    assert "nll" not in res and "rollout" in res
     ro = res["rollout"]  # copy-last in token space (the last context frame's codes, decoded) next to copy-last's pixels
     assert len(ro["copy_last_codes_psnr_by_step"]) == 2 and 0 < ro["copy_last_codes_psnr_mean"] < 100
     assert ro["copy_last_codes_psnr_mean"] != ro["copy_last_psnr_mean"]

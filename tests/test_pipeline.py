@@ -141,6 +141,10 @@ def test_unknown_eval_task_lists_valid_names(trained, tmp_path):
     sp.write_text(yaml.safe_dump(suite))
     r = uwm_in_process("eval", "--model", trained["hf"], "--suite", sp)
     assert r.returncode == 2 and "unknown task 'fvd_magic'" in r.stderr and "offscreen" in r.stderr
+    r = uwm_in_process("eval", "--model", trained["hf"], "--suite", ROOT / "eval/quick.yaml", "--tasks", "nll,warp")
+    assert r.returncode == 2 and "--tasks" in r.stderr and "unknown task 'warp'" in r.stderr and "revisit" in r.stderr
+    r = uwm_in_process("eval", "--model", trained["hf"], "--suite", ROOT / "eval/quick.yaml", "--tasks", " , ")
+    assert r.returncode == 2 and "expected comma-separated task names" in r.stderr
 
 
 def test_eval_refuses_training_episodes(trained, world_data, tmp_path):

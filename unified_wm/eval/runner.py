@@ -435,7 +435,9 @@ def _check_extras(suite: Suite, suite_path: str) -> None:
 
 def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progress: bool = True,
               data: str | None = None, offscreen_data: str | None = None, revisit_data: str | None = None,
-              train_data: str | None = None) -> dict:
+              train_data: str | None = None, tasks: list[str] | None = None) -> dict:
+    """Run the suite at ``suite_path`` on the exported model; the keyword arguments replace the
+    suite's data paths and its task list (``uwm eval --data ... --tasks nll,rollout``)."""
     from tqdm import tqdm
 
     from unified_wm.data.episodes import get_episode, load_episodes
@@ -443,6 +445,8 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
 
     overrides = {k: v for k, v in (("data", data), ("offscreen_data", offscreen_data), ("revisit_data", revisit_data),
                                    ("train_data", train_data)) if v}
+    if tasks:
+        overrides["tasks"] = list(tasks)
     suite = load_config(Suite, suite_path, overrides, override_flag=lambda key: "--" + key.replace("_", "-"))
     _check_extras(suite, suite_path)
     model_dir = Path(model_dir)
@@ -543,11 +547,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--revisit-data", default=None, help="override the suite's probe_revisit dataset")
     ap.add_argument("--train-data", default=None,
                     help="override the suite's train_data (episodes the controllability probe and the caption baseline learn from)")
+    ap.add_argument("--tasks", default=None,
+                    help="run these of the suite's tasks only, comma-separated (e.g. nll,rollout,controllability; "
+                         "for splitting a long suite across processes)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks is not None else None
+    if tasks is not None and not tasks:
+        print(f"error: --tasks '{a.tasks}': expected comma-separated task names, e.g. nll,rollout", file=sys.stderr)
+        return 2
     try:
         run_suite(a.model, a.suite, a.out, progress=not a.no_progress, data=a.data, offscreen_data=a.offscreen_data,
-                  revisit_data=a.revisit_data, train_data=a.train_data)
+                  revisit_data=a.revisit_data, train_data=a.train_data, tasks=tasks)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
