@@ -210,8 +210,9 @@ def _stale(stage: str, done: dict, cmds: list[list[str]]) -> str | None:
         op = next(o for o in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if o[0] != "equal")
         return (f"its command changed: '{shlex.join(a[op[1]:op[2]]) or '(nothing)'}' is now "
                 f"'{shlex.join(b[op[3]:op[4]]) or '(nothing)'}'")
+    current = _input_hashes(cmds)
     for path, digest in done.get("inputs", {}).items():
-        now = _input_hashes(cmds).get(path)
+        now = current.get(path)
         if now != digest:
             return f"the file '{path}' it read has changed" if now else f"the file '{path}' it read is gone"
     return None

@@ -69,12 +69,10 @@ def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
         gen, routing = rollout_with_return_routing(wm, episode_caption(ep), list(ep["actions"][: t1]), t1 - t0 + 1, ctx, rs)
         obj = next(o for o in frames_state[t1]["objects"] if o["id"] == oid)
         cam = frames_state[t1]["camera"]
-        bx = obj["bbox"]
-        truth = ((bx[0] + bx[2]) / 2 - cam[0], (bx[1] + bx[3]) / 2 - cam[1])
+        truth = _on_screen(obj["bbox"], cam)
         rgb = PALETTE[obj["color"]]
         last = next(o for o in frames_state[t0 - 1]["objects"] if o["id"] == oid)
-        lb = last["bbox"]
-        stayed = ((lb[0] + lb[2]) / 2 - cam[0], (lb[1] + lb[3]) / 2 - cam[1])  # last seen world position, today's camera
+        stayed = _on_screen(last["bbox"], cam)  # last seen world position, today's camera
         recon = wm.processor.decode_frames(wm.processor.encode_frames(ep["frames"][t1:t1 + 1]))[0]
         found = {"model": locate_color(gen[-1], rgb), "tokenizer_real": locate_color(recon, rgb),
                  "real": locate_color(ep["frames"][t1], rgb)}
@@ -130,13 +128,17 @@ def objects_placed(ep: dict, start: int, frames: dict[str, np.ndarray], threshol
         for o in fs["objects"]:
             if o.get("color") not in PALETTE or not _in_view(fs, o["id"], view_w, view_h):
                 continue
-            b = o["bbox"]
-            truth = ((b[0] + b[2]) / 2 - cam[0], (b[1] + b[3]) / 2 - cam[1])
+            truth = _on_screen(o["bbox"], cam)
             seen[h] += 1
             for k, seq in frames.items():
                 p = locate_color(seq[h], PALETTE[o["color"]])
                 placed[k][h] += p is not None and np.hypot(p[0] - truth[0], p[1] - truth[1]) <= threshold_px
     return seen, placed
+
+
+def _on_screen(bbox, camera) -> tuple[float, float]:
+    """The centre of a world-space box in the view of a camera at ``camera`` (its top-left corner)."""
+    return (bbox[0] + bbox[2]) / 2 - camera[0], (bbox[1] + bbox[3]) / 2 - camera[1]
 
 
 def _in_view(frame_state: dict, oid, view_w: int, view_h: int) -> bool:

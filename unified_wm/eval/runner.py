@@ -201,8 +201,9 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
             copy_psnr[h].append(frame_psnr(frames[c - 1], real[h]))
             copy_codes_psnr[h].append(frame_psnr(copy_codes[h], real[h]))
             recon_psnr[h].append(frame_psnr(recon[h], real[h]))
-        placed = objects_placed(ep, c, {"model": gen, "copy_last": np.repeat(frames[c - 1:c], H, axis=0),
-                                        "tokenizer_recon": recon, "real": real}, suite.offscreen_threshold_px)
+        copy = np.repeat(frames[c - 1:c], H, axis=0)  # copy-last's frames
+        placed = objects_placed(ep, c, {"model": gen, "copy_last": copy, "tokenizer_recon": recon, "real": real},
+                                suite.offscreen_threshold_px)
         if placed is not None:
             obj_seen += placed[0]
             for k, v in placed[1].items():
@@ -210,7 +211,6 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
         if use_lpips:
             from unified_wm.eval.learned import lpips
 
-            copy = np.repeat(frames[c - 1:c], H, axis=0)
             for k, x in (("model", gen), ("copy", copy), ("recon", recon)):
                 for h, v in enumerate(lpips(x, real)):
                     lp[k][h].append(float(v))
@@ -548,8 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-data", default=None,
                     help="override the suite's train_data (episodes the controllability probe and the caption baseline learn from)")
     ap.add_argument("--tasks", default=None,
-                    help="run these of the suite's tasks only, comma-separated (e.g. nll,rollout,controllability; "
-                         "for splitting a long suite across processes)")
+                    help="run these tasks instead of the suite's list, comma-separated (e.g. nll,rollout,controllability; "
+                         "for splitting a long suite across processes); checked like the suite's own list")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()] if a.tasks is not None else None
