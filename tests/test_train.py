@@ -239,6 +239,18 @@ def test_scheduled_sampling_replaces_only_generated_codes_with_the_models_guess(
     b, _ = scheduled_sampling(model, ids, labels, 0.3, torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and 0.2 < counts_a[1] / counts_a[0] < 0.4
 
+    # two passes: the second guesses from the first pass's mixed inputs, the same codes replaced
+    with torch.no_grad():
+        model.eval()
+        mixed = ids.clone()
+        mixed[:, 1:] = torch.where(cand, guess, nxt)
+        guess2 = model(input_ids=mixed).logits[:, :-1, v_lo:v_hi].argmax(-1) + v_lo
+        model.train()
+    assert not torch.equal(guess2[cand], guess[cand])  # the guesses moved with their inputs
+    out2, (c2, p2, w2) = scheduled_sampling(model, ids, labels, 1.0, torch.Generator().manual_seed(0), passes=2)
+    assert model.training and (c2, p2) == (n_cand, n_pick) and w2 == int((guess2 != nxt)[cand].sum())
+    assert torch.equal(out2[:, 1:][cand], guess2[cand]) and torch.equal(out2[:, 1:][~cand], nxt[~cand])
+
 
 def test_tensorboard_tags_group_by_kind():
     assert TensorBoard.tag("loss") == "loss/total"

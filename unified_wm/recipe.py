@@ -92,9 +92,12 @@ class TrainRecipe:
     # video codes (loss targets after the first frame) whose input is replaced by the model's own
     # greedy guess from a forward without gradients (~1/3 more compute a step), so training sees
     # the mistakes a rollout conditions on; reached linearly over the first
-    # scheduled_sampling_ramp steps (0: from the first step)
+    # scheduled_sampling_ramp steps (0: from the first step); scheduled_sampling_passes > 1
+    # guesses again from the mixed inputs that many times (one more forward each), so a fed-back
+    # code holds mistakes several frames deep, as in a rollout
     scheduled_sampling: float = 0.0
     scheduled_sampling_ramp: int = 0
+    scheduled_sampling_passes: int = 1
     # activation checkpointing: keep only each Block's input, recompute the Block in the
     # backward (less memory at long seq_len for ~1/3 more compute; same gradients)
     gradient_checkpointing: bool = False
@@ -154,6 +157,9 @@ class Recipe:
         if not 0.0 <= t.scheduled_sampling <= 1.0:
             raise ValueError(f"'train.scheduled_sampling' must be in [0, 1] (the share of generated video codes replaced "
                              f"by the model's guess), got {t.scheduled_sampling}")
+        if t.scheduled_sampling_passes < 1:
+            raise ValueError(f"'train.scheduled_sampling_passes' must be >= 1 (forwards that guess the fed-back codes), "
+                             f"got {t.scheduled_sampling_passes}")
         if t.scheduled_sampling_ramp < 0:
             raise ValueError(f"'train.scheduled_sampling_ramp' must be >= 0, got {t.scheduled_sampling_ramp}")
         if t.scheduled_sampling and t.sequence_parallel > 1:

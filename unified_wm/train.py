@@ -150,7 +150,8 @@ def per_task_ce(logits: torch.Tensor, labels: torch.Tensor, task: torch.Tensor, 
     return torch.tensor([x for pair in sums for x in pair], dtype=torch.float64)
 
 
-def scheduled_sampling(model, ids: torch.Tensor, labels: torch.Tensor, rate: float, generator: torch.Generator):
+def scheduled_sampling(model, ids: torch.Tensor, labels: torch.Tensor, rate: float, generator: torch.Generator,
+                       passes: int = 1):
     """Parallel scheduled sampling (Bengio et al. 2015; Duckworth et al. 2019): the batch's inputs
     with a share ``rate`` of its generated video codes replaced by the model's own greedy guess.
 
@@ -160,24 +161,33 @@ def scheduled_sampling(model, ids: torch.Tensor, labels: torch.Tensor, rate: flo
     swapped for the code the model ranked first there. The labels stay the true codes: the
     model learns to predict the next frame from inputs that hold its own mistakes, as in a
     rollout, where each frame is conditioned on generated ones. ``model``: the DeepSpeed engine
-    or the bare model. Returns (new ids, [candidates, replaced, replaced codes that differ
-    from the truth]) as counts, so that shares over several rows are weighted by their codes."""
+    or the bare model.
+
+    ``passes`` > 1 repeats the forward on the mixed inputs, the same codes being replaced each
+    time by the newest guess: pass k guesses from inputs that hold pass k-1's guesses, so a
+    replaced code carries mistakes up to k frames deep, as in a rollout (at rate 1 the passes
+    are Jacobi iterations of the model's greedy decoding of every generated frame). Returns
+    (new ids, [candidates, replaced, replaced codes that differ from the truth]) as counts, so
+    that shares over several rows are weighted by their codes."""
     from unified_wm.model.modeling_uwm import stream_layout_continue
 
     cfg = getattr(model, "module", model).config
     v_lo, v_hi = cfg.video_range
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(getattr(model, "device", ids.device))).logits
-    model.train(was_training)
-    guess = (logits[:, :-1, v_lo:v_hi].argmax(-1) + v_lo).to(ids.device)  # the guess for token t + 1
     _, _, _, (_, k_coords, _) = stream_layout_continue(ids, cfg, None)
     nxt = ids[:, 1:]
     candidate = (nxt >= v_lo) & (nxt < v_hi) & (labels[:, 1:] != -100) & (k_coords[:, 1:, 1] >= 2)
     pick = candidate & (torch.rand(nxt.shape, generator=generator) < rate)
     out = ids.clone()
-    out[:, 1:] = torch.where(pick, guess, nxt)
+    # every rank runs the same forwards, also one with nothing to replace (ZeRO-3 gathers weights in them)
+    was_training = model.training
+    model.eval()
+    guess = nxt
+    for _ in range(passes):
+        with torch.no_grad():
+            logits = model(input_ids=out.to(getattr(model, "device", ids.device))).logits
+        guess = (logits[:, :-1, v_lo:v_hi].argmax(-1) + v_lo).to(ids.device)  # the guess for token t + 1
+        out[:, 1:] = torch.where(pick, guess, nxt)
+    model.train(was_training)
     counts = [int(candidate.sum()), int(pick.sum()), int((pick & (guess != nxt)).sum())]
     return out, counts
 
@@ -336,7 +346,7 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
                 rate = t.scheduled_sampling * min(1.0, (step + 1) / t.scheduled_sampling_ramp) if t.scheduled_sampling_ramp else t.scheduled_sampling
                 if rate > 0:  # the same draw for a step on a resumed run
                     g = torch.Generator().manual_seed((t.seed * 1_000_003 + step * t.grad_accum + micro) * 4099 + rank)
-                    ids, counts = scheduled_sampling(engine, ids, labels, rate, g)
+                    ids, counts = scheduled_sampling(engine, ids, labels, rate, g, t.scheduled_sampling_passes)
                     ss_stats += torch.tensor(counts, dtype=torch.float64)
                 want_stats = log_step and micro == 0
                 out_ = engine(input_ids=ids.to(engine.device), labels=labels.to(engine.device), loss_weights=weights.to(engine.device),
