@@ -200,6 +200,8 @@ def test_suite_runs_controllability_and_caption_end_to_end(tiny_hf, val_data, wo
     assert len(co["model"]["accuracy_by_step"]) == 2 and "train_data" in co["probe"]["trained_on"]
     # the controllability task reused the rollout task's rollouts (same context, same logged actions)
     assert res["rollouts_generated"] == 2
+    assert list(res["task_seconds"]) == ["rollout", "controllability", "caption"]  # each task's wall time, in order
+    assert all(v >= 0 for v in res["task_seconds"].values())
     cap = res["caption"]
     assert cap["scene"]["model"]["n"] == 2 and cap["events"]["model"]["n"] >= 1
     assert cap["baseline"]["scene"] and 0.0 <= cap["scene"]["most_frequent_caption"]["object_hit"] <= 1.0

@@ -155,7 +155,7 @@ def test_train_video_keeps_a_users_folder_and_replaces_its_own_only_with_overwri
     data = generate_world(WORLD, tmp_path / "data", n_episodes=1, seed=0, split="train", progress=False)
     cfg = yaml.safe_load((ROOT / "tokenizers/video_fsq_tiny.yaml").read_text())
     cfg.update(channels=[4, 8, 8], quantizer={"kind": "fsq", "fsq": {"levels": [4, 4]}})
-    cfg["train"].update(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1)
+    cfg["train"].update(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1, threads=3)
     cp = tmp_path / "vt.yaml"
     cp.write_text(yaml.safe_dump(cfg))
     base = ["tokenizer", "train-video", "--config", str(cp), "--data", str(data), "--no-progress"]
@@ -168,8 +168,12 @@ def test_train_video_keeps_a_users_folder_and_replaces_its_own_only_with_overwri
     assert main(base + ["--out", str(out)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     (out / "extra.txt").write_text("from before")
-    assert main(base + ["--out", str(out), "--overwrite"]) == 0
+    assert main(base + ["--out", str(out), "--overwrite", "--threads", "0"]) == 2
+    assert "--threads 0: expected a positive number" in capsys.readouterr().err and (out / "extra.txt").exists()
+    assert main(base + ["--out", str(out), "--overwrite", "--threads", "1"]) == 0  # in place of the config's 3
     assert not (out / "extra.txt").exists() and (out / "model.safetensors").is_file()
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["torch_threads"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "v", "video", "vt.yaml"]
 
 

@@ -488,7 +488,9 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
         "fvd": lambda: eval_fvd(wm, episodes, suite, roll),
     }
     failed: dict[str, str] = {}
+    task_seconds: dict[str, float] = {}  # wall time of each task (the prewarmed rollouts count once, before the first)
     for i, task in enumerate(tqdm(suite.tasks, desc="tasks", disable=not progress)):
+        t_task = time.time()
         try:
             results[task] = runners[task]()
         except Exception as e:  # a late failure: the finished tasks' results are kept, this one is named
@@ -498,6 +500,8 @@ def run_suite(model_dir: str, suite_path: str, out_dir: str | None = None, progr
 
                 traceback.print_exc()
             print(f"error: task '{task}' failed: {failed[task]}", file=sys.stderr, flush=True)
+        task_seconds[task] = round(time.time() - t_task, 1)
+        results["task_seconds"] = task_seconds
         if failed:
             results["failed_tasks"] = failed
         if out_dir and i + 1 < len(suite.tasks):  # what has finished so far, in case the run stops here

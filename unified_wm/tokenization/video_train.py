@@ -535,17 +535,26 @@ def main_train(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ap.add_argument("--max-steps", type=int, default=None, help="stop at this global step")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads, in place of the config's train.threads (e.g. all cores when nothing else runs)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an earlier output of this command at --out (a folder it did not write is never replaced)")
     a = ap.parse_args(argv)
     from unified_wm.utils import check_out, guarded_out
 
+    if a.threads is not None and a.threads < 1:
+        raise ValueError(f"--threads {a.threads}: expected a positive number of threads")
+
     if a.resume and a.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     check_out(a.out, "tokenizer train-video", a.overwrite, allow_own=a.resume)
     with guarded_out(a.out, "tokenizer train-video", a.overwrite or a.resume):
+        cfg = None
+        if a.threads is not None:
+            cfg = load_config(VideoTokenizerConfig, a.config)
+            cfg.train.threads = a.threads
         summary = train_video_tokenizer(a.config, a.data, a.out, max_steps=a.max_steps, resume=a.resume,
-                                        progress=not a.no_progress, overwrite=a.overwrite)
+                                        progress=not a.no_progress, overwrite=a.overwrite, config=cfg)
     print(json.dumps(summary, indent=2))
     return 0
 
