@@ -157,7 +157,7 @@ def test_unknown_recipe_key_names_key_and_file(tiny_recipe):
     data = yaml.safe_load(tiny_recipe.read_text())
     data["train"]["learning_rate"] = 1.0
     tiny_recipe.write_text(yaml.safe_dump(data))
-    r = uwm("train", "--recipe", tiny_recipe, check=False)
+    r = uwm_in_process("train", "--recipe", tiny_recipe)  # refused before any rank starts: no new interpreter needed
     assert r.returncode == 2
     assert "unknown key 'train.learning_rate'" in r.stderr and str(tiny_recipe) in r.stderr
 
@@ -165,12 +165,12 @@ def test_unknown_recipe_key_names_key_and_file(tiny_recipe):
 def test_ds_config_contradicting_recipe_is_refused(tiny_recipe, tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
-    r = uwm("train", "--recipe", tiny_recipe, "--deepspeed", ds, check=False)
+    r = uwm_in_process("train", "--recipe", tiny_recipe, "--deepspeed", ds)
     assert r.returncode == 2 and "train_micro_batch_size_per_gpu" in r.stderr and str(ds) in r.stderr
 
 
 def test_recipe_pointing_at_missing_data_is_refused(tiny_recipe, tmp_path):
-    r = uwm("train", "--recipe", tiny_recipe, "--set", f"data.tokens={tmp_path / 'nope'}", check=False)
+    r = uwm_in_process("train", "--recipe", tiny_recipe, "--set", f"data.tokens={tmp_path / 'nope'}")
     assert r.returncode == 2 and "data.tokens" in r.stderr and "nope" in r.stderr
 
 
