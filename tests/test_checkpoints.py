@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_tiny_recipe
+from tests.conftest import uwm_in_process, write_tiny_recipe
 from unified_wm.checkpoint import DONE_MARKER, check_checkpoint, file_records, read_rng_file, resolve_resume, rng_state
 from unified_wm.utils import ConfigError
 
@@ -117,8 +117,8 @@ def test_zero0_checkpoint_records_hashes_and_resume_skips_a_corrupted_one(zero0_
 
 @pytest.mark.slow
 def test_resume_under_another_zero_stage_is_refused_up_front(zero0_run):
-    r = uwm("train", "--recipe", zero0_run["recipe"], "--deepspeed", ROOT / "ds_configs/zero2.json", "--resume", "latest",
-            "--max-steps", "5", "--no-progress")
+    r = uwm_in_process("train", "--recipe", zero0_run["recipe"], "--deepspeed", ROOT / "ds_configs/zero2.json", "--resume",
+                       "latest", "--max-steps", "5", "--no-progress")  # refused before any rank starts
     assert r.returncode == 2
     assert "saved under ZeRO stage 0" in r.stderr and "uses ZeRO stage 2" in r.stderr and "zero2.json" in r.stderr
 
@@ -130,7 +130,7 @@ def test_zero0_run_exports_to_a_hf_folder(zero0_run, tmp_path):
 
     import unified_wm  # noqa: F401
 
-    r = uwm("export", "--checkpoint", zero0_run["run"] / "checkpoints", "--out", tmp_path / "hf")
+    r = uwm_in_process("export", "--checkpoint", zero0_run["run"] / "checkpoints", "--out", tmp_path / "hf")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     ckpt = zero0_run["run"] / "checkpoints" / "step4" / "mp_rank_00_model_states.pt"
@@ -139,7 +139,7 @@ def test_zero0_run_exports_to_a_hf_folder(zero0_run, tmp_path):
         assert torch.equal(v.float(), states[k].float()), k
     assert "ZeRO stage 0" in (tmp_path / "hf" / "README.md").read_text()
     # its own earlier output is replaced only with --overwrite
-    r = uwm("export", "--checkpoint", zero0_run["run"] / "checkpoints", "--out", tmp_path / "hf")
+    r = uwm_in_process("export", "--checkpoint", zero0_run["run"] / "checkpoints", "--out", tmp_path / "hf")
     assert r.returncode == 2 and "--overwrite" in r.stderr
-    r = uwm("export", "--checkpoint", zero0_run["run"] / "checkpoints" / "step2", "--out", tmp_path / "hf", "--overwrite")
+    r = uwm_in_process("export", "--checkpoint", zero0_run["run"] / "checkpoints" / "step2", "--out", tmp_path / "hf", "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]

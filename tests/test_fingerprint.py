@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_tiny_recipe
+from tests.conftest import uwm_in_process, write_tiny_recipe
 from unified_wm.fingerprint import FingerprintMismatch, differences, token_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_export_refuses_a_recipe_processor_the_run_was_not_trained_with(fp_run, 
     other["data"]["processor"] = str(reordered_dir)
     rp = tmp_path / "other.yaml"
     rp.write_text(yaml.safe_dump(other))
-    r = uwm("export", "--checkpoint", fp_run["run"] / "checkpoints", "--out", tmp_path / "hf", "--recipe", rp)
+    r = uwm_in_process("export", "--checkpoint", fp_run["run"] / "checkpoints", "--out", tmp_path / "hf", "--recipe", rp)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"the checkpoint '{fp_run['run'] / 'checkpoints' / 'step1'}' (complete.json)" in r.stderr
     assert f"processor '{reordered_dir}'" in r.stderr
@@ -124,7 +124,7 @@ def test_rollout_refuses_an_exported_model_whose_processor_was_swapped(fp_run, p
     from unified_wm.rollout import WorldModel
 
     hf = tmp_path / "hf"
-    r = uwm("export", "--checkpoint", fp_run["run"] / "checkpoints", "--out", hf)
+    r = uwm_in_process("export", "--checkpoint", fp_run["run"] / "checkpoints", "--out", hf)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     cfg = json.loads((hf / "config.json").read_text())
     assert cfg["token_space"]["fingerprint"] == token_space(processor)["fingerprint"]
@@ -135,8 +135,8 @@ def test_rollout_refuses_an_exported_model_whose_processor_was_swapped(fp_run, p
         shutil.copy2(reordered_dir / f, swapped / f)
     with pytest.raises(FingerprintMismatch, match=r"model '.*swapped' \(config.json\) was made with another processor"):
         WorldModel.from_pretrained(swapped)
-    r = uwm("rollout", "--model", swapped, "--prompt", "a red car", "--actions", "right", "--frames", "2",
-            "--out", tmp_path / "x.mp4")
+    r = uwm_in_process("rollout", "--model", swapped, "--prompt", "a red car", "--actions", "right", "--frames", "2",
+                       "--out", tmp_path / "x.mp4")
     assert r.returncode == 2 and "action set: the same" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     # a model exported before fingerprints: a warning, and it loads
     del cfg["token_space"]
