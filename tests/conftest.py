@@ -113,9 +113,16 @@ def uwm_in_process(*args):
     from unified_wm.cli import main
 
     out, err = io.StringIO(), io.StringIO()
+    port = os.environ.get("MASTER_PORT")
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main([str(a) for a in args])
         except SystemExit as e:  # argparse's own errors
             code = e.code if isinstance(e.code, int) else 1
+    import torch.distributed as dist
+
+    # a call that got as far as a process group leaves it (and MASTER_PORT, which every later
+    # subprocess of this worker inherits: "address already in use") in the test process
+    assert os.environ.get("MASTER_PORT") == port and not (dist.is_available() and dist.is_initialized()), (
+        f"uwm {' '.join(map(str, args))} started a process group in the test process; run it as a subprocess")
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

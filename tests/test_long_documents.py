@@ -3,12 +3,15 @@ seq_len), split at segment boundaries, or truncated, as data.long_documents says
 loss tokens would all be cut is always an error."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import uwm_in_process, write_tiny_recipe
+from tests.conftest import write_tiny_recipe
 from unified_wm.data.long_documents import document_lengths, split_document
 from unified_wm.tokenization.processor import ACT_OPEN, BOS, FRAME, TEXT_OPEN
 from unified_wm.data.packing import PackedBatches
@@ -96,7 +99,8 @@ def test_unknown_mode_is_named_and_the_demo_recipe_keeps_its_cut_explicit(tmp_pa
 @pytest.mark.slow
 def test_uwm_train_refuses_long_documents_at_start_up(docs, tmp_path, tokens_dir, processor_dir):
     rp = write_tiny_recipe(tmp_path, tokens_dir, processor_dir, seq_len=300)
-    r = uwm_in_process("train", "--recipe", rp, "--no-progress")  # refused before any rank starts
+    r = subprocess.run([sys.executable, "-m", "unified_wm.cli", "train", "--recipe", str(rp), "--no-progress"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "longer than train.seq_len = 300" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
