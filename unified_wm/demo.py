@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 from unified_wm.distributed import free_port
+from unified_wm.utils import usable_cpus
 
 
 def run(cmd: list[str], log: list) -> None:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                "--out", str(w / "tokenizers" / "text.model")], log)
     # the stages run one at a time, so the tokenizer may use every core (its config's 1 thread suits shared cores)
     run(uwm + ["tokenizer", "train-video", "--config", "tokenizers/video_fsq_tiny.yaml", "--data", str(w / "data"),
-               "--out", str(w / "tokenizers" / "video"), "--threads", str(cores())], log)
+               "--out", str(w / "tokenizers" / "video"), "--threads", str(usable_cpus())], log)
     run(uwm + ["tokenizer", "build-processor", "--config", "tokenizers/processor.yaml", "--text", str(w / "tokenizers" / "text.model"),
                "--video", str(w / "tokenizers" / "video"), "--out", str(w / "processor")], log)
     run(uwm + ["data", "tokenize", "--data", str(w / "data"), "--processor", str(w / "processor"), "--out", str(w / "tokens")], log)
@@ -77,14 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {s['seconds']:7.1f}s  {s['cmd'][:110]}")
     print(f"\nmodel: {w / 'hf'}\nvideo: {w / 'rollout.mp4'} (+ .gif, .png contact sheet)\neval:  {w / 'eval' / 'results.json'}")
     return 0
-
-
-def cores() -> int:
-    """The cores this process may run on (its affinity mask where the platform has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 def shutil_which(name: str, py: str) -> str:
