@@ -390,7 +390,18 @@ def test_dense_text_queries_read_their_whole_document():
 
 # ----------------------------------------------------------------------------- decoding
 @pytest.mark.parametrize("dense_text", [False, True])
-def test_incremental_decoding_matches_full_reference(dense_text):
+@pytest.mark.parametrize("path", ["masked", "gathered"])
+def test_incremental_decoding_matches_full_reference(dense_text, path, monkeypatch):
+    """Token-by-token decoding with the decode state equals the reference, on both of its paths:
+    the routed mask over a short cache, the gathered routed keys over a long one."""
+    from unified_wm.model import attention as attention_mod
+
+    used = []
+    for name in ("attend", "attend_masked"):
+        orig = getattr(MoCDecodeState, name)
+        monkeypatch.setattr(MoCDecodeState, name, lambda self, *a, _o=orig, _n=name, **kw: (used.append(_n), _o(self, *a, **kw))[1])
+    if path == "gathered":  # every cache counts as long
+        monkeypatch.setattr(attention_mod, "DECODE_MASKED_MAX_KEYS", 0)
     B, N, p = 2, 60, 20
     meta = make_meta(B, N, seed=13)
     q, k, v = qkv(B=B, N=N, seed=13)
@@ -406,6 +417,7 @@ def test_incremental_decoding_matches_full_reference(dense_text):
             outs.append(attend(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], meta.slice(t, t + 1),
                                meta.slice(0, t + 1), s, state=state))
     assert state.n_seen == N
+    assert used[1:] == ["attend" if path == "gathered" else "attend_masked"] * (N - p)  # after the prefill
     torch.testing.assert_close(torch.cat(outs, 2), full, atol=2e-5, rtol=1e-4)
     # a shorter cache (new sequence) rebuilds the state instead of mixing sequences
     with torch.no_grad():

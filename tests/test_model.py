@@ -251,8 +251,11 @@ def test_bad_head_config_is_refused():
 
 
 @pytest.mark.parametrize("rope_mode,mandatory_actions", [("1d", False), ("3d", False), ("3d", True)])
-def test_moc_model_decodes_like_full_forward_and_trains(rope_mode, mandatory_actions):
-    """The model with Mixture-of-Contexts attention: cached sparse decoding == teacher forcing."""
+def test_moc_model_decodes_like_full_forward_and_trains(rope_mode, mandatory_actions, monkeypatch):
+    """The model with Mixture-of-Contexts attention: cached sparse decoding == teacher forcing,
+    with the routed mask of a short cache and with the gathered keys of a long one (the layers
+    of a step share one chunk layout)."""
+    from unified_wm.model import attention as attention_mod
     from unified_wm.model.cache import UWMCache
     from unified_wm.model.attention_routing import summarize_routing
 
@@ -261,11 +264,13 @@ def test_moc_model_decodes_like_full_forward_and_trains(rope_mode, mandatory_act
               rope_mode=rope_mode)
     ids = torch.tensor([doc])
     out = m(ids, return_routing_stats=True)
-    cache = UWMCache(m.config)
-    steps = [m(ids[:, :6], cache=cache, use_cache=True).logits]
-    for i in range(6, ids.shape[1]):
-        steps.append(m(ids[:, i:i + 1], cache=cache, use_cache=True).logits)
-    assert torch.allclose(torch.cat(steps, 1), out.logits, atol=1e-4)
+    for max_keys in (attention_mod.DECODE_MASKED_MAX_KEYS, 0):
+        monkeypatch.setattr(attention_mod, "DECODE_MASKED_MAX_KEYS", max_keys)
+        cache = UWMCache(m.config)
+        steps = [m(ids[:, :6], cache=cache, use_cache=True).logits]
+        for i in range(6, ids.shape[1]):
+            steps.append(m(ids[:, i:i + 1], cache=cache, use_cache=True).logits)
+        assert torch.allclose(torch.cat(steps, 1), out.logits, atol=1e-4), f"decoding with at most {max_keys} keys masked"
     summary = summarize_routing(out.routing_stats)
     assert 0.0 < summary["moc_sparsity"] < 1.0 and "moc_entropy_layer1" in summary
     dense = model(attention={"backend": "dense"}, rope_mode=rope_mode)(ids).logits

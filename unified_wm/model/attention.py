@@ -96,7 +96,7 @@ from .attention_gather import gather_attend  # noqa: F401
 from .attention_routing import reference_attend  # noqa: F401
 from .attention_triton import triton_attend  # noqa: F401
 from .attention_core import ATTENTION_FUNCTIONS, BACKENDS, CONFIG_KEYS, MOC_BACKENDS, AttentionSettings, StreamMeta, register_attention  # noqa: F401 (CONFIG_KEYS: re-exported)
-from .attention_decode import DECODE_MASKED_MAX_PAIRS, DECODE_MAX_QUERIES, MoCDecodeState, new_decode_state
+from .attention_decode import DECODE_MASKED_MAX_KEYS, DECODE_MASKED_MAX_PAIRS, DECODE_MAX_QUERIES, MoCDecodeState, new_decode_state
 from .attention_dense import dense_mask
 from .attention_routing import attend_dense_rows, check_shapes, dense_text_rows, routed_mask
 
@@ -133,8 +133,10 @@ def attend(
     """Attention output ``[B, Hq, Nq, D]`` under ``settings.backend``.
 
     ``state`` (a :class:`MoCDecodeState` from :func:`new_decode_state`) is updated with the
-    unseen keys; calls with at most ``DECODE_MAX_QUERIES`` new queries then use it, larger
-    ones (prefill) run the configured backend. ``stats`` (a dict) accumulates routing
+    unseen keys; calls with at most ``DECODE_MAX_QUERIES`` new queries then use it (gathering
+    the routed keys, or over a cache of at most ``DECODE_MASKED_MAX_KEYS`` keys the routed mask),
+    larger ones the routed mask up to ``DECODE_MASKED_MAX_PAIRS`` pairs, and prefill runs the
+    configured backend. ``stats`` (a dict) accumulates routing
     statistics. Raises ValueError naming the setting for bad or unavailable settings.
     """
     settings.validate()
@@ -147,9 +149,10 @@ def attend(
         if not isinstance(state, MoCDecodeState):
             raise ValueError(f"attention state must be a MoCDecodeState (from new_decode_state), got {type(state).__name__}")
         state.update(k, k_meta)
-        if q.shape[2] <= DECODE_MAX_QUERIES:
+        Nq, Nk = q.shape[2], k.shape[2]
+        if Nq <= DECODE_MAX_QUERIES and (training or Nk > DECODE_MASKED_MAX_KEYS):
             out = state.attend(q, k, v, q_meta, k_meta, settings, training=training, stats=stats)
-        elif q.shape[2] * k.shape[2] <= DECODE_MASKED_MAX_PAIRS and not training:
+        elif Nq * Nk <= DECODE_MASKED_MAX_PAIRS and not training:
             out = state.attend_masked(q, k, v, q_meta, k_meta, settings, stats=stats)
     if out is None:
         out = ATTENTION_FUNCTIONS[backend](q, k, v, q_meta, k_meta, settings, training, stats)

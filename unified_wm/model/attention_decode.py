@@ -21,6 +21,10 @@ DECODE_REFRESH_EVERY = 16
 # mask over the cache (one fused kernel; the same semantics as ``reference``) instead of
 # re-planning the chunk tiles of the training path.
 DECODE_MASKED_MAX_PAIRS = 1 << 21
+# A few new queries over a short cache (up to this many keys) take the routed mask too: scoring
+# every cached key in one fused kernel costs less than gathering the routed ones, until the
+# cache is several times longer than what a query reads (own chunk, top-k chunks, mandatory keys).
+DECODE_MASKED_MAX_KEYS = 3072
 
 
 class MoCDecodeState:
@@ -124,6 +128,10 @@ class MoCDecodeState:
         T = Nk - n0
         if T == 0:
             return
+        memo = k_meta.__dict__.get("_decode_update")
+        if memo is not None and memo["key"] == (n0, Nk, B, Hkv, D):
+            self._adopt(memo, k)
+            return
         m = k_meta.slice(n0)
         cid = m.chunk_ids.long()
         valid = cid >= 0
@@ -162,6 +170,31 @@ class MoCDecodeState:
         self.c_hi, self.m_hi, self.lmax, self.drift = self.c_hi + T, self.m_hi + T, self.lmax + T, self.drift + T
         if T > 1 or self.drift >= DECODE_REFRESH_EVERY:
             self._refresh()
+        # every layer of this forward call ingests the same tokens: the chunk layout is the same
+        # for all of them, so the next layers take it from here and add their own key sums only
+        k_meta.__dict__["_decode_update"] = {"key": (n0, Nk, B, Hkv, D), "at": at,
+                                             **{name: getattr(self, name) for name in self._LAYOUT}}
+
+    # the tables that depend on the token layout alone (not on a layer's keys or routing)
+    _LAYOUT = ("cid", "doc", "start", "length", "mand_count", "sink_count", "mand_idx", "nc", "nm", "bad",
+               "c_hi", "m_hi", "lmax", "drift")
+
+    def _adopt(self, memo: dict, k: torch.Tensor) -> None:
+        """:meth:`update` when another layer's state already ingested these tokens: share its
+        layout tables (this state was at the same point, so they are the ones it would build)
+        and add this layer's keys to its own sums."""
+        for name in self._LAYOUT:
+            setattr(self, name, memo[name])
+        width = self.cid.shape[1] - 1
+        self._grow("sums", width, 0.0)
+        self._grow("sel_count", width, 0.0)
+        at = memo["at"]
+        B, Hkv, Nk, D = k.shape
+        T = at.shape[1]
+        spare = width
+        self.sums.scatter_add_(2, at[:, None, :, None].expand(B, Hkv, T, D), k[:, :, Nk - T:].detach().float())
+        self.sums[:, :, spare].fill_(0.0)
+        self.n_seen = Nk
 
     def table(self) -> ChunkTable:
         C = self.c_hi
@@ -174,21 +207,17 @@ class MoCDecodeState:
         Hkv, Nk = k.shape[1], k.shape[2]
         G = Hq // Hkv
         t = self.table()
-        qslot, qdoc = query_slots(t, q_meta)
-        sel = route(q, t, qslot, qdoc, settings, training, q_meta.is_text)
-        W = sel.shape[-1]
         L = max(t.lmax, 1)
         dev = q.device
         j = torch.arange(L, device=dev)
-        q_index = torch.arange(Nk - Nq, Nk, device=dev).expand(B, Nq)
-        own = qslot.clamp(min=0)
-        own_start = t.start.gather(1, own) if t.C else torch.zeros_like(own)
-        own_len = t.length.gather(1, own) if t.C else torch.zeros_like(own)
-        key_mand_full = key_mandatory(k_meta, self.n_sink)
-        # own chunk (causal by position) -> [B, 1, Nq, L]
-        oi = (own_start[:, :, None] + j).clamp(max=Nk - 1)
-        ov = (j < own_len[:, :, None]) & (qslot >= 0)[:, :, None]
-        ov &= k_meta.positions.gather(1, oi.view(B, -1)).view(B, Nq, L) <= q_meta.positions[:, :, None]
+        # the layout part (own chunk, mandatory keys) is the same for every layer of a call
+        key = (id(k_meta), t.C, Nk, L, self.m_hi, B, Hq)
+        memo = q_meta.__dict__.get("_attend_memo")
+        if memo is None or memo[0] != key or memo[1] is not self.start:
+            memo = q_meta.__dict__["_attend_memo"] = (key, self.start) + self._attend_layout(t, q_meta, k_meta, j, Hq)
+        _, _, qslot, qdoc, q_index, key_mand_full, own_idx, own_valid = memo
+        sel = route(q, t, qslot, qdoc, settings, training, q_meta.is_text)
+        W = sel.shape[-1]
         # routed chunks, their non-mandatory keys -> [B, Hq, Nq, W*L]
         sc = sel.clamp(min=0)
         rstart = t.start[:, None, None, :].expand(B, Hq, Nq, t.C).gather(-1, sc) if W else sc
@@ -197,14 +226,10 @@ class MoCDecodeState:
         rv = (j < rlen[..., None]) & (sel >= 0)[..., None]
         rv &= ~key_mand_full.gather(1, ri.view(B, -1)).view(ri.shape)
         ri, rv = ri.flatten(-2), rv.flatten(-2)
-        # mandatory keys before the own chunk, same document -> [B, 1, Nq, M]
-        M = self.m_hi
-        mi = self.mand_idx[:, :M]
-        mic = mi.clamp(min=0)
-        mv = (mi[:, None, :] >= 0) & (mic[:, None, :] < own_start[:, :, None]) & (qslot >= 0)[:, :, None]
-        mv &= k_meta.doc_ids.long().gather(1, mic)[:, None, :] == qdoc[:, :, None]
-        idx = torch.cat([oi[:, None].expand(B, Hq, Nq, L), ri, mic[:, None, None, :].expand(B, Hq, Nq, M)], -1)
-        valid = torch.cat([ov[:, None].expand(B, Hq, Nq, L), rv, mv[:, None].expand(B, Hq, Nq, M)], -1)
+        o_i, m_i = own_idx
+        o_v, m_v = own_valid
+        idx = torch.cat([o_i, ri, m_i], -1)
+        valid = torch.cat([o_v, rv, m_v], -1)
         Lt = idx.shape[-1]
         gi = idx.view(B, Hkv, G * Nq * Lt, 1).expand(B, Hkv, G * Nq * Lt, D)
         kg = k.gather(2, gi).view(B, Hkv, G, Nq, Lt, D)
@@ -224,17 +249,40 @@ class MoCDecodeState:
         r = Routing(t, qslot, qdoc, sel, q_index)
         return with_padding(out, v, r)
 
+    def _attend_layout(self, t: ChunkTable, q_meta, k_meta, j: torch.Tensor, Hq: int) -> tuple:
+        """What :meth:`attend` reads that depends on the layout alone: the queries' chunk slots,
+        documents and indices, the mandatory keys, and the (index, valid) pairs of the own
+        chunk's keys (causal by position) [B, Hq, Nq, L] and of the mandatory keys before it in
+        the same document [B, Hq, Nq, M]."""
+        B, Nq = q_meta.chunk_ids.shape
+        Nk, L, M = k_meta.chunk_ids.shape[1], j.shape[0], self.m_hi
+        qslot, qdoc = query_slots(t, q_meta)
+        q_index = torch.arange(Nk - Nq, Nk, device=j.device).expand(B, Nq)
+        own = qslot.clamp(min=0)
+        own_start = t.start.gather(1, own) if t.C else torch.zeros_like(own)
+        own_len = t.length.gather(1, own) if t.C else torch.zeros_like(own)
+        oi = (own_start[:, :, None] + j).clamp(max=Nk - 1)
+        ov = (j < own_len[:, :, None]) & (qslot >= 0)[:, :, None]
+        ov &= k_meta.positions.gather(1, oi.view(B, -1)).view(B, Nq, L) <= q_meta.positions[:, :, None]
+        mi = self.mand_idx[:, :M]
+        mic = mi.clamp(min=0)
+        mv = (mi[:, None, :] >= 0) & (mic[:, None, :] < own_start[:, :, None]) & (qslot >= 0)[:, :, None]
+        mv &= k_meta.doc_ids.long().gather(1, mic)[:, None, :] == qdoc[:, :, None]
+        idx = (oi[:, None].expand(B, Hq, Nq, L), mic[:, None, None, :].expand(B, Hq, Nq, M))
+        valid = (ov[:, None].expand(B, Hq, Nq, L), mv[:, None].expand(B, Hq, Nq, M))
+        return qslot, qdoc, q_index, key_mandatory(k_meta, self.n_sink), idx, valid
+
     def attend_masked(self, q, k, v, q_meta, k_meta, settings, stats=None) -> torch.Tensor:
         """Many new queries at once (parallel decoding of a frame): route with the decode state's
         chunk sums, then attend to the whole cache under the routed boolean mask."""
         B, Hq, Nq, D = q.shape
         Nk = k.shape[2]
         t = self.table()
-        qslot, qdoc = query_slots(t, q_meta)
-        sel = route(q, t, qslot, qdoc, settings, False, q_meta.is_text)  # [B, Hq, Nq, W]
         key = (id(k_meta), t.C, Nk)
         memo = q_meta.__dict__.get("_masked_memo")
-        if memo is None or memo[0] != key:  # the layout part is the same for every layer of a call
+        if memo is None or memo[0] != key or memo[1] is not self.start:
+            # the layout part is the same for every layer of a call
+            qslot, qdoc = query_slots(t, q_meta)
             kslot, kdoc = query_slots(t, k_meta)  # slot of every key's chunk
             kmand = key_mandatory(k_meta, self.n_sink)
             own_start = t.start.gather(1, qslot.clamp(min=0)) if t.C else torch.zeros_like(qslot)
@@ -246,13 +294,16 @@ class MoCDecodeState:
             # a key's chunk slot, with chunks the query may not route to (other documents,
             # mandatory-only keys handled by ``base``) sent to a dummy slot C
             kslot_r = torch.where(same_doc, kslot[:, None, :], torch.full_like(base, t.C, dtype=torch.long))
-            memo = q_meta.__dict__["_masked_memo"] = (key, base, kslot_r)
-        _, base, kslot_r = memo
+            one_layout = B == 1 and bool((kslot_r[0] == kslot_r[0, :1]).all())  # the same for all queries
+            memo = (key, self.start, qslot, qdoc, base, kslot_r, one_layout, bool((qslot < 0).any()))
+            q_meta.__dict__["_masked_memo"] = memo
+        _, _, qslot, qdoc, base, kslot_r, one_layout, has_pad = memo
+        sel = route(q, t, qslot, qdoc, settings, False, q_meta.is_text)  # [B, Hq, Nq, W]
         if sel.shape[-1]:
             picked = torch.zeros(B, Hq, Nq, t.C + 1, dtype=torch.bool, device=q.device)
             picked.scatter_(-1, torch.where(sel >= 0, sel, torch.full_like(sel, t.C)), True)
             picked[..., t.C] = False
-            if B == 1 and bool((kslot_r[0] == kslot_r[0, :1]).all()):  # one layout for all queries
+            if one_layout:
                 mask = picked.index_select(-1, kslot_r[0, 0]) | base[:, None]
             else:
                 mask = picked.gather(-1, kslot_r[:, None].expand(B, Hq, Nq, Nk)) | base[:, None]
@@ -267,7 +318,7 @@ class MoCDecodeState:
             accumulate_stats(stats, sel, full, qslot, q_meta, q_index, mandatory_before(full, qslot, q_meta, q_index),
                              dense_text_rows(q_meta, settings))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != k.shape[1])
-        return out
+        return with_padding(out, v, Routing(t, qslot, qdoc, sel, None)) if has_pad else out
 
 
 def _chunk_table_lite(t: ChunkTable, k_meta: StreamMeta, n_sink: int) -> ChunkTable:

@@ -16,6 +16,7 @@ position only video codes can be sampled, at an action position only actions, an
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -267,14 +268,15 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     prev_frame = torch.maximum(torch.where(is_frame, frame_before, torch.full_like(ids, -1)).cummax(dim=1).values,
                                state["prev_frame"][:, None])
     offsets = PREV_FRAME_INPUTS[getattr(cfg, "prev_frame_input", "none")]
-    prev = torch.full((B, N, len(offsets)), -1, dtype=torch.long, device=dev)
     if offsets:
         has_prev = predicts_code & (prev_frame >= 0) & (prev_frame > last_bos)
         gh = cfg.video_grid[0]
-        for j, (dr, dc) in enumerate(offsets):
-            r, c = q_row + dr, q_col + dc
-            ok = has_prev & (r >= 0) & (r < gh) & (c >= 0) & (c < gw)
-            prev[..., j] = torch.where(ok, prev_frame + 1 + r * gw + c, -1)
+        d = torch.tensor(offsets, dtype=torch.long, device=dev)  # [K, 2] (row, column) offsets
+        r, c = q_row[..., None] + d[:, 0], q_col[..., None] + d[:, 1]
+        ok = has_prev[..., None] & (r >= 0) & (r < gh) & (c >= 0) & (c < gw)
+        prev = torch.where(ok, prev_frame[..., None] + 1 + r * gw + c, -1)
+    else:
+        prev = torch.full((B, N, 0), -1, dtype=torch.long, device=dev)
     if N:
         state = {"n": n0 + N, "starts": starts_seen[:, -1], "bos": bos_seen[:, -1],
                  "frame": last_frame[:, -1], "open": last_open[:, -1],
@@ -321,15 +323,20 @@ def rope_frequencies(cfg: UnifiedWMConfig, device=None) -> tuple[torch.Tensor, t
     pi / (2 * side), so no two cells of a row or column alias; the frame axis likewise from
     pi / 2 over 64 frames. Returns (inv_freq [D/2] float, axis [D/2] long).
     """
-    n = cfg.head_dim // 2
+    return _rope_frequencies(cfg.head_dim, float(cfg.rope_theta), tuple(cfg.video_grid), str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=32)  # built once per shape and device, not on every forward pass
+def _rope_frequencies(head_dim: int, rope_theta: float, grid: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = head_dim // 2
     q = max(1, n // 4)
     n_pos = n - 3 * q
 
     def geometric(hi: float, span: float, m: int) -> torch.Tensor:
         return hi * span ** (-torch.arange(m, dtype=torch.float32) / max(m - 1, 1))
 
-    pos = 1.0 / (cfg.rope_theta ** (torch.arange(n_pos, dtype=torch.float32) / n_pos))
-    gh, gw = cfg.video_grid
+    pos = 1.0 / (rope_theta ** (torch.arange(n_pos, dtype=torch.float32) / n_pos))
+    gh, gw = grid
     inv = torch.cat([pos, geometric(math.pi / 2, 64.0, q), geometric(math.pi, 2.0 * gh, q), geometric(math.pi, 2.0 * gw, q)])
     axis = torch.cat([torch.full((n_pos,), 0), torch.full((q,), 1), torch.full((q,), 2), torch.full((q,), 3)])
     return inv.to(device), axis.to(device)
