@@ -370,6 +370,16 @@ def test_shared_rollouts_equal_direct_ones(tiny_hf, val_data):
     assert np.array_equal(short, direct) and np.array_equal(long[:2], direct)
     other = roll(ep, 2, [("left" if a != "left" else "right") for a in ep["actions"][:5]], 2)  # other actions: a new rollout
     assert roll.calls == 2 and other.shape == short.shape
+    # many(): the episodes not remembered yet in one batch of rows, each equal to its own rollout
+    eps = [ep, get_episode(load_episodes(val_data), 1)]
+    got = roll.many([(e, 2, list(e["actions"][:5]), 3) for e in eps])
+    assert roll.calls == 4  # both new: the remembered rollout of episode 0 is shorter
+    for e, (frames, ids) in zip(eps, got):
+        one, one_ids = wm.rollout(e["captions"][0]["text"], list(e["actions"][:5]), 3, context=e["frames"][:2],
+                                  temperature=1.0, seed=5, return_codes=True)
+        assert np.array_equal(ids, one_ids) and np.abs(frames.astype(int) - one).max() <= 1
+    again = roll.many([(eps[1], 2, list(eps[1]["actions"][:4]), 2)])  # remembered: no new rollout
+    assert roll.calls == 4 and np.array_equal(again[0][1], got[1][1][:2])
 
 
 def test_quick_suite_runs_where_data_points(tiny_hf, val_data, tmp_path):

@@ -111,6 +111,45 @@ def test_batch_rows_equal_single_rollouts_with_their_seeds(processor):
         assert torch.equal(single.prev_codes[0], batched.prev_codes[1])
 
 
+@pytest.mark.parametrize("mode", ["token", "diagonal"])
+def test_rows_of_different_prompts_equal_their_own_rollouts(processor, mode):
+    """rollout_rows: prompts of different lengths (left-padded), contexts and actions in one
+    batch; each row is the rollout of its prompt alone (greedy and sampled), classifier-free
+    guidance included."""
+    wm = tiny_wm(processor)
+    rng = np.random.default_rng(3)
+    ctx = [rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    rows = [{"text": "a red car", "actions": ["left", "right", "stay"], "context": ctx[0]},
+            {"text": "a small blue ball drives to the right of the road", "actions": ["right"], "context": ctx[1]},
+            {"text": "", "actions": ["up", "down"], "context": ctx[2]}]
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=7, cfg_action=2.0)):
+        frames, codes = wm.rollout_rows(rows, 3, mode=mode, **kw)
+        assert frames.shape == (3, 3, 64, 64, 3) and codes.shape == (3, 3, processor.tokens_per_frame)
+        for i, r in enumerate(rows):
+            one, one_codes = wm.rollout(r["text"], r["actions"], 3, context=r["context"], mode=mode, return_codes=True, **kw)
+            assert np.array_equal(one_codes, codes[i]), (i, kw)
+            assert np.abs(one.astype(int) - frames[i]).max() <= 1, (i, kw)  # the decoder's batched convolutions
+    assert not np.array_equal(codes[0], codes[1])
+
+
+def test_bad_rows_are_named(processor):
+    wm = tiny_wm(processor)
+    ctx = np.zeros((2, 64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="same number of context frames"):
+        wm.rollout_rows([{"text": "a", "context": ctx}, {"text": "b", "context": ctx[:1]}], 2)
+    with pytest.raises(ValueError, match="unknown key 'prompt'"):
+        wm.rollout_rows([{"prompt": "a"}], 2)
+    with pytest.raises(ValueError, match="at least one row"):
+        wm.rollout_rows([], 2)
+    with pytest.raises(ValueError, match="teleport"):
+        wm.rollout_rows([{"actions": ["teleport"]}], 2)
+    sess = wm.session(rows=[{"text": "a"}, {"text": "bb"}])
+    with pytest.raises(ValueError, match=r"one action per row \(2\), got 1"):
+        sess.step(row_actions=["left"])
+    with pytest.raises(ValueError, match="streaming with a window"):
+        wm.session(rows=[{"text": "a"}], window=4000)
+
+
 def test_guidance_scale_zero_is_the_unconditional_stream(processor):
     """l = l_c + (s - 1)(l_c - l_u): at s = 0 only the unconditional stream is left."""
     wm = tiny_wm(processor)

@@ -125,13 +125,51 @@ class WorldModel:
                             top_k=top_k, top_p=top_p, seed=seed, batch=batch, cfg_text=cfg_text,
                             cfg_action=cfg_action, mode=mode, window=window, diagonals_per_pass=diagonals_per_pass)
         if window is None:
-            need = sess.length + frames * self.tokens_per_step
-            if need > self.context_limit:
-                raise ValueError(
-                    f"prompt ({sess.length} tokens) plus {frames} frames needs {need} tokens, more than the model's "
-                    f"context of {self.context_limit} tokens; shorten the prompt, ask for fewer frames, or stream "
-                    f"with a window (--window) that evicts old frames"
-                )
+            self._check_fits(sess, frames)
+        res, codes = self._run(sess, frames, lambda t: {"action": act(t)}, n_ctx, on_frame, progress)
+        if batch == 1:
+            res, codes = res[0], codes[0]
+        return (res, codes) if return_codes else res
+
+    @torch.no_grad()
+    def rollout_rows(self, rows: list[dict], frames: int = 16, *, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int | None = 0, cfg_text: float = 1.0, cfg_action: float = 1.0,
+                     mode: str = "token", diagonals_per_pass: int = 1, progress: bool = False):
+        """Several rollouts of different prompts in one batch: ``rows`` holds dicts with ``text``,
+        ``actions`` and ``context`` (the same number of context frames in every row). Row ``i``
+        is :meth:`rollout` of ``rows[i]`` with ``seed``; the rows share each decoding step, so a
+        step of 16 rows costs about twice a step of one on a CPU (``uwm bench rollout``). Shorter
+        prompts are padded on the left, which the model reads as outside every document; the
+        rows' results equal their one-row rollouts up to float rounding (rows share matrix
+        products). Returns (frames uint8 ``[B, frames, H, W, 3]``, codes ``[B, frames, h*w]``)."""
+        if frames <= 0:
+            raise ValueError(f"frames must be positive, got {frames}")
+        bad = [k for r in rows for k in r if k not in ("text", "actions", "context")]
+        if bad:
+            raise ValueError(f"rows: unknown key '{bad[0]}'; a row holds text, actions, context")
+        ids = [self.action_ids(r.get("actions", ())) or [self.default_action()] for r in rows]
+        n_ctx = 0 if not rows or rows[0].get("context") is None else len(rows[0]["context"])
+        act = lambda i, t: ids[i][min(t, len(ids[i]) - 1)]  # noqa: E731
+        specs = [{"text": r.get("text", ""), "context": r.get("context"),
+                  "context_actions": [act(i, t) for t in range(max(n_ctx - 1, 0))]} for i, r in enumerate(rows)]
+        sess = RolloutSession(self, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, cfg_text=cfg_text,
+                              cfg_action=cfg_action, mode=mode, diagonals_per_pass=diagonals_per_pass, rows=specs)
+        self._check_fits(sess, frames)
+        return self._run(sess, frames, lambda t: {"row_actions": [act(i, t) for i in range(len(rows))]}, n_ctx,
+                         None, progress)
+
+    def _check_fits(self, sess: "RolloutSession", frames: int) -> None:
+        need = sess.length + frames * self.tokens_per_step
+        if need > self.context_limit:
+            raise ValueError(
+                f"prompt ({sess.length} tokens) plus {frames} frames needs {need} tokens, more than the model's "
+                f"context of {self.context_limit} tokens; shorten the prompt, ask for fewer frames, or stream "
+                f"with a window (--window) that evicts old frames"
+            )
+
+    def _run(self, sess: "RolloutSession", frames: int, step_kw, n_ctx: int, on_frame, progress: bool):
+        """Step ``sess`` ``frames`` times (``step_kw(t)``: the step's action arguments after frame
+        ``t``); (frames ``[B, T, H, W, 3]``, codes ``[B, T, h*w]``)."""
         from tqdm import tqdm
 
         out, codes = [], []
@@ -140,7 +178,7 @@ class WorldModel:
         with _one_thread():
             for f in range(frames):
                 t = n_ctx + f - 1  # the frame before this one
-                fr = sess.step(act(t) if t >= 0 else None)
+                fr = sess.step(**(step_kw(t) if t >= 0 else {}))
                 out.append(fr)
                 codes.append(sess.prev_codes.cpu().numpy())
                 if on_frame is not None:
@@ -148,11 +186,7 @@ class WorldModel:
                 bar.update(1)
                 bar.set_postfix(fps=f"{(f + 1) / (time.time() - t0):.2f}")
         bar.close()
-        res = np.stack(out, 1)  # [B, T, H, W, 3]
-        ids = np.stack(codes, 1)  # [B, T, h*w]
-        if batch == 1:
-            res, ids = res[0], ids[0]
-        return (res, ids) if return_codes else res
+        return np.stack(out, 1), np.stack(codes, 1)
 
 
 class _one_thread:
@@ -171,7 +205,7 @@ class _Branch:
     """One stream of a rollout with its own KV cache: the conditional stream, or one of the
     unconditional streams of classifier-free guidance (without the text / without actions)."""
 
-    def __init__(self, name: str, prompt: list[int], with_actions: bool, cfg):
+    def __init__(self, name: str, prompt: list[list[int]], with_actions: bool, cfg):
         from unified_wm.model.cache import UWMCache
 
         self.name, self.with_actions = name, with_actions
@@ -202,6 +236,11 @@ class RolloutSession:
     An 8x8 grid takes 15 passes instead of 64; the cost in quality is measured by
     ``uwm bench rollout``.
 
+    ``rows``: a different prompt per row (dicts with ``text``, ``context``, ``context_actions``;
+    every row with the same number of context frames), padded on the left to one length; each
+    row samples with ``seed``, and ``step(row_actions=[...])`` takes an action per row. This is
+    how :meth:`WorldModel.rollout_rows` rolls out many episodes at the cost of a few.
+
     ``window=N`` (tokens): unbounded streaming. Before a frame that would not fit in N tokens,
     the cache evicts old frames (with their actions) without re-encoding anything: it keeps the
     prompt up to the first frame (``<bos>``, text: the attention sink and the text links), the
@@ -212,14 +251,28 @@ class RolloutSession:
     def __init__(self, wm: "WorldModel", text: str = "", context: np.ndarray | None = None, context_actions=(), *,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = 0, batch: int = 1,
                  cfg_text: float = 1.0, cfg_action: float = 1.0, mode: str = "token", window: int | None = None,
-                 recent: int = 4, diagonals_per_pass: int = 1):
+                 recent: int = 4, diagonals_per_pass: int = 1, rows: list[dict] | None = None):
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
+        if rows is not None:  # one prompt per row (see the class docstring)
+            if text or context is not None or len(context_actions) or batch != 1:
+                raise ValueError("rows: give each row's text, context and context_actions inside rows, not beside them")
+            if not rows:
+                raise ValueError("rows: expected at least one row")
+            if window is not None:
+                raise ValueError("rows: streaming with a window needs one prompt for all rows (evictions are shared)")
+            bad = [k for r in rows for k in r if k not in ("text", "context", "context_actions")]
+            if bad:
+                raise ValueError(f"rows: unknown key '{bad[0]}'; a row holds text, context, context_actions")
+            batch = len(rows)
+            row_specs = [(r.get("text", ""), r.get("context"), r.get("context_actions", ())) for r in rows]
+        else:
+            row_specs = [(text, context, context_actions)] * batch
         if mode not in ("token", "diagonal"):
             raise ValueError(f"mode must be 'token' or 'diagonal', got '{mode}'")
         if cfg_text < 0 or cfg_action < 0:
             raise ValueError(f"guidance scales must be >= 0 (1 = off), got cfg_text={cfg_text}, cfg_action={cfg_action}")
-        if cfg_text != 1.0 and not text:
+        if cfg_text != 1.0 and not all(t for t, _, _ in row_specs):
             raise ValueError("cfg_text needs a text prompt to guide with (got an empty prompt)")
         if temperature < 0 or not (0 < top_p <= 1) or top_k < 0:
             raise ValueError(f"sampling settings out of range: temperature {temperature} (>= 0), top_k {top_k} (>= 0), "
@@ -233,23 +286,33 @@ class RolloutSession:
         self.diagonals_per_pass = diagonals_per_pass
         self.B = batch
         self.dev = dev = self.model.device  # every tensor of the session lives where the model does
-        self.gens = [torch.Generator(device=dev).manual_seed(seed + i) if seed is not None else None for i in range(batch)]
+        # row i samples with seed + i; rows of different prompts each with seed, as if rolled out alone
+        seeds = [None if seed is None else seed + (0 if rows is not None else i) for i in range(batch)]
+        self.gens = [torch.Generator(device=dev).manual_seed(sd) if sd is not None else None for sd in seeds]
         self.allowed = wm.video_allowed.to(dev)
-        ctx_ids = self.p.encode_frames(context) if context is not None else None
-        ctx_actions = [list(a) for a in context_actions] if len(context_actions) else None
-        self.n_frames = 0 if ctx_ids is None else len(ctx_ids)
-        self.prev_codes = None if ctx_ids is None else torch.as_tensor(ctx_ids[-1], device=dev).expand(batch, -1).clone()
+        if rows is None:  # one prompt, encoded once
+            row_specs = row_specs[:1]
+        encoded = [(txt, self.p.encode_frames(ctx) if ctx is not None else None,
+                    [list(a) for a in acts] if len(acts) else None) for txt, ctx, acts in row_specs]
+        n_ctx = {0 if c is None else len(c) for _, c, _ in encoded}
+        if len(n_ctx) > 1:
+            raise ValueError(f"rows: every row needs the same number of context frames, got {sorted(n_ctx)}")
+        self.n_frames = n_ctx.pop()
+        self.prev_codes = None if self.n_frames == 0 else torch.stack(
+            [torch.as_tensor(c[-1], device=dev) for _, c, _ in encoded]).expand(batch, -1).clone()
         b = wm.builder
-        specs = [("cond", text, True)]
+        specs = [("cond", False, True)]
         if cfg_text != 1.0:
-            specs.append(("no_text", "", True))
+            specs.append(("no_text", True, True))
         if cfg_action != 1.0:
-            specs.append(("no_action", text, False))
+            specs.append(("no_action", False, False))
         self.branches = []
-        for name, txt, with_act in specs:
-            prompt = b.prompt(txt, ctx_ids, ctx_actions if with_act else None)
-            self.branches.append(_Branch(name, prompt, with_act, cfg))
-        self.length = len(self.branches[0].prompt)
+        for name, drop_text, with_act in specs:
+            prompts = [b.prompt("" if drop_text else txt, c, a if with_act else None) for txt, c, a in encoded]
+            n = max(map(len, prompts))  # shorter prompts are padded on the left: padding is outside every document
+            prompts = [[cfg.pad_token_id] * (n - len(q)) + q for q in prompts] * (batch // len(prompts))
+            self.branches.append(_Branch(name, prompts, with_act, cfg))
+        self.length = len(self.branches[0].prompt[0])
         min_window = self.length + (recent + 1) * wm.tokens_per_step
         if window is not None and window < min_window:
             raise ValueError(f"window of {window} tokens is too small: the prompt ({self.length} tokens) and "
@@ -264,7 +327,7 @@ class RolloutSession:
         self.pending: torch.Tensor | None = None  # codes sampled but not yet fed to the caches
         with _one_thread():
             for br in self.branches:
-                self._feed(br, torch.tensor([br.prompt] * batch, device=dev))
+                self._feed(br, torch.tensor(br.prompt, device=dev))
 
     # -- model calls -------------------------------------------------------------------
     def _feed(self, br: _Branch, ids: torch.Tensor, at: list[int] | None = None) -> torch.Tensor:
@@ -301,16 +364,22 @@ class RolloutSession:
 
     # -- one step ----------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, action=None) -> np.ndarray:
+    def step(self, action=None, *, row_actions: list | None = None) -> np.ndarray:
         """Append ``action`` (a name or ids; ignored before the first frame; None holds
-        "stay") and generate the next frame: uint8 ``[B, H, W, 3]``."""
+        "stay") and generate the next frame: uint8 ``[B, H, W, 3]``. ``row_actions``: one such
+        action per row instead (rows may take different actions)."""
         from unified_wm.tokenization.processor import FRAME
 
-        seg = []
+        if row_actions is not None and (action is not None or len(row_actions) != self.B):
+            raise ValueError(f"row_actions: expected one action per row ({self.B}), got {len(row_actions)}"
+                             + (" beside action" if action is not None else ""))
+        segs = [[]] * self.B
         if self.n_frames > 0:
-            a = self.wm.default_action() if action is None else (
-                self.p.encode_actions([action]) if isinstance(action, str) else list(action))
-            seg = self.wm.builder.act_segment(a)
+            def seg_of(a):
+                a = self.wm.default_action() if a is None else (self.p.encode_actions([a]) if isinstance(a, str) else list(a))
+                return self.wm.builder.act_segment(a)
+
+            segs = [seg_of(a) for a in row_actions] if row_actions is not None else [seg_of(action)] * self.B
         if self.window is not None and self.branches[0].length + self._pending_len() + self.wm.tokens_per_step > self.window:
             self.flush()
             self._evict()
@@ -318,7 +387,7 @@ class RolloutSession:
             # the previous frame's unfed codes, the action and <frame> go in one forward pass
             first = []
             for br in self.branches:
-                ids = torch.tensor([(seg if br.with_actions else []) + [FRAME]] * self.B, device=self.dev)
+                ids = torch.tensor([(seg if br.with_actions else []) + [FRAME] for seg in segs], device=self.dev)
                 if self.pending is not None:
                     ids = torch.cat([self.pending, ids], 1)
                 first.append(self._feed(br, ids))

@@ -7,7 +7,9 @@ grammar. It reports the seconds per frame at both points and their ratio, for ``
 ``dense``. Target: MoC's frame 256 costs at most 1.3x its frame 16.
 
 Part 2 (with ``--model DIR``): frames per second of a real exported model's rollout
-(``WorldModel.rollout``, the same path as ``uwm rollout``).
+(``WorldModel.rollout``, the same path as ``uwm rollout``); with ``--data`` also the quality per
+decoding mode, episodes rolled out together (``rows``: ``WorldModel.rollout_rows``, as the eval
+does) and a long streaming rollout.
 
 Prints a table and writes JSON (``--out``).
 """
@@ -127,6 +129,29 @@ def model_quality(wm, data: str, modes: list[tuple[str, int]], episodes: int, co
     return rows
 
 
+@torch.no_grad()
+def model_rows(wm, data: str, episodes: int, sizes: list[int], context: int = 2, horizon: int = 8) -> list[dict]:
+    """Greedy rollouts of ``episodes`` held-out episodes (as the eval's rollout task makes them),
+    ``size`` episodes per batch of rows (``WorldModel.rollout_rows``): frames per second, and the
+    share of sampled codes equal to those of one-at-a-time rollouts (the first size)."""
+    from unified_wm.data.episodes import episode_caption, get_episode, load_episodes
+
+    ds = load_episodes(data)
+    rows = [{"text": episode_caption(ep), "actions": [str(a) for a in ep["actions"][:context + horizon - 1]],
+             "context": np.asarray(ep["frames"])[:context]}
+            for ep in (get_episode(ds, i) for i in range(min(episodes, len(ds))))]
+    out, first = [], None
+    for size in sizes:
+        t = time.perf_counter()
+        codes = np.concatenate([wm.rollout_rows(rows[i:i + size], horizon, temperature=0.0)[1]
+                                for i in range(0, len(rows), size)])
+        dt = time.perf_counter() - t
+        first = codes if first is None else first
+        out.append({"rows": size, "episodes": len(rows), "horizon": horizon, "seconds": dt,
+                    "fps": len(rows) * horizon / dt, "codes_equal_to_first": float((codes == first).mean())})
+    return out
+
+
 def _histogram(frames: np.ndarray, bins: int = 8) -> np.ndarray:
     q = (frames.reshape(-1, 3).astype(np.int64) * bins) // 256
     h = np.bincount(q[:, 0] * bins * bins + q[:, 1] * bins + q[:, 2], minlength=bins ** 3).astype(float)
@@ -189,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=16, help="frames per fps measurement")
     ap.add_argument("--batches", default="1,4", help="rollouts per batch for the fps table")
     ap.add_argument("--episodes", type=int, default=4)
+    ap.add_argument("--rows", default="1,16", help="episodes per batch of rows for the rows table (first: the reference)")
+    ap.add_argument("--rows-episodes", type=int, default=16, help="episodes of the rows table")
     ap.add_argument("--long", type=int, default=256, help="frames of the long streaming rollout (0: skip)")
     ap.add_argument("--window", type=int, default=1100, help="token window of the long streaming rollout")
-    ap.add_argument("--parts", default="decode,fps,quality,long",
-                    help="comma list of: decode (random weights, frame 16 vs 256), fps, quality, long (need --model)")
+    ap.add_argument("--parts", default="decode,fps,quality,rows,long",
+                    help="comma list of: decode (random weights, frame 16 vs 256), fps, quality, rows, long (need --model)")
     ap.add_argument("--long-temperature", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
@@ -200,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     result = {"threads": a.threads}
     parts = {p for p in a.parts.split(",") if p}
-    bad = parts - {"decode", "fps", "quality", "long"}
+    bad = parts - {"decode", "fps", "quality", "rows", "long"}
     if bad:
-        raise ValueError(f"--parts: unknown part '{sorted(bad)[0]}'; valid: decode, fps, quality, long")
+        raise ValueError(f"--parts: unknown part '{sorted(bad)[0]}'; valid: decode, fps, quality, rows, long")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     if "decode" in parts:
@@ -232,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'mode':>12} {'cfg_act':>7} {'PSNR':>7} {'copy-last':>9} {'frames/s':>9}")
             for r in q:
                 print(f"{r['mode']:>12} {r['cfg_action']:7.1f} {r['psnr']:7.2f} {r['copy_last_psnr']:9.2f} {r['fps']:9.2f}")
+        if a.data and "rows" in parts:
+            rr = model_rows(wm, a.data, a.rows_episodes, [int(b) for b in a.rows.split(",")])
+            result["rows"] = rr
+            print(f"\nepisodes rolled out together (rollout_rows): {rr[0]['episodes']} held-out episodes, greedy, "
+                  f"{rr[0]['horizon']} frames from 2 real ones")
+            print(f"{'rows':>5} {'seconds':>8} {'frames/s':>9} {'codes as rows=' + str(rr[0]['rows']):>16}")
+            for r in rr:
+                print(f"{r['rows']:>5} {r['seconds']:8.1f} {r['fps']:9.2f} {r['codes_equal_to_first']:16.4f}")
         if a.data and "long" in parts and a.long:
             result["long"] = []
             for mode, pp in (("token", 1), ("diagonal", 2)):

@@ -156,9 +156,38 @@ class Rollouts:
         self.calls += 1
         out, codes = self.wm.rollout(episode_caption(ep), actions, frames, context=ep["frames"][:n_ctx],
                                      return_codes=True, **self.rs.kwargs())
+        self._remember(key, actions, out, codes)
+        return (out, codes) if with_codes else out
+
+    def _remember(self, key, actions, out, codes) -> None:
+        hit = self._memo.get(key)
         if hit is None or len(out) >= len(hit[1]):
             self._memo[key] = (actions, out, codes)
-        return (out, codes) if with_codes else out
+
+    def many(self, requests: list[tuple]) -> list[tuple]:
+        """``(frames, codes)`` for each ``(episode, n_ctx, actions, frames)`` request, the ones not
+        remembered yet rolled out ``rollout.rows`` at a time in one batch (``WorldModel.rollout_rows``)."""
+        todo = {}
+        for i, (ep, n_ctx, actions, frames) in enumerate(requests):
+            actions = [str(a) for a in actions]
+            key = (ep.get("episode_id"), int(ep.get("seed", -1)), n_ctx)
+            hit = self._memo.get(key)
+            need = n_ctx + frames - 1
+            if not (hit is not None and len(hit[1]) >= frames and self._effective(hit[0], need) == self._effective(actions, need)):
+                todo.setdefault((n_ctx, frames), []).append((i, key, ep, actions))
+        done = {}
+        for (n_ctx, frames), group in todo.items():
+            for j in range(0, len(group), max(1, self.rs.rows)):
+                part = group[j:j + max(1, self.rs.rows)]
+                rows = [{"text": episode_caption(ep), "actions": actions, "context": ep["frames"][:n_ctx]}
+                        for _, _, ep, actions in part]
+                out, codes = self.wm.rollout_rows(rows, frames, **self.rs.kwargs())
+                self.calls += len(part)
+                for r, (i, key, _, actions) in enumerate(part):
+                    done[i] = (out[r], codes[r])
+                    self._remember(key, actions, out[r], codes[r])
+        return [done[i] if i in done else self(ep, n_ctx, actions, frames, with_codes=True)
+                for i, (ep, n_ctx, actions, frames) in enumerate(requests)]
 
 
 def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> dict:
@@ -176,6 +205,8 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
     cams = episode_cameras(wm, episodes, suite)
     lp = {k: [[] for _ in range(H)] for k in ("model", "copy", "recon")}
     obj_seen, obj_placed = np.zeros(H), {k: np.zeros(H) for k in ("model", "copy_last", "tokenizer_recon", "real")}
+    roll.many([(ep, rs.context_frames, list(ep["actions"][: rs.context_frames + H - 1]), H)
+               for ep, _ in episodes if len(ep["frames"]) >= rs.context_frames + H])
     for (ep, fids), cam in zip(episodes, cams):
         frames = ep["frames"]
         c = rs.context_frames
@@ -246,13 +277,11 @@ def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> di
 def eval_action_sensitivity(wm, episodes, suite: Suite) -> dict:
     rs = suite.rollout
     a, b = suite.sensitivity_actions
-    diffs = []
-    for ep, _ in episodes[: max(1, len(episodes) // 2)]:
-        caption = episode_caption(ep)
-        ctx = ep["frames"][: rs.context_frames]
-        ga = wm.rollout(caption, [a] * (rs.context_frames + rs.horizon), rs.horizon, context=ctx, **rs.kwargs())
-        gb = wm.rollout(caption, [b] * (rs.context_frames + rs.horizon), rs.horizon, context=ctx, **rs.kwargs())
-        diffs.append(float(np.abs(ga.astype(np.float64) - gb.astype(np.float64)).mean()))
+    eps = [ep for ep, _ in episodes[: max(1, len(episodes) // 2)]]
+    gens = Rollouts(wm, rs).many([(ep, rs.context_frames, [x] * (rs.context_frames + rs.horizon), rs.horizon)
+                                  for x in (a, b) for ep in eps])  # a fresh memory: one episode, two actions
+    diffs = [float(np.abs(ga.astype(np.float64) - gb.astype(np.float64)).mean())
+             for (ga, _), (gb, _) in zip(gens[:len(eps)], gens[len(eps):])]
     return {"actions": [a, b], "mean_abs_pixel_diff": float(np.mean(diffs)), "n_episodes": len(diffs)}
 
 
@@ -306,6 +335,7 @@ def eval_controllability(wm, episodes, suite: Suite, roll: Rollouts, reference) 
     rng = np.random.default_rng(cs.seed)
     choices = [a for a in probe.classes if a in wm.processor.action_names]
     gen_pairs, frozen_pairs, labels_g, steps = [], [], [], []
+    asked = []
     for ep, _ in episodes:
         f = ep["frames"]
         if cs.actions == "logged":
@@ -316,7 +346,10 @@ def eval_controllability(wm, episodes, suite: Suite, roll: Rollouts, reference) 
             if len(f) < c:
                 continue
             acts = [str(a) for a in ep["actions"][: c - 1]] + [str(a) for a in rng.choice(choices, H)]
-        gen = roll(ep, c, acts, H)
+        asked.append((ep, acts))
+    gens = roll.many([(ep, c, acts, H) for ep, acts in asked])
+    for (ep, acts), (gen, _) in zip(asked, gens):
+        f = ep["frames"]
         prev = f[c - 1]
         for h in range(H):
             gen_pairs.append(np.stack([prev, gen[h]]))
@@ -417,9 +450,8 @@ def _prewarm(wm, suite: Suite, episodes, roll: Rollouts, suite_path: str) -> Non
             f"evaluate a model trained with a longer context (max_position_embeddings)"
         )
     if len(lengths) > 1:
-        for ep, _ in episodes:
-            if len(ep["frames"]) >= rs.context_frames + longest:
-                roll(ep, rs.context_frames, list(ep["actions"][: rs.context_frames + longest - 1]), longest)
+        roll.many([(ep, rs.context_frames, list(ep["actions"][: rs.context_frames + longest - 1]), longest)
+                   for ep, _ in episodes if len(ep["frames"]) >= rs.context_frames + longest])
 
 
 def _check_extras(suite: Suite, suite_path: str) -> None:

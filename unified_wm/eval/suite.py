@@ -26,6 +26,7 @@ class RolloutSettings:
     diagonals_per_pass: int = 1
     cfg_text: float = 1.0  # classifier-free guidance scales (1 = off)
     cfg_action: float = 1.0
+    rows: int = 16  # episodes rolled out together, one prompt per batch row (1: one at a time)
 
     def kwargs(self) -> dict:
         """Sampling keywords for ``WorldModel.rollout``."""
