@@ -373,13 +373,40 @@ def test_shared_rollouts_equal_direct_ones(tiny_hf, val_data):
     # many(): the episodes not remembered yet in one batch of rows, each equal to its own rollout
     eps = [ep, get_episode(load_episodes(val_data), 1)]
     got = roll.many([(e, 2, list(e["actions"][:5]), 3) for e in eps])
-    assert roll.calls == 4  # both new: the remembered rollout of episode 0 is shorter
+    assert roll.calls == 3  # episode 0's remembered 4-frame rollout serves; episode 1 is new
     for e, (frames, ids) in zip(eps, got):
         one, one_ids = wm.rollout(e["captions"][0]["text"], list(e["actions"][:5]), 3, context=e["frames"][:2],
                                   temperature=1.0, seed=5, return_codes=True)
         assert np.array_equal(ids, one_ids) and np.abs(frames.astype(int) - one).max() <= 1
     again = roll.many([(eps[1], 2, list(eps[1]["actions"][:4]), 2)])  # remembered: no new rollout
-    assert roll.calls == 4 and np.array_equal(again[0][1], got[1][1][:2])
+    assert roll.calls == 3 and np.array_equal(again[0][1], got[1][1][:2])
+
+
+def test_revisit_rolls_its_probes_out_together_as_alone(tiny_hf, val_data, tmp_path):
+    """The revisit task: its probes (other contexts and lengths) rolled out in rows give the
+    return-frame PSNR of one-at-a-time rollouts."""
+    from unified_wm.data.episodes import episode_caption, get_episode, load_episodes
+    from unified_wm.data.world import generate_world
+    from unified_wm.eval.metrics import frame_psnr
+    from unified_wm.eval.runner import run_suite
+    from unified_wm.rollout import WorldModel
+
+    probes = tmp_path / "revisit"
+    generate_world(ROOT / "recipes/data/world_tiny.yaml", probes, n_episodes=3, split="probe_revisit", progress=False)
+    suite = yaml.safe_load((ROOT / "eval/quick.yaml").read_text())
+    suite.update(tasks=["revisit"], n_probes=3, rollout={"temperature": 0.0, "seed": 0, "rows": 16})
+    sp = tmp_path / "revisit.yaml"
+    sp.write_text(yaml.safe_dump(suite))
+    res = run_suite(str(tiny_hf), str(sp), None, progress=False, data=str(val_data), revisit_data=str(probes))["revisit"]
+    wm, ds = WorldModel.from_pretrained(tiny_hf), load_episodes(probes)
+    alone = []
+    for i in range(3):
+        ep = get_episode(ds, i)
+        probe = json.loads(ep["state"])["probe"]
+        t0, t1 = int(probe["leave_t"]), int(probe["return_t"])
+        gen = wm.rollout(episode_caption(ep), list(ep["actions"][:t1]), t1 - t0 + 1, context=ep["frames"][:t0], temperature=0.0)
+        alone.append(frame_psnr(gen[-1], ep["frames"][t1]))
+    assert res["n"] == 3 and res["return_psnr"] == pytest.approx(float(np.mean(alone)), abs=0.05)
 
 
 def test_quick_suite_runs_where_data_points(tiny_hf, val_data, tmp_path):
@@ -454,7 +481,7 @@ def test_routing_of_the_return_frame_is_counted_per_frame(processor, val_data):
 
     from tests.conftest import tiny_model_config
     from unified_wm.data.episodes import get_episode, load_episodes
-    from unified_wm.eval.memory import rollout_with_return_routing, routing_shares
+    from unified_wm.eval.memory import rollout_with_return_routing, rollouts_with_return_routing, routing_shares
     from unified_wm.eval.suite import RolloutSettings
     from unified_wm.model.modeling_uwm import UnifiedWMForCausalLM
     from unified_wm.rollout import WorldModel
@@ -476,6 +503,15 @@ def test_routing_of_the_return_frame_is_counted_per_frame(processor, val_data):
         sh = routing_shares(by_frame, t0=4, visible=[1, 3])
         assert sh["last_seen"] == pytest.approx(by_frame[3] / sum(by_frame.values()))
         assert 0.0 <= sh["visible"] <= 1.0 and sh["uniform_last_seen"] == pytest.approx(1 / 6)
+        # probes rolled out together in rows (other contexts, texts and lengths): each as alone
+        items = [("a scene", acts, 3, ep["frames"][:4]), ("another, longer scene text", acts[1:], 2, ep["frames"][:3]),
+                 ("a scene", acts, 4, ep["frames"][:2])]
+        together = rollouts_with_return_routing(wm, items, rs)
+        for item, (f_rows, r_rows) in zip(items, together):
+            f_one, r_one = rollout_with_return_routing(wm, *item, RolloutSettings(temperature=1.0, seed=3, rows=1))
+            assert np.abs(f_rows.astype(int) - f_one).max() <= 1 and r_rows.keys() == r_one.keys()  # batched decoder convs
+            assert all(r_rows[k] == pytest.approx(r_one[k]) for k in r_one)
+        assert np.abs(together[0][0].astype(int) - frames).max() <= 1 and together[0][1] == pytest.approx(by_frame)
 
 
 # ----------------------------------------------------------------------------- checked before the model, kept after a failure

@@ -126,7 +126,8 @@ class WorldModel:
                             cfg_action=cfg_action, mode=mode, window=window, diagonals_per_pass=diagonals_per_pass)
         if window is None:
             self._check_fits(sess, frames)
-        res, codes = self._run(sess, frames, lambda t: {"action": act(t)}, n_ctx, on_frame, progress)
+        res, codes = self._run(sess, frames, lambda f: {"action": act(n_ctx + f - 1)} if n_ctx + f > 0 else {},
+                               on_frame, progress)
         if batch == 1:
             res, codes = res[0], codes[0]
         return (res, codes) if return_codes else res
@@ -136,7 +137,7 @@ class WorldModel:
                      top_p: float = 1.0, seed: int | None = 0, cfg_text: float = 1.0, cfg_action: float = 1.0,
                      mode: str = "token", diagonals_per_pass: int = 1, progress: bool = False):
         """Several rollouts of different prompts in one batch: ``rows`` holds dicts with ``text``,
-        ``actions`` and ``context`` (the same number of context frames in every row). Row ``i``
+        ``actions`` and ``context`` (context frames in every row, or in none). Row ``i``
         is :meth:`rollout` of ``rows[i]`` with ``seed``; the rows share each decoding step, so a
         step of 16 rows costs about twice a step of one on a CPU (``uwm bench rollout``). Shorter
         prompts are padded on the left, which the model reads as outside every document; the
@@ -148,15 +149,20 @@ class WorldModel:
         if bad:
             raise ValueError(f"rows: unknown key '{bad[0]}'; a row holds text, actions, context")
         ids = [self.action_ids(r.get("actions", ())) or [self.default_action()] for r in rows]
-        n_ctx = 0 if not rows or rows[0].get("context") is None else len(rows[0]["context"])
+        n_ctx = [0 if r.get("context") is None else len(r["context"]) for r in rows]
         act = lambda i, t: ids[i][min(t, len(ids[i]) - 1)]  # noqa: E731
         specs = [{"text": r.get("text", ""), "context": r.get("context"),
-                  "context_actions": [act(i, t) for t in range(max(n_ctx - 1, 0))]} for i, r in enumerate(rows)]
+                  "context_actions": [act(i, t) for t in range(max(n_ctx[i] - 1, 0))]} for i, r in enumerate(rows)]
         sess = RolloutSession(self, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, cfg_text=cfg_text,
                               cfg_action=cfg_action, mode=mode, diagonals_per_pass=diagonals_per_pass, rows=specs)
         self._check_fits(sess, frames)
-        return self._run(sess, frames, lambda t: {"row_actions": [act(i, t) for i in range(len(rows))]}, n_ctx,
-                         None, progress)
+        return self._run(sess, frames, lambda f: self.row_step(n_ctx, f, act), None, progress)
+
+    @staticmethod
+    def row_step(n_ctx: list[int], f: int, act) -> dict:
+        """The step arguments of rows with ``n_ctx`` context frames before their generated frame
+        ``f``: each row's action ``act(row, t)`` after its frame ``t``."""
+        return {"row_actions": [act(i, n + f - 1) if n + f > 0 else None for i, n in enumerate(n_ctx)]}
 
     def _check_fits(self, sess: "RolloutSession", frames: int) -> None:
         need = sess.length + frames * self.tokens_per_step
@@ -167,9 +173,9 @@ class WorldModel:
                 f"with a window (--window) that evicts old frames"
             )
 
-    def _run(self, sess: "RolloutSession", frames: int, step_kw, n_ctx: int, on_frame, progress: bool):
-        """Step ``sess`` ``frames`` times (``step_kw(t)``: the step's action arguments after frame
-        ``t``); (frames ``[B, T, H, W, 3]``, codes ``[B, T, h*w]``)."""
+    def _run(self, sess: "RolloutSession", frames: int, step_kw, on_frame, progress: bool):
+        """Step ``sess`` ``frames`` times (``step_kw(f)``: the arguments of the step that makes
+        generated frame ``f``); (frames ``[B, T, H, W, 3]``, codes ``[B, T, h*w]``)."""
         from tqdm import tqdm
 
         out, codes = [], []
@@ -177,8 +183,7 @@ class WorldModel:
         t0 = time.time()
         with _one_thread():
             for f in range(frames):
-                t = n_ctx + f - 1  # the frame before this one
-                fr = sess.step(**(step_kw(t) if t >= 0 else {}))
+                fr = sess.step(**step_kw(f))
                 out.append(fr)
                 codes.append(sess.prev_codes.cpu().numpy())
                 if on_frame is not None:
@@ -237,7 +242,7 @@ class RolloutSession:
     ``uwm bench rollout``.
 
     ``rows``: a different prompt per row (dicts with ``text``, ``context``, ``context_actions``;
-    every row with the same number of context frames), padded on the left to one length; each
+    context frames in every row or in none), padded on the left to one length; each
     row samples with ``seed``, and ``step(row_actions=[...])`` takes an action per row. This is
     how :meth:`WorldModel.rollout_rows` rolls out many episodes at the cost of a few.
 
@@ -295,9 +300,9 @@ class RolloutSession:
         encoded = [(txt, self.p.encode_frames(ctx) if ctx is not None else None,
                     [list(a) for a in acts] if len(acts) else None) for txt, ctx, acts in row_specs]
         n_ctx = {0 if c is None else len(c) for _, c, _ in encoded}
-        if len(n_ctx) > 1:
-            raise ValueError(f"rows: every row needs the same number of context frames, got {sorted(n_ctx)}")
-        self.n_frames = n_ctx.pop()
+        if 0 in n_ctx and len(n_ctx) > 1:
+            raise ValueError(f"rows: every row needs context frames, or none does; got {sorted(n_ctx)} frames")
+        self.n_frames = max(n_ctx)  # frames so far (of the row with the most, when their contexts differ)
         self.prev_codes = None if self.n_frames == 0 else torch.stack(
             [torch.as_tensor(c[-1], device=dev) for _, c, _ in encoded]).expand(batch, -1).clone()
         b = wm.builder

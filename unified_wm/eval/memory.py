@@ -51,6 +51,7 @@ def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
     per_n: dict[int, dict[str, list]] = {}
     routes: dict[int, list[dict]] = {}
     skipped = 0
+    judged = []  # (episode, t0, t1) of the probes that show the object after the return
     for ep in eps:
         probe, frames_state = ep["state"]["probe"], ep["state"]["frames"]
         t0, oid = int(probe["away_start"]), probe["object_id"]
@@ -65,8 +66,13 @@ def eval_offscreen(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
         if t1 is None:
             skipped += 1
             continue
-        ctx = ep["frames"][:t0]
-        gen, routing = rollout_with_return_routing(wm, episode_caption(ep), list(ep["actions"][: t1]), t1 - t0 + 1, ctx, rs)
+        judged.append((ep, t0, t1))
+    rolled = rollouts_with_return_routing(wm, [(episode_caption(ep), list(ep["actions"][: t1]), t1 - t0 + 1, ep["frames"][:t0])
+                                               for ep, t0, t1 in judged], rs)
+    for (ep, t0, t1), (gen, routing) in zip(judged, rolled):
+        probe, frames_state = ep["state"]["probe"], ep["state"]["frames"]
+        oid = probe["object_id"]
+        view_w, view_h = ep["state"].get("view", [ep["frames"].shape[2], ep["frames"].shape[1]])
         obj = next(o for o in frames_state[t1]["objects"] if o["id"] == oid)
         cam = frames_state[t1]["camera"]
         truth = _on_screen(obj["bbox"], cam)
@@ -155,33 +161,55 @@ def rollout_with_return_routing(wm, text: str, actions: list, frames: int, conte
     heads and the frame's queries (its ``<frame>`` and codes, plus the action just before it),
     counting only frame chunks (routed selections of text, sink and action chunks are left out).
     None for a model without a sparse decode state (dense attention)."""
+    return rollouts_with_return_routing(wm, [(text, actions, frames, context)], rs)[0]
+
+
+def rollouts_with_return_routing(wm, items: list[tuple], rs: RolloutSettings) -> list[tuple]:
+    """:func:`rollout_with_return_routing` of each ``(text, actions, frames, context)`` item, the
+    items rolled out ``rs.rows`` at a time in one batch of rows (``WorldModel.rollout_rows``'s
+    session; rows of similar lengths together). Each row's routing is read around its own last
+    frame."""
+    from unified_wm.rollout import WorldModel
+
+    out: list = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: (len(items[i][3]), items[i][2]))
+    size = max(1, rs.rows)
+    for j in range(0, len(order), size):
+        part = order[j:j + size]
+        ids = [wm.action_ids(items[i][1]) or [wm.default_action()] for i in part]
+        n_ctx = [len(items[i][3]) for i in part]
+        act = lambda r, t: ids[r][min(t, len(ids[r]) - 1)]  # noqa: E731  (as in WorldModel.rollout)
+        rows = [{"text": items[i][0], "context": items[i][3], "context_actions": [act(r, t) for t in range(max(n_ctx[r] - 1, 0))]}
+                for r, i in enumerate(part)]
+        sess = wm.session(rows=rows, **rs.kwargs())
+        cache = sess.branches[0].cache
+        sparse = any(s is not None for s in cache.uwm_state.attn_states or [])
+        last = [items[i][2] - 1 for i in part]
+        gen: list[list] = [[] for _ in part]
+        before: dict[int, dict] = {}
+        for f in range(max(last) + 1):
+            if sparse:
+                before.update({r: cache.routing_counts(r) for r in range(len(part)) if last[r] == f})
+            fr = sess.step(**WorldModel.row_step(n_ctx, f, act))
+            for r, i in enumerate(part):
+                if f <= last[r]:
+                    gen[r].append(fr[r])
+                if f == last[r]:
+                    out[i] = (np.stack(gen[r]), _routing_by_frame(wm, cache, r, before[r]) if sparse else None)
+    return out
+
+
+def _routing_by_frame(wm, cache, row: int, before: dict) -> dict:
+    """Routed selections of row ``row`` since ``before`` (its counts then), per frame of the row."""
     from unified_wm.model.modeling_uwm import stream_layout
     from unified_wm.tokenization.processor import FRAME
 
-    ids = wm.action_ids(actions) or [wm.default_action()]
-    n_ctx = len(context)
-    act = lambda t: ids[min(t, len(ids) - 1)]  # noqa: E731  (as in WorldModel.rollout)
-    sess = wm.session(text, context, [act(t) for t in range(max(n_ctx - 1, 0))], **rs.kwargs())
-    cache = sess.branches[0].cache
-    sparse = any(s is not None for s in cache.uwm_state.attn_states or [])
-
-    out, before = [], {}
-    for f in range(frames):
-        if f == frames - 1:
-            before = cache.routing_counts()
-        t = n_ctx + f - 1
-        out.append(sess.step(act(t) if t >= 0 else None)[0])
-    if not sparse:
-        return np.stack(out), None
-    after = cache.routing_counts()
-    cache_ids = cache.uwm_state.ids[:1]
+    after = cache.routing_counts(row)
+    cache_ids = cache.uwm_state.ids[row:row + 1]
     meta, _ = stream_layout(cache_ids, wm.model.config)
     frame_pos = torch.nonzero(cache_ids[0] == FRAME).flatten().tolist()
-    by_frame = {}
-    for i, pos in enumerate(frame_pos):
-        cid = int(meta.chunk_ids[0, pos])
-        by_frame[i] = after.get(cid, 0.0) - before.get(cid, 0.0)
-    return np.stack(out), by_frame
+    return {i: after.get(int(meta.chunk_ids[0, pos]), 0.0) - before.get(int(meta.chunk_ids[0, pos]), 0.0)
+            for i, pos in enumerate(frame_pos)}
 
 
 def routing_shares(by_frame: dict, t0: int, visible: list[int]) -> dict:
@@ -216,12 +244,11 @@ def eval_revisit(wm, suite: Suite, model_dir: Path, suite_path: str) -> dict:
     m_psnr, m_ssim, c_psnr, first_psnr = [], [], [], []  # c_psnr: the real return frame through the tokenizer
     m_lp, c_lp = [], []
     use_lpips = "lpips" in suite.metrics
-    for ep in eps:
-        probe = ep["state"]["probe"]
-        t0, t1 = int(probe["leave_t"]), int(probe["return_t"])
-        first = int(probe.get("first_visit_t", t0))
-        gen = wm.rollout(episode_caption(ep), list(ep["actions"][: t1]), t1 - t0 + 1, context=ep["frames"][:t0],
-                         **rs.kwargs())
+    spans = [(int(ep["state"]["probe"]["leave_t"]), int(ep["state"]["probe"]["return_t"])) for ep in eps]
+    rolled = rollouts_with_return_routing(wm, [(episode_caption(ep), list(ep["actions"][: t1]), t1 - t0 + 1, ep["frames"][:t0])
+                                               for ep, (t0, t1) in zip(eps, spans)], rs)
+    for ep, (t0, t1), (gen, _) in zip(eps, spans, rolled):
+        first = int(ep["state"]["probe"].get("first_visit_t", t0))
         real = ep["frames"][t1]
         recon = wm.processor.decode_frames(wm.processor.encode_frames(real[None]))[0]
         m_psnr.append(frame_psnr(gen[-1], real))

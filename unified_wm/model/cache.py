@@ -112,17 +112,19 @@ class UWMCache(DynamicCache):
                 s.restore(saved)
 
     # -- routing and eviction (unbounded streaming) --------------------------------------
-    def routing_counts(self) -> dict[int, float]:
+    def routing_counts(self, row: int | None = None) -> dict[int, float]:
         """How often Mixture-of-Contexts routing selected each chunk id so far, summed over layers
-        and query heads (the rows of a session share one layout, so their counts are summed too).
-        Empty for a model without sparse decode states (dense attention)."""
+        and query heads: of batch row ``row``, or (None) summed over the rows, which then must
+        share one layout (the rows of one prompt). Empty for a model without sparse decode states
+        (dense attention)."""
         tot: dict[int, float] = {}
         for s in self.uwm_state.attn_states or []:
             if s is None:
                 continue
             cids, counts = s.selection_counts()
             if cids.numel():
-                for cid, n in zip(cids[0].tolist(), counts.sum(0).tolist()):
+                ids, n_sel = (cids[0], counts.sum(0)) if row is None else (cids[row], counts[row])
+                for cid, n in zip(ids.tolist(), n_sel.tolist()):
                     tot[cid] = tot.get(cid, 0.0) + n
         return tot
 
