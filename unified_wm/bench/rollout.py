@@ -28,9 +28,10 @@ def _stream_model(backend: str, top_k: int, max_len: int):
 
     # the demo's layout: 16 specials, 256 text pieces, 19 actions, 1000 video codes
     t0, a0, v0, V = 16, 272, 291, 1291
-    cfg = UnifiedWMConfig(
+    cfg = UnifiedWMConfig(  # recipes/tiny_cpu.yaml's model (the demo's)
         vocab_size=V, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=max_len, attention={"backend": backend, "top_k": top_k},
+        rope_mode="3d", attention_bias=True, prev_frame_input="cross", video_grid=(8, 8),
         text_range=(t0, a0), action_range=(a0, v0), video_range=(v0, V), tokens_per_frame=64, max_chunk_len=64,
     )
     torch.manual_seed(0)
