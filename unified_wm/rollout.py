@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -125,7 +126,7 @@ class WorldModel:
                             top_k=top_k, top_p=top_p, seed=seed, batch=batch, cfg_text=cfg_text,
                             cfg_action=cfg_action, mode=mode, window=window, diagonals_per_pass=diagonals_per_pass)
         if window is None:
-            self._check_fits(sess, frames)
+            self.check_fits(sess, frames)
         res, codes = self._run(sess, frames, lambda f: {"action": act(n_ctx + f - 1)} if n_ctx + f > 0 else {},
                                on_frame, progress)
         if batch == 1:
@@ -145,30 +146,35 @@ class WorldModel:
         products). Returns (frames uint8 ``[B, frames, H, W, 3]``, codes ``[B, frames, h*w]``)."""
         if frames <= 0:
             raise ValueError(f"frames must be positive, got {frames}")
+        sess, step = self.session_rows(rows, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                       cfg_text=cfg_text, cfg_action=cfg_action, mode=mode,
+                                       diagonals_per_pass=diagonals_per_pass)
+        self.check_fits(sess, frames)
+        return self._run(sess, frames, step, None, progress)
+
+    def session_rows(self, rows: list[dict], **kw) -> tuple["RolloutSession", Callable[[int], dict]]:
+        """The :class:`RolloutSession` of :meth:`rollout_rows` (sampling keywords ``kw``), and the
+        arguments of its step that makes generated frame ``f``: each row's action after its
+        previous frame (the last one held when its list is shorter)."""
         bad = [k for r in rows for k in r if k not in ("text", "actions", "context")]
         if bad:
             raise ValueError(f"rows: unknown key '{bad[0]}'; a row holds text, actions, context")
         ids = [self.action_ids(r.get("actions", ())) or [self.default_action()] for r in rows]
         n_ctx = [0 if r.get("context") is None else len(r["context"]) for r in rows]
-        act = lambda i, t: ids[i][min(t, len(ids[i]) - 1)]  # noqa: E731
+        act = lambda i, t: ids[i][min(t, len(ids[i]) - 1)]  # noqa: E731  (row i's action after its frame t)
         specs = [{"text": r.get("text", ""), "context": r.get("context"),
                   "context_actions": [act(i, t) for t in range(max(n_ctx[i] - 1, 0))]} for i, r in enumerate(rows)]
-        sess = RolloutSession(self, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, cfg_text=cfg_text,
-                              cfg_action=cfg_action, mode=mode, diagonals_per_pass=diagonals_per_pass, rows=specs)
-        self._check_fits(sess, frames)
-        return self._run(sess, frames, lambda f: self.row_step(n_ctx, f, act), None, progress)
+        sess = RolloutSession(self, rows=specs, **kw)
+        return sess, lambda f: {"row_actions": [act(i, n + f - 1) if n + f > 0 else None for i, n in enumerate(n_ctx)]}
 
-    @staticmethod
-    def row_step(n_ctx: list[int], f: int, act) -> dict:
-        """The step arguments of rows with ``n_ctx`` context frames before their generated frame
-        ``f``: each row's action ``act(row, t)`` after its frame ``t``."""
-        return {"row_actions": [act(i, n + f - 1) if n + f > 0 else None for i, n in enumerate(n_ctx)]}
-
-    def _check_fits(self, sess: "RolloutSession", frames: int) -> None:
-        need = sess.length + frames * self.tokens_per_step
+    def check_fits(self, sess: "RolloutSession", frames: int, row: int | None = None) -> None:
+        """Refuse ``frames`` more frames after the session's prompt (of batch row ``row`` alone,
+        its left padding not counted) when they would not fit the model's context."""
+        n = sess.length if row is None else sum(t != self.model.config.pad_token_id for t in sess.branches[0].prompt[row])
+        need = n + frames * self.tokens_per_step
         if need > self.context_limit:
             raise ValueError(
-                f"prompt ({sess.length} tokens) plus {frames} frames needs {need} tokens, more than the model's "
+                f"prompt ({n} tokens) plus {frames} frames needs {need} tokens, more than the model's "
                 f"context of {self.context_limit} tokens; shorten the prompt, ask for fewer frames, or stream "
                 f"with a window (--window) that evicts old frames"
             )

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from unified_wm.data.episodes import episode_caption
 from unified_wm.eval.metrics import frame_psnr, frame_ssim
@@ -169,19 +168,15 @@ def rollouts_with_return_routing(wm, items: list[tuple], rs: RolloutSettings) ->
     items rolled out ``rs.rows`` at a time in one batch of rows (``WorldModel.rollout_rows``'s
     session; rows of similar lengths together). Each row's routing is read around its own last
     frame."""
-    from unified_wm.rollout import WorldModel
-
     out: list = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: (len(items[i][3]), items[i][2]))
     size = max(1, rs.rows)
     for j in range(0, len(order), size):
         part = order[j:j + size]
-        ids = [wm.action_ids(items[i][1]) or [wm.default_action()] for i in part]
-        n_ctx = [len(items[i][3]) for i in part]
-        act = lambda r, t: ids[r][min(t, len(ids[r]) - 1)]  # noqa: E731  (as in WorldModel.rollout)
-        rows = [{"text": items[i][0], "context": items[i][3], "context_actions": [act(r, t) for t in range(max(n_ctx[r] - 1, 0))]}
-                for r, i in enumerate(part)]
-        sess = wm.session(rows=rows, **rs.kwargs())
+        sess, step = wm.session_rows([{"text": items[i][0], "actions": items[i][1], "context": items[i][3]} for i in part],
+                                     **rs.kwargs())
+        for r, i in enumerate(part):  # each probe as wm.rollout would check it alone
+            wm.check_fits(sess, items[i][2], row=r)
         cache = sess.branches[0].cache
         sparse = any(s is not None for s in cache.uwm_state.attn_states or [])
         last = [items[i][2] - 1 for i in part]
@@ -190,7 +185,7 @@ def rollouts_with_return_routing(wm, items: list[tuple], rs: RolloutSettings) ->
         for f in range(max(last) + 1):
             if sparse:
                 before.update({r: cache.routing_counts(r) for r in range(len(part)) if last[r] == f})
-            fr = sess.step(**WorldModel.row_step(n_ctx, f, act))
+            fr = sess.step(**step(f))
             for r, i in enumerate(part):
                 if f <= last[r]:
                     gen[r].append(fr[r])
@@ -207,9 +202,8 @@ def _routing_by_frame(wm, cache, row: int, before: dict) -> dict:
     after = cache.routing_counts(row)
     cache_ids = cache.uwm_state.ids[row:row + 1]
     meta, _ = stream_layout(cache_ids, wm.model.config)
-    frame_pos = torch.nonzero(cache_ids[0] == FRAME).flatten().tolist()
-    return {i: after.get(int(meta.chunk_ids[0, pos]), 0.0) - before.get(int(meta.chunk_ids[0, pos]), 0.0)
-            for i, pos in enumerate(frame_pos)}
+    frame_cids = meta.chunk_ids[0, cache_ids[0] == FRAME].tolist()
+    return {i: after.get(cid, 0.0) - before.get(cid, 0.0) for i, cid in enumerate(frame_cids)}
 
 
 def routing_shares(by_frame: dict, t0: int, visible: list[int]) -> dict:

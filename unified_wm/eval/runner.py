@@ -147,47 +147,36 @@ class Rollouts:
 
     def __call__(self, ep: dict, n_ctx: int, actions, frames: int, with_codes: bool = False):
         """Frames uint8 [frames, H, W, 3] (and the sampled code ids [frames, h*w] with ``with_codes``)."""
-        actions = [str(a) for a in actions]
-        key = (ep.get("episode_id"), int(ep.get("seed", -1)), n_ctx)
-        need = n_ctx + frames - 1  # action positions the rollout reads
-        hit = self._memo.get(key)
-        if hit is not None and len(hit[1]) >= frames and self._effective(hit[0], need) == self._effective(actions, need):
-            return (hit[1][:frames], hit[2][:frames]) if with_codes else hit[1][:frames]
-        self.calls += 1
-        out, codes = self.wm.rollout(episode_caption(ep), actions, frames, context=ep["frames"][:n_ctx],
-                                     return_codes=True, **self.rs.kwargs())
-        self._remember(key, actions, out, codes)
+        out, codes = self.many([(ep, n_ctx, actions, frames)])[0]
         return (out, codes) if with_codes else out
-
-    def _remember(self, key, actions, out, codes) -> None:
-        hit = self._memo.get(key)
-        if hit is None or len(out) >= len(hit[1]):
-            self._memo[key] = (actions, out, codes)
 
     def many(self, requests: list[tuple]) -> list[tuple]:
         """``(frames, codes)`` for each ``(episode, n_ctx, actions, frames)`` request, the ones not
         remembered yet rolled out ``rollout.rows`` at a time in one batch (``WorldModel.rollout_rows``)."""
-        todo = {}
+        todo, got = {}, {}
         for i, (ep, n_ctx, actions, frames) in enumerate(requests):
             actions = [str(a) for a in actions]
             key = (ep.get("episode_id"), int(ep.get("seed", -1)), n_ctx)
+            need = n_ctx + frames - 1  # action positions the rollout reads
             hit = self._memo.get(key)
-            need = n_ctx + frames - 1
-            if not (hit is not None and len(hit[1]) >= frames and self._effective(hit[0], need) == self._effective(actions, need)):
+            if hit is not None and len(hit[1]) >= frames and self._effective(hit[0], need) == self._effective(actions, need):
+                got[i] = (hit[1][:frames], hit[2][:frames])
+            else:
                 todo.setdefault((n_ctx, frames), []).append((i, key, ep, actions))
-        done = {}
+        size = max(1, self.rs.rows)
         for (n_ctx, frames), group in todo.items():
-            for j in range(0, len(group), max(1, self.rs.rows)):
-                part = group[j:j + max(1, self.rs.rows)]
+            for j in range(0, len(group), size):
+                part = group[j:j + size]
                 rows = [{"text": episode_caption(ep), "actions": actions, "context": ep["frames"][:n_ctx]}
                         for _, _, ep, actions in part]
                 out, codes = self.wm.rollout_rows(rows, frames, **self.rs.kwargs())
                 self.calls += len(part)
                 for r, (i, key, _, actions) in enumerate(part):
-                    done[i] = (out[r], codes[r])
-                    self._remember(key, actions, out[r], codes[r])
-        return [done[i] if i in done else self(ep, n_ctx, actions, frames, with_codes=True)
-                for i, (ep, n_ctx, actions, frames) in enumerate(requests)]
+                    got[i] = (out[r], codes[r])
+                    hit = self._memo.get(key)
+                    if hit is None or frames >= len(hit[1]):
+                        self._memo[key] = (actions, out[r], codes[r])
+        return [got[i] for i in range(len(requests))]
 
 
 def eval_rollout(wm, episodes, suite: Suite, roll: Rollouts | None = None) -> dict:
