@@ -75,6 +75,7 @@ def test_eval_suite_and_world_and_tokenizer_configs_take_exponent_floats(tmp_pat
     ({"train": {"scheduled_sampling": 0.3, "sequence_parallel": 2}}, "train.scheduled_sampling"),
     ({"train": {"scheduled_sampling_ramp": -1}}, "train.scheduled_sampling_ramp"),
     ({"train": {"scheduled_sampling_passes": 0}}, "train.scheduled_sampling_passes"),
+    ({"train": {"changed_code_weight": -1.0}}, "train.changed_code_weight"),
     ({"tasks": {"interleaved": {"weight": 1.0, "loss": {"video": -1.0}}}}, "tasks.interleaved.loss.video"),
     ({"tasks": {"interleaved": {"weight": -1.0}, "caption": {"weight": 2.0}}}, "tasks.interleaved.weight"),
 ])

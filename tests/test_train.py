@@ -21,7 +21,7 @@ from unified_wm.checkpoint import (
 )
 from unified_wm.distributed import free_port
 from unified_wm.recipe import fill_ds_config, load_recipe
-from unified_wm.train import TensorBoard, per_task_ce, scheduled_sampling
+from unified_wm.train import TensorBoard, changed_code_weights, per_task_ce, scheduled_sampling
 from unified_wm.utils import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,6 +252,40 @@ def test_scheduled_sampling_replaces_only_generated_codes_with_the_models_guess(
     assert torch.equal(out2[:, 1:][cand], guess2[cand]) and torch.equal(out2[:, 1:][~cand], nxt[~cand])
 
 
+def test_changed_code_weight_marks_the_codes_that_differ_from_their_cell_one_frame_back(tiny_recipe, processor):
+    """Counted here from the token grammar (``<frame>`` then the frame's codes in raster order,
+    ``<bos>`` starting a document): a video target weighs 1 + w exactly where its code differs
+    from the code at the same index of the document's previous frame; everything else weighs 1."""
+    from unified_wm.data.packing import PackedBatches, prepare_batch
+    from unified_wm.data.tokenize import load_token_documents
+    from unified_wm.recipe import build_model
+
+    recipe = load_recipe(tiny_recipe)
+    cfg = build_model(recipe, processor).config
+    batches = PackedBatches(load_token_documents(recipe.data.tokens), recipe, 0, 1)
+    ids, labels, _, _ = prepare_batch(batches, 0, cfg, recipe, list(recipe.tasks))
+    v_lo, v_hi = cfg.video_range
+    want = torch.ones(ids.shape)
+    n_prev = n_changed = 0
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        prev_start = cur_start = None
+        for j, tok in enumerate(row):
+            if tok == cfg.bos_token_id:
+                prev_start = cur_start = None
+            elif tok == cfg.frame_id:
+                prev_start, cur_start = cur_start, j
+            elif v_lo <= tok < v_hi and prev_start is not None and labels[b, j] != -100:
+                n_prev += 1
+                if row[prev_start + (j - cur_start)] != tok:
+                    want[b, j] = 3.5
+                    n_changed += 1
+    got, counts = changed_code_weights(ids, labels, cfg, 2.5)
+    assert 0 < n_changed < n_prev and counts == [n_prev, n_changed]
+    assert torch.equal(got, want)
+    assert torch.equal(changed_code_weights(ids, labels, cfg, 0.0)[0], torch.ones(ids.shape))
+
+
 def test_tensorboard_tags_group_by_kind():
     assert TensorBoard.tag("loss") == "loss/total"
     assert TensorBoard.tag("loss_video") == "loss_modality/video"
@@ -337,8 +371,10 @@ def test_kill9_then_resume_gives_the_uninterrupted_losses(tmp_path, tokens_dir, 
 def zero3_nan_run(tmp_path_factory, tokens_dir, processor_dir):
     """2 ranks under ZeRO-3; rank 1's loss turns NaN at step 5 (UWM_DEBUG_NAN_AT_STEP=5:1)."""
     d = tmp_path_factory.mktemp("z3")
-    # with scheduled sampling: its forward without gradients runs on ZeRO-3's partitioned weights too
-    recipe = write_recipe(d, tokens_dir, processor_dir, max_steps=8, log_every=2, scheduled_sampling=0.25)
+    # with scheduled sampling (its forward without gradients runs on ZeRO-3's partitioned weights
+    # too) and the changed-code weight
+    recipe = write_recipe(d, tokens_dir, processor_dir, max_steps=8, log_every=2, scheduled_sampling=0.25,
+                          changed_code_weight=2.0)
     t0 = time.time()
     r = run_launcher(launch_cmd(recipe, "ds_configs/zero3.json"), {"UWM_DEBUG_NAN_AT_STEP": "5:1"})
     return {"d": d, "run": d / "run", "r": r, "seconds": time.time() - t0}
@@ -355,8 +391,10 @@ def test_nan_loss_stops_both_ranks_and_keeps_last_good_checkpoint(zero3_nan_run)
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text() == "step4"
     assert [s for s, _ in complete_checkpoints(ckpts)] == [2, 4]
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps) == 4
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 4
+    shares = [r["changed_code_share"] for r in rows if "loss" in r]  # 0 where a step's rows hold no generated frame
+    assert all(0 <= x < 1 for x in shares) and max(shares) > 0.2
 
 
 @pytest.mark.slow

@@ -98,6 +98,10 @@ class TrainRecipe:
     scheduled_sampling: float = 0.0
     scheduled_sampling_ramp: int = 0
     scheduled_sampling_passes: int = 1
+    # the loss of a video code that differs from the code at its cell one frame back (same
+    # document) weighs 1 + changed_code_weight: the codes that move weigh more than those a copy
+    # of the last frame gets right (0: off)
+    changed_code_weight: float = 0.0
     # activation checkpointing: keep only each Block's input, recompute the Block in the
     # backward (less memory at long seq_len for ~1/3 more compute; same gradients)
     gradient_checkpointing: bool = False
@@ -160,6 +164,9 @@ class Recipe:
         if t.scheduled_sampling_passes < 1:
             raise ValueError(f"'train.scheduled_sampling_passes' must be >= 1 (forwards that guess the fed-back codes), "
                              f"got {t.scheduled_sampling_passes}")
+        if t.changed_code_weight < 0:
+            raise ValueError(f"'train.changed_code_weight' must be >= 0 (the extra loss weight of a video code that "
+                             f"differs from its cell one frame back), got {t.changed_code_weight}")
         if t.scheduled_sampling_ramp < 0:
             raise ValueError(f"'train.scheduled_sampling_ramp' must be >= 0, got {t.scheduled_sampling_ramp}")
         if t.scheduled_sampling and t.sequence_parallel > 1:

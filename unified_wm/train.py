@@ -192,6 +192,26 @@ def scheduled_sampling(model, ids: torch.Tensor, labels: torch.Tensor, rate: flo
     return out, counts
 
 
+def changed_code_weights(ids: torch.Tensor, labels: torch.Tensor, cfg, weight: float) -> tuple[torch.Tensor, list[int]]:
+    """``[B, N]`` loss-weight factors: ``1 + weight`` where the target is a video code (a loss
+    target) that differs from the code at the same cell one frame back in its document, else 1.
+    Copying the last frame gets most codes right (static background, a camera at rest); the
+    codes that change carry the world's motion. Aligned like ``loss_weights`` (position j
+    weighs target ``ids[j]``). Returns (factors, [video targets with a previous frame, changed])."""
+    from unified_wm.model.modeling_uwm import stream_layout_continue
+
+    v_lo, v_hi = cfg.video_range
+    _, _, _, (_, _, prev) = stream_layout_continue(ids, cfg, None, offsets=((0, 0),))
+    src = prev[:, :-1, 0]  # the position that predicts ids[j] is j - 1
+    nxt = ids[:, 1:]
+    has_prev = (src >= 0) & (nxt >= v_lo) & (nxt < v_hi) & (labels[:, 1:] != -100)
+    before = torch.gather(ids, 1, src.clamp(min=0))
+    changed = has_prev & (before != nxt)
+    out = torch.ones(ids.shape, dtype=torch.float32)
+    out[:, 1:] += weight * changed.float()
+    return out, [int(has_prev.sum()), int(changed.sum())]
+
+
 class _Step:
     """Per-step accumulators: loss, per-modality means and per-task (sum, count)."""
 
@@ -340,9 +360,14 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
         while step < t.max_steps:
             acc = _Step(len(task_names))
             ss_stats = torch.zeros(3, dtype=torch.float64)  # scheduled sampling: candidate, replaced, wrong codes
+            cc_stats = torch.zeros(2, dtype=torch.float64)  # changed-code weight: video targets with a previous frame, changed
             log_step = (step + 1) % t.log_every == 0 or step + 1 == t.max_steps or step == start_step
             for micro in range(t.grad_accum):
                 ids, labels, weights, task = prepare_batch(batches, step * t.grad_accum + micro, engine.module.config, recipe, task_names)
+                if t.changed_code_weight:  # from the true inputs, before scheduled sampling replaces any
+                    factors, counts = changed_code_weights(ids, labels, engine.module.config, t.changed_code_weight)
+                    weights = weights * factors
+                    cc_stats += torch.tensor(counts, dtype=torch.float64)
                 rate = t.scheduled_sampling * min(1.0, (step + 1) / t.scheduled_sampling_ramp) if t.scheduled_sampling_ramp else t.scheduled_sampling
                 if rate > 0:  # the same draw for a step on a resumed run
                     g = torch.Generator().manual_seed((t.seed * 1_000_003 + step * t.grad_accum + micro) * 4099 + rank)
@@ -393,6 +418,9 @@ def train(recipe_path: str, ds_config_path: str | None = None, *, resume: str | 
                 if t.scheduled_sampling:  # every rank joins the sum, also one whose rows held no candidate
                     ss = all_reduce_sum(ss_stats, world, engine.device)
                     last.update(ss_rate=rate, ss_replaced=float(ss[1] / max(ss[0], 1)), ss_wrong=float(ss[2] / max(ss[1], 1)))
+                if t.changed_code_weight:
+                    cc = all_reduce_sum(cc_stats, world, engine.device)
+                    last.update(changed_code_share=float(cc[1] / max(cc[0], 1)))
             if val is not None and step % t.eval_every == 0:
                 last.update(evaluate(engine, val, recipe, task_names, world, sp))
             if log_step or "val_loss" in last:

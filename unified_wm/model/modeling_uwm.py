@@ -175,7 +175,7 @@ def stream_layout(input_ids: torch.Tensor, cfg: UnifiedWMConfig) -> tuple[Stream
     return meta, modality
 
 
-def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state: dict | None):
+def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state: dict | None, offsets=None):
     """:func:`stream_layout` of ``input_ids`` as the continuation of a prefix summarised by
     ``state`` (None: no prefix). Every rule is a running count or a "latest index where"
     scan, so the prefix enters only through ``state`` (per row: tokens so far ``n``, chunk
@@ -195,7 +195,8 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     The third coordinate tensor, ``prev`` [B, N, K] (K: the offsets of ``prev_frame_input``),
     holds for a position that predicts a code the index (among all ids fed) of the code at each
     offset of that cell in the previous frame of the same document, and -1 where there is none
-    (first frame, off the grid, other positions).
+    (first frame, off the grid, other positions). ``offsets`` ((row, column) pairs) replaces the
+    config's ``prev_frame_input`` offsets (the training loss's changed-code weight reads (0, 0)).
     """
     ids = input_ids
     B, N = ids.shape
@@ -267,7 +268,8 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     frame_before = torch.cat([state["frame"][:, None], last_frame[:, :-1]], 1)
     prev_frame = torch.maximum(torch.where(is_frame, frame_before, torch.full_like(ids, -1)).cummax(dim=1).values,
                                state["prev_frame"][:, None])
-    offsets = PREV_FRAME_INPUTS[getattr(cfg, "prev_frame_input", "none")]
+    if offsets is None:
+        offsets = PREV_FRAME_INPUTS[getattr(cfg, "prev_frame_input", "none")]
     if offsets:
         has_prev = predicts_code & (prev_frame >= 0) & (prev_frame > last_bos)
         gh = cfg.video_grid[0]
