@@ -26,8 +26,14 @@
 // intrinsics. A vector wider than the registers is split into several by the compiler, and on
 // AVX2 a 16-float type ran the micro-kernels about 8x slower than the native 8-float one.
 
-#include <torch/extension.h>
+// the headers the kernel uses, not <torch/extension.h> (the whole C++ API; twice the compile time)
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
@@ -220,8 +226,8 @@ void chunk_masks(const Chunks& ch, int b, int c, int Lp, float* m0, float* m1, f
 // walk one segment at a time, so the query/output rows a segment touches stay within cache
 // and TLB reach (at 32k tokens the rows of a KV group span 32 MB per tensor).
 // Returns (ptr [B*Hkv, 3*C*nseg + 1] int64 offsets into rows, rows int32 = g * Nq + q).
-std::vector<torch::Tensor> moc_plan(torch::Tensor sel, torch::Tensor qslot, torch::Tensor qdoc,
-                                    torch::Tensor cdoc, torch::Tensor cmand, int64_t Hkv, int64_t seg) {
+std::vector<at::Tensor> moc_plan(at::Tensor sel, at::Tensor qslot, at::Tensor qdoc,
+                                    at::Tensor cdoc, at::Tensor cmand, int64_t Hkv, int64_t seg) {
   const int B = sel.size(0), Hq = sel.size(1), Nq = sel.size(2), W = sel.size(3);
   const int C = cdoc.size(1), G = Hq / Hkv;
   const int64_t nseg = (Nq + seg - 1) / seg, NBK = 3 * (int64_t)C * std::max<int64_t>(nseg, 1);
@@ -230,7 +236,7 @@ std::vector<torch::Tensor> moc_plan(torch::Tensor sel, torch::Tensor qslot, torc
   const int64_t* QD = qdoc.data_ptr<int64_t>();
   const int64_t* CD = cdoc.data_ptr<int64_t>();
   const int64_t* CM = cmand.data_ptr<int64_t>();
-  auto ptr = torch::zeros({(int64_t)B * Hkv, NBK + 1}, torch::kInt64);
+  auto ptr = at::zeros({(int64_t)B * Hkv, NBK + 1}, at::kLong);
   int64_t* P = ptr.data_ptr<int64_t>();
   std::vector<std::vector<int>> mslots(B);
   for (int b = 0; b < B; b++)
@@ -268,7 +274,7 @@ std::vector<torch::Tensor> moc_plan(torch::Tensor sel, torch::Tensor qslot, torc
   // global offsets: bucket offsets of (b, hk) are relative to its own base
   std::vector<int64_t> base((size_t)B * Hkv + 1, 0);
   for (int64_t bh = 0; bh < (int64_t)B * Hkv; bh++) base[bh + 1] = base[bh] + P[bh * (NBK + 1) + NBK];
-  auto rows = torch::empty({base.back()}, torch::kInt32);
+  auto rows = at::empty({base.back()}, at::kInt);
   int32_t* R = rows.data_ptr<int32_t>();
   at::parallel_for(0, (int64_t)B * Hkv, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; bh++) {
@@ -282,15 +288,15 @@ std::vector<torch::Tensor> moc_plan(torch::Tensor sel, torch::Tensor qslot, torc
 }
 
 // q [B, Hq, Nq, D] (pre-scaled), k/v [B, Hkv, Nk, D]; returns out [B, Hq, Nq, D], lse [B, Hq, Nq].
-std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                       torch::Tensor ptr, torch::Tensor rows, torch::Tensor cstart,
-                                       torch::Tensor clen, torch::Tensor kmand, int64_t Lmax) {
+std::vector<at::Tensor> moc_forward(at::Tensor q, at::Tensor k, at::Tensor v,
+                                       at::Tensor ptr, at::Tensor rows, at::Tensor cstart,
+                                       at::Tensor clen, at::Tensor kmand, int64_t Lmax) {
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int Hkv = k.size(1), Nk = k.size(2), G = Hq / Hkv, C = cstart.size(1);
   const int Lp = round_up(std::max<int>(Lmax, 1), 16);
   const int64_t NBK = ptr.size(1) - 1;
-  auto out = torch::zeros_like(q);
-  auto lse = torch::zeros({B, Hq, Nq}, q.options());
+  auto out = at::zeros_like(q);
+  auto lse = at::zeros({B, Hq, Nq}, q.options());
   const Chunks ch{cstart.data_ptr<int64_t>(), clen.data_ptr<int64_t>(), kmand.data_ptr<bool>(), C, Nk};
   const int64_t* P = ptr.data_ptr<int64_t>();
   const int32_t* R = rows.data_ptr<int32_t>();
@@ -397,17 +403,17 @@ std::vector<torch::Tensor> moc_forward(torch::Tensor q, torch::Tensor k, torch::
 }
 
 // Gradients: dq (w.r.t. the pre-scaled q), dk, dv. delta [B, Hq, Nq] = rowsum(dout * out).
-std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                        torch::Tensor dout, torch::Tensor lse, torch::Tensor delta,
-                                        torch::Tensor ptr, torch::Tensor rows, torch::Tensor cstart,
-                                        torch::Tensor clen, torch::Tensor kmand, int64_t Lmax) {
+std::vector<at::Tensor> moc_backward(at::Tensor q, at::Tensor k, at::Tensor v,
+                                        at::Tensor dout, at::Tensor lse, at::Tensor delta,
+                                        at::Tensor ptr, at::Tensor rows, at::Tensor cstart,
+                                        at::Tensor clen, at::Tensor kmand, int64_t Lmax) {
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int Hkv = k.size(1), Nk = k.size(2), G = Hq / Hkv, C = cstart.size(1);
   const int Lp = round_up(std::max<int>(Lmax, 1), 16);
   const int64_t NBK = ptr.size(1) - 1;
-  auto dq = torch::zeros_like(q);
-  auto dk = torch::zeros_like(k);
-  auto dv = torch::zeros_like(v);
+  auto dq = at::zeros_like(q);
+  auto dk = at::zeros_like(k);
+  auto dv = at::zeros_like(v);
   const Chunks ch{cstart.data_ptr<int64_t>(), clen.data_ptr<int64_t>(), kmand.data_ptr<bool>(), C, Nk};
   const int64_t* P = ptr.data_ptr<int64_t>();
   const int32_t* R = rows.data_ptr<int32_t>();
@@ -501,12 +507,12 @@ std::vector<torch::Tensor> moc_backward(torch::Tensor q, torch::Tensor k, torch:
 // slot below its own. q [B, Hq, Nq, D], desc [B, Hkv, C, D] float32; cand [B, C] bool;
 // cdoc [B, C], qslot / qdoc [B, Nq] int64. Returns sel [B, Hq, Nq, kk] int64 (-1 = none):
 // the chunks above the k-th score in ascending slot order, then ties at it, lowest slots first.
-torch::Tensor moc_route(torch::Tensor q, torch::Tensor desc, torch::Tensor cand, torch::Tensor cdoc,
-                        torch::Tensor qslot, torch::Tensor qdoc, int64_t kk) {
+at::Tensor moc_route(at::Tensor q, at::Tensor desc, at::Tensor cand, at::Tensor cdoc,
+                        at::Tensor qslot, at::Tensor qdoc, int64_t kk) {
   const int B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
   const int Hkv = desc.size(1), C = desc.size(2), G = Hq / Hkv;
   const int Cp = round_up(std::max(C, 1), 16);
-  auto sel = torch::full({B, Hq, Nq, kk}, -1, torch::kInt64);
+  auto sel = at::full({B, Hq, Nq, kk}, -1, at::kLong);
   const float *Q = q.data_ptr<float>(), *DS = desc.data_ptr<float>();
   const bool* CA = cand.data_ptr<bool>();
   const int64_t *CD = cdoc.data_ptr<int64_t>(), *QS = qslot.data_ptr<int64_t>(), *QD = qdoc.data_ptr<int64_t>();
