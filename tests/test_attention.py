@@ -121,6 +121,45 @@ def test_cpu_kernel_builds_here():
     assert built.parent.name.startswith("uwm_moc_cpu_")
 
 
+def test_a_build_stopped_half_way_does_not_block_the_next(tmp_path):
+    """torch's loader waits while its ``lock`` file exists; one left by a killed build is removed
+    (under an OS lock that dies with its holder), and the kernel loads in a new process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from unified_wm.model import attention_cpu_kernel as attention
+
+    if not attention.GATHER_KERNEL_CPU:
+        pytest.skip("UWM_MOC_CPU_KERNEL=0 turns the compiled kernel off")
+    built = Path(attention.cpu_kernel().__file__).resolve().parent
+    ext = tmp_path / "ext"
+    shutil.copytree(built, ext / built.name, ignore=shutil.ignore_patterns("lock", "uwm_build.lock"))
+    (ext / built.name / "lock").touch()  # what a build killed half-way leaves
+    code = "from unified_wm.model.attention_cpu_kernel import cpu_kernel; print(cpu_kernel() is not None)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
+    assert "left by a build that was stopped half-way" in r.stderr
+    assert not (ext / built.name / "lock").exists()
+
+
+def test_deepspeed_build_lock_is_removed_only_when_stale(tmp_path):
+    import os
+    import time
+
+    from unified_wm.distributed import remove_stale_build_lock
+
+    assert not remove_stale_build_lock(str(tmp_path))  # no lock
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not remove_stale_build_lock(str(tmp_path)) and lock.exists()  # a build in progress
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert remove_stale_build_lock(str(tmp_path)) and not lock.exists()
+
+
 def test_extensions_dir_follows_the_environment(monkeypatch, tmp_path):
     import sys
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import TYPE_CHECKING
 
 from unified_wm.utils import extensions_dir
@@ -30,6 +31,7 @@ def setup_distributed() -> tuple[int, int]:
     if ext_dir is not None:
         # DeepSpeed JIT-builds a C++ op at init (CPU: shared-memory comm) into this folder
         os.environ["TORCH_EXTENSIONS_DIR"] = ext_dir
+        remove_stale_build_lock(os.path.join(ext_dir, "deepspeed_shm_comm"))
     import deepspeed
     import torch
 
@@ -38,6 +40,29 @@ def setup_distributed() -> tuple[int, int]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     release_shm_buffer(rank, world)
     return rank, world
+
+
+STALE_BUILD_LOCK_S = 900
+
+
+def remove_stale_build_lock(build_dir: str, max_age_s: float = STALE_BUILD_LOCK_S) -> bool:
+    """Remove torch's extension-build lock file in ``build_dir`` when it is older than any build
+    takes. The loader's lock is a file that later processes wait on until it is gone: a build
+    killed half-way (Ctrl-C in a run's first seconds) left it, and every later run waited for
+    ever at start-up. Returns whether one was removed."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except OSError:
+        return False
+    if age < max_age_s:
+        return False
+    try:
+        os.unlink(lock)
+    except OSError:
+        return False
+    print(f"[uwm] removed '{lock}', left {age / 60:.0f} min ago by a build that was stopped half-way", flush=True)
+    return True
 
 
 def shm_buffer_path(rank: int) -> str:

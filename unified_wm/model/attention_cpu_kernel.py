@@ -8,7 +8,13 @@ import os
 import platform
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: the loader's own lock alone
+    fcntl = None
 
 # ``gather`` on CPU first tries its compiled kernel (``moc_cpu.cpp`` next to this file,
 # built by torch's C++ extension loader on first use and cached); it falls back to the
@@ -27,6 +33,30 @@ def _extensions_dir():
     except ImportError:
         return None
     return extensions_dir()
+
+
+@contextmanager
+def build_lock(build: Path | None):
+    """Hold an OS lock on ``build`` while torch's extension loader runs there.
+
+    The loader's own lock is a file (``lock``) that a waiting process polls until it is gone,
+    so a build killed half-way left it behind and every later call waited for ever. The OS
+    releases this lock when its holder dies: whoever holds it is the only one of our processes
+    in the loader, so a ``lock`` file it finds was left by a dead one and is removed."""
+    if build is None or fcntl is None:
+        yield
+        return
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "uwm_build.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = build / "lock"
+            if stale.exists():
+                warnings.warn(f"removed '{stale}', left by a build that was stopped half-way")
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def cpu_kernel():
@@ -68,8 +98,9 @@ def cpu_kernel():
                 if build is None or not any(p.stat().st_mtime >= src.stat().st_mtime for p in build.glob("*.so")):
                     print(f"[uwm] building the MoC CPU attention kernel in {build or 'torch_extensions'} "
                           "(first use of this source on this machine, ~30 s)", file=sys.stderr, flush=True)
-                _CPU_EXT = load(name=name, sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                extra_ldflags=["-fopenmp"], verbose=False, **kw)
+                with build_lock(build):
+                    _CPU_EXT = load(name=name, sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                    extra_ldflags=["-fopenmp"], verbose=False, **kw)
             except Exception as e:  # no compiler, no headers, an unsupported CPU...
                 warnings.warn(f"the MoC CPU kernel could not be built ({type(e).__name__}: {str(e)[:300]}); "
                               "the gather backend uses its pure-torch tiles instead (slower, same results)")
