@@ -97,7 +97,7 @@ def cpu_kernel():
                         pass
                 if build is None or not any(p.stat().st_mtime >= src.stat().st_mtime for p in build.glob("*.so")):
                     print(f"[uwm] building the MoC CPU attention kernel in {build or 'torch_extensions'} "
-                          "(first use of this source on this machine, ~30 s)", file=sys.stderr, flush=True)
+                          "(first use of this source on this machine, ~20 s)", file=sys.stderr, flush=True)
                 with build_lock(build):
                     _CPU_EXT = load(name=name, sources=[str(src)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                     extra_ldflags=["-fopenmp"], verbose=False, **kw)
