@@ -410,7 +410,7 @@ def test_revisit_rolls_its_probes_out_together_as_alone(tiny_hf, val_data, tmp_p
 
 
 def test_quick_suite_runs_where_data_points(tiny_hf, val_data, tmp_path):
-    """eval/quick.yaml as CI and the demo run it (only --data / --offscreen-data given): with no
+    """eval/quick.yaml given only --data / --offscreen-data (the demo adds --train-data): with no
     train_data, the probe and the caption baseline learn from the held-out episodes it does not score."""
     from unified_wm.data.world import generate_world
     from unified_wm.eval.runner import run_suite

@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     run(uwm + ["export", "--checkpoint", str(w / "train" / "checkpoints"), "--out", str(w / "hf")], log)
     run(uwm + ["rollout", "--model", str(w / "hf"), "--prompt", "a red car drives right", "--actions", "right,right,stay",
                "--frames", "16", "--out", str(w / "rollout.mp4"), "--temperature", "0.8", "--top-k", "50"], log)
+    # the controllability probe and the caption baseline learn from the training episodes (never scored)
     run(uwm + ["eval", "--model", str(w / "hf"), "--suite", "eval/quick.yaml", "--out", str(w / "eval"),
-               "--data", str(w / "data_val"), "--offscreen-data", str(w / "probe_offscreen")], log)
+               "--data", str(w / "data_val"), "--offscreen-data", str(w / "probe_offscreen"),
+               "--train-data", str(w / "data")], log)
     total = time.time() - t_start
     summary = {"workdir": str(w), "wall_seconds": round(total, 1), "steps": log}
     (w / "demo_summary.json").write_text(json.dumps(summary, indent=2))
