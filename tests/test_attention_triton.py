@@ -207,6 +207,34 @@ def test_bench_gpu_arguments_and_shapes():
     assert bool((meta.chunk_ids[0, 1:] >= meta.chunk_ids[0, :-1]).all())
 
 
+def test_bench_gpu_dry_run_on_cpu_writes_every_row(tmp_path, monkeypatch, capsys):
+    """The GPU check's own code (correctness against the oracle, the speed rows with sparsity and
+    visited blocks) at small sizes under the interpreter, so the script cannot rot between GPU runs."""
+    from unified_wm import cli
+
+    out = tmp_path / "gpu.json"
+    rc = cli.main(["bench", "gpu", "--device", "cpu", "--lengths", "192", "--check-len", "256", "--chunk", "32",
+                   "--text", "8", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--repeats", "1",
+                   "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0, res
+    assert [c["dtype"] for c in res["correctness"]] == ["bfloat16 (oracle fp32)", "float32 (oracle fp32)"]
+    bf16, fp32 = res["correctness"]
+    assert all(bf16[f"rel_err_{nm}"] < 2e-2 and bf16[f"finite_{nm}"] for nm in ("out", "dq", "dk", "dv"))
+    assert all(fp32[f"rel_err_{nm}"] < 1e-5 for nm in ("out", "dq", "dk", "dv"))
+    (row,) = res["speed"]
+    for m in ("triton_random", "triton_coherent", "dense_sdpa"):
+        assert row[f"{m}_ms"] > 0, row
+    for m in ("triton_random", "triton_coherent"):
+        assert 0 < row[f"{m}_sparsity"] < 1 and 0 < row[f"{m}_block_share"] <= 1
+    # queries shared within a block route alike, so the kernel visits no more blocks than for random ones
+    assert row["triton_coherent_block_share"] <= row["triton_random_block_share"]
+    assert "train" not in res
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert cli.main(["bench", "gpu", "--device", "cpu", "--out", str(tmp_path / "y.json")]) != 0
+    assert "set TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
 def test_bench_attention_runs_and_writes_its_rows(tmp_path):
     """`uwm bench attention` end to end on a small row: both methods timed, the kernel's pieces,
     the sparsity it asked for, and a refused argument that names itself."""

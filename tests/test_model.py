@@ -319,3 +319,15 @@ def test_the_model_and_the_stream_name_the_modalities_alike():
     from unified_wm.sequence import MODALITY_KEYS
 
     assert MODALITIES == MODALITY_KEYS
+
+
+def test_an_older_transformers_is_named_at_import():
+    """transformers < 5.24 calls the outputs' cache past_key_values: the import says which version is needed."""
+    import subprocess
+    import sys
+
+    code = ("import transformers.modeling_outputs as m; del m.CausalLMOutputWithPast.__dataclass_fields__['cache']; "
+            "import unified_wm.model.modeling_uwm")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "needs transformers>=5.24" in r.stderr and "pip install -U 'transformers>=5.24,<6'" in r.stderr

@@ -25,7 +25,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _mask(offs_m, offs_n, m_ok, n_ok, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, W: tl.constexpr):
-    """Exact per-query MoC mask of a [BLOCK_M, BLOCK_N] tile (the oracle's rules)."""
+    """Exact per-query MoC mask of a [BLOCK_M, BLOCK_N] tile (the oracle's rules).
+
+    A query reads a key of its own chunk, of a chunk it selected, or a mandatory key. When all
+    the tile's keys lie in one chunk (most tiles: frames are whole multiples of the tile), the
+    chunk test is one per query row, [BLOCK_M] compares per selected slot instead of
+    [BLOCK_M, BLOCK_N]; tiles across a chunk boundary compare every (query, key) pair."""
     qpos = tl.load(QPOS + offs_m, mask=m_ok, other=-1)
     qdoc = tl.load(QDOC + offs_m, mask=m_ok, other=-1)
     qslot = tl.load(QSLOT + offs_m, mask=m_ok, other=-1)
@@ -33,10 +38,18 @@ def _mask(offs_m, offs_n, m_ok, n_ok, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAN
     kdoc = tl.load(KDOC + offs_n, mask=n_ok, other=-1)
     kslot = tl.load(KSLOT + offs_n, mask=n_ok, other=-1)
     kmand = tl.load(KMAND + offs_n, mask=n_ok, other=0)
-    allowed = (kslot[None, :] == qslot[:, None]) | (kmand[None, :] != 0)
-    for w in tl.static_range(W):
-        sw = tl.load(SEL + offs_m * W + w, mask=m_ok, other=-1)
-        allowed = allowed | (sw[:, None] == kslot[None, :])
+    ks_lo = tl.min(tl.where(n_ok, kslot, 2147483647), 0)
+    ks_hi = tl.max(tl.where(n_ok, kslot, -2147483647), 0)
+    if ks_lo == ks_hi:  # one chunk slot in the tile
+        hit = qslot == ks_lo
+        for w in tl.static_range(W):
+            hit = hit | (tl.load(SEL + offs_m * W + w, mask=m_ok, other=-1) == ks_lo)
+        allowed = hit[:, None] | (kmand[None, :] != 0)
+    else:
+        allowed = (kslot[None, :] == qslot[:, None]) | (kmand[None, :] != 0)
+        for w in tl.static_range(W):
+            sw = tl.load(SEL + offs_m * W + w, mask=m_ok, other=-1)
+            allowed = allowed | (sw[:, None] == kslot[None, :])
     inside = (kpos[None, :] <= qpos[:, None]) & (kdoc[None, :] == qdoc[:, None]) & (kdoc[None, :] >= 0)
     return allowed & inside & (qslot[:, None] >= 0)
 
