@@ -101,6 +101,30 @@ def test_triton_top_k_beyond_chunk_count_is_dense():
     check(dense, run("triton", q, k, v, meta, top_k=1000))
 
 
+def test_selection_bitmask_words_and_repeats():
+    sel = torch.tensor([[31, 0, -1, 31], [63, 32, 5, -1]])
+    words = attention_triton._bitmask(sel, 64)
+    assert words.dtype == torch.int32 and words.shape == (2, 2)
+    as_bits = lambda w: [(int(w) >> b) & 1 for b in range(32)]  # noqa: E731
+    assert [b for b, on in enumerate(as_bits(words[0, 0])) if on] == [0, 31] and int(words[0, 1]) == 0
+    assert [b for b, on in enumerate(as_bits(words[1, 0])) if on] == [5]
+    assert [b for b, on in enumerate(as_bits(words[1, 1])) if on] == [0, 31]
+
+
+def test_triton_many_chunks_aligned_to_the_tiles():
+    """Over 32 chunks, each exactly one 16-key tile: the kernels take the one-chunk-per-tile path
+    and read the selection bitmask's second word; some query selects slot 31 (the sign bit)."""
+    from unified_wm.bench.attention import layout
+    from unified_wm.model.attention_routing import plan_routing
+
+    meta = layout(16 * 38, 16, 16)
+    q, k, v = qkv(B=1, Hq=1, Hkv=1, N=16 * 38, D=16, seed=5)
+    kw = moc_kw(top_k=6, n_sink=1)
+    r = plan_routing(q, k, meta, meta, AttentionSettings(backend="triton", **kw), False, None)
+    assert r.table.C > 32 and bool((r.sel == 31).any())
+    check(run("reference", q, k, v, meta, **kw), run("triton", q, k, v, meta, **kw))
+
+
 def test_block_lists_cover_every_allowed_pair():
     """The per-(query block, head) key-block lists are a superset of the routed mask, and the
     transposed lists hold the same pairs (what makes the kernels exact)."""

@@ -99,6 +99,7 @@ class TritonPlan:
     kslot: torch.Tensor
     kmand: torch.Tensor
     sel: torch.Tensor     # [B, Hq, Nq, W] selected chunk slots (-1 none)
+    selbits: torch.Tensor  # [B, Hq, Nq, NW] the same as a bitmask: bit s % 32 of word s // 32 for slot s
     qlist: torch.Tensor   # [B*Hq*nqb, maxc] key blocks visited by each query block
     qcnt: torch.Tensor    # [B*Hq*nqb]
     klist: torch.Tensor   # [B*Hq*nkb, maxc] query blocks visiting each key block
@@ -109,6 +110,22 @@ class TritonPlan:
     @property
     def W(self) -> int:
         return self.sel.shape[-1]
+
+    @property
+    def NW(self) -> int:
+        return self.selbits.shape[-1]
+
+
+def _bitmask(sel: torch.Tensor, C: int) -> torch.Tensor:
+    """``[..., W]`` slots (-1 none, repeats allowed) -> ``[..., ceil(C / 32)]`` int32 words."""
+    nw = max((C + 31) // 32, 1)
+    s = torch.sort(sel.long(), dim=-1).values
+    s = torch.where(torch.cat([torch.ones_like(s[..., :1], dtype=torch.bool), s[..., 1:] != s[..., :-1]], -1), s, -1)
+    ok = s >= 0
+    sc = s.clamp(min=0)
+    words = torch.zeros(*sel.shape[:-1], nw, dtype=torch.int64, device=sel.device)
+    words.scatter_add_(-1, sc // 32, torch.where(ok, torch.ones_like(sc) << (sc % 32), torch.zeros_like(sc)))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
 def _lists(visit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,12 +199,13 @@ def plan(q, k, q_meta, k_meta, r, bm: int | None = None, bn: int | None = None) 
     i32 = lambda x: x.to(torch.int32).contiguous()  # noqa: E731
     sel = i32(r.sel) if W else torch.full((B, Hq, Nq, 1), -1, dtype=torch.int32, device=dev)
     return TritonPlan(i32(q_meta.positions), i32(q_meta.doc_ids), i32(r.qslot), i32(k_meta.positions),
-                      i32(k_meta.doc_ids), i32(t.kslot), i32(t.key_mand), sel, qlist, qcnt, klist, kcnt, bm, bn)
+                      i32(k_meta.doc_ids), i32(t.kslot), i32(t.key_mand), sel, _bitmask(sel, t.C), qlist, qcnt,
+                      klist, kcnt, bm, bn)
 
 
 # ----------------------------------------------------------------------------- autograd
 def _meta_args(p: TritonPlan):
-    return (p.qpos, p.qdoc, p.qslot, p.kpos, p.kdoc, p.kslot, p.kmand, p.sel)
+    return (p.qpos, p.qdoc, p.qslot, p.kpos, p.kdoc, p.kslot, p.kmand, p.sel, p.selbits)
 
 
 class TritonMoC(torch.autograd.Function):
@@ -207,7 +225,7 @@ class TritonMoC(torch.autograd.Function):
         scale = 1.0 / math.sqrt(D)
         W = max(p.W, 1)
         fwd[(nqb, B * Hq)](q, k, v, out, lse, *_meta_args(p), p.qlist, p.qcnt, Hq, Hq // Hkv, Nq, Nk, D, nqb,
-                           p.qlist.shape[1], scale, W=W, BM=p.bm, BN=p.bn, BD=bd, IEEE=ieee)
+                           p.qlist.shape[1], p.NW, scale, W=W, BM=p.bm, BN=p.bn, BD=bd, IEEE=ieee)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.p, ctx.bd, ctx.ieee, ctx.scale, ctx.W = p, bd, ieee, scale, W
         return out
@@ -228,9 +246,9 @@ class TritonMoC(torch.autograd.Function):
         dv = torch.empty_like(dk)
         common = dict(W=ctx.W, BM=p.bm, BN=p.bn, BD=ctx.bd, IEEE=ctx.ieee)
         bwd_dq[(nqb, B * Hq)](q, k, v, dout, lse, delta, dq, *_meta_args(p), p.qlist, p.qcnt, Hq, G, Nq, Nk, D,
-                              nqb, p.qlist.shape[1], ctx.scale, **common)
+                              nqb, p.qlist.shape[1], p.NW, ctx.scale, **common)
         bwd_dkdv[(nkb, B * Hq)](q, k, v, dout, lse, delta, dk, dv, *_meta_args(p), p.klist, p.kcnt, Hq, G, Nq, Nk,
-                                D, nkb, p.klist.shape[1], ctx.scale, **common)
+                                D, nkb, p.klist.shape[1], p.NW, ctx.scale, **common)
         dk = dk.view(B, Hkv, G, Nk, D).sum(2)
         dv = dv.view(B, Hkv, G, Nk, D).sum(2)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

@@ -24,13 +24,15 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _mask(offs_m, offs_n, m_ok, n_ok, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, W: tl.constexpr):
+def _mask(offs_m, offs_n, m_ok, n_ok, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, SELBITS, NW,
+          W: tl.constexpr):
     """Exact per-query MoC mask of a [BLOCK_M, BLOCK_N] tile (the oracle's rules).
 
     A query reads a key of its own chunk, of a chunk it selected, or a mandatory key. When all
     the tile's keys lie in one chunk (most tiles: frames are whole multiples of the tile), the
-    chunk test is one per query row, [BLOCK_M] compares per selected slot instead of
-    [BLOCK_M, BLOCK_N]; tiles across a chunk boundary compare every (query, key) pair."""
+    chunk test is one bit per query row, read from the query's bitmask of selected chunk slots
+    (``SELBITS``, ``NW`` int32 words a query), whatever ``top_k`` is; tiles across a chunk
+    boundary compare every (query, key) pair with each selected slot."""
     qpos = tl.load(QPOS + offs_m, mask=m_ok, other=-1)
     qdoc = tl.load(QDOC + offs_m, mask=m_ok, other=-1)
     qslot = tl.load(QSLOT + offs_m, mask=m_ok, other=-1)
@@ -40,10 +42,10 @@ def _mask(offs_m, offs_n, m_ok, n_ok, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAN
     kmand = tl.load(KMAND + offs_n, mask=n_ok, other=0)
     ks_lo = tl.min(tl.where(n_ok, kslot, 2147483647), 0)
     ks_hi = tl.max(tl.where(n_ok, kslot, -2147483647), 0)
-    if ks_lo == ks_hi:  # one chunk slot in the tile
-        hit = qslot == ks_lo
-        for w in tl.static_range(W):
-            hit = hit | (tl.load(SEL + offs_m * W + w, mask=m_ok, other=-1) == ks_lo)
+    if ks_lo == ks_hi:  # one chunk slot in the tile (-1: padding keys, which `inside` drops)
+        kk = tl.maximum(ks_lo, 0)
+        word = tl.load(SELBITS + offs_m * NW + kk // 32, mask=m_ok, other=0)
+        hit = (qslot == ks_lo) | (((word >> (kk % 32)) & 1) != 0)
         allowed = hit[:, None] | (kmand[None, :] != 0)
     else:
         allowed = (kslot[None, :] == qslot[:, None]) | (kmand[None, :] != 0)
@@ -55,8 +57,8 @@ def _mask(offs_m, offs_n, m_ok, n_ok, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAN
 
 
 @triton.jit
-def _fwd(Q, K, V, O, LSE, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, LIST, CNT,
-         Hq, G, Nq, Nk, D, NQB, MAXC, scale,
+def _fwd(Q, K, V, O, LSE, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, SELBITS, LIST, CNT,
+         Hq, G, Nq, Nk, D, NQB, MAXC, NW, scale,
          W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -83,7 +85,8 @@ def _fwd(Q, K, V, O, LSE, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, LIST
         v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * scale
         ok = _mask(offs_m, offs_n, m_ok, n_ok, QPOS + b * Nq, QDOC + b * Nq, QSLOT + b * Nq, KPOS + b * Nk,
-                   KDOC + b * Nk, KSLOT + b * Nk, KMAND + b * Nk, SEL + bh.to(tl.int64) * Nq * W, W)
+                   KDOC + b * Nk, KSLOT + b * Nk, KMAND + b * Nk, SEL + bh.to(tl.int64) * Nq * W,
+                   SELBITS + bh.to(tl.int64) * Nq * NW, NW, W)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -101,8 +104,8 @@ def _fwd(Q, K, V, O, LSE, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, LIST
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, LIST, CNT,
-            Hq, G, Nq, Nk, D, NQB, MAXC, scale,
+def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, SELBITS, LIST, CNT,
+            Hq, G, Nq, Nk, D, NQB, MAXC, NW, scale,
             W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -131,7 +134,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, K
         v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * scale
         ok = _mask(offs_m, offs_n, m_ok, n_ok, QPOS + b * Nq, QDOC + b * Nq, QSLOT + b * Nq, KPOS + b * Nk,
-                   KDOC + b * Nk, KSLOT + b * Nk, KMAND + b * Nk, SEL + bh.to(tl.int64) * Nq * W, W)
+                   KDOC + b * Nk, KSLOT + b * Nk, KMAND + b * Nk, SEL + bh.to(tl.int64) * Nq * W,
+                   SELBITS + bh.to(tl.int64) * Nq * NW, NW, W)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
@@ -140,8 +144,8 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, K
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, LIST, CNT,
-              Hq, G, Nq, Nk, D, NKB, MAXC, scale,
+def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, QDOC, QSLOT, KPOS, KDOC, KSLOT, KMAND, SEL, SELBITS, LIST, CNT,
+              Hq, G, Nq, Nk, D, NKB, MAXC, NW, scale,
               W: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -171,7 +175,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, QPOS, QDOC, QSLOT, KPOS, KDOC, KS
         delta = tl.load(DELTA + bh.to(tl.int64) * Nq + offs_m, mask=m_ok, other=0.0)
         s = _dot(q, tl.trans(k), IEEE) * scale
         ok = _mask(offs_m, offs_n, m_ok, n_ok, QPOS + b * Nq, QDOC + b * Nq, QSLOT + b * Nq, KPOS + b * Nk,
-                   KDOC + b * Nk, KSLOT + b * Nk, KMAND + b * Nk, SEL + bh.to(tl.int64) * Nq * W, W)
+                   KDOC + b * Nk, KSLOT + b * Nk, KMAND + b * Nk, SEL + bh.to(tl.int64) * Nq * W,
+                   SELBITS + bh.to(tl.int64) * Nq * NW, NW, W)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
         dp = _dot(do, tl.trans(v), IEEE)
