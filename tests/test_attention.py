@@ -600,3 +600,17 @@ def test_every_backend_is_one_registered_function_and_new_ones_plug_in():
         ATTENTION_FUNCTIONS.pop("test_oracle_copy", None)
     with pytest.raises(ValueError, match="test_oracle_copy' is unknown"):
         AttentionSettings(backend="test_oracle_copy").validate()
+
+
+def test_routing_in_query_slices_selects_the_same(monkeypatch):
+    """The torch routing path (CUDA's) scores queries in slices to bound its memory; any slice
+    size selects the same chunks (a head dim that is not a multiple of 16 keeps off the CPU kernel)."""
+    from unified_wm.model import attention_routing as R
+
+    meta = make_meta(2, 83, seed=4)
+    q, k, _ = qkv(N=83, D=12, seed=4)
+    s = AttentionSettings(**moc_kw(top_k=3))
+    whole = R.plan_routing(q, k, meta, meta, s, False, None).sel
+    for budget in (1, 4 * 7 * 5):  # one query a slice; a few queries a slice, the last one short
+        monkeypatch.setattr(R, "ROUTE_SLICE_SCORES", budget)
+        assert torch.equal(R.plan_routing(q, k, meta, meta, s, False, None).sel, whole)

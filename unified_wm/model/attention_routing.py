@@ -97,6 +97,10 @@ def query_slots(table: ChunkTable, q_meta: StreamMeta) -> tuple[torch.Tensor, to
     return torch.where(found, pos, torch.full_like(pos, -1)), qdoc
 
 
+# routing scores held at once (fp32 elements) by the torch path (what CUDA runs): 512 MB
+ROUTE_SLICE_SCORES = 1 << 27
+
+
 @torch.no_grad()
 def route(q: torch.Tensor, table: ChunkTable, qslot: torch.Tensor, qdoc: torch.Tensor,
           settings: AttentionSettings, training: bool, q_text: torch.Tensor) -> torch.Tensor:
@@ -129,11 +133,20 @@ def _top_chunks(q: torch.Tensor, table: ChunkTable, qslot: torch.Tensor, qdoc: t
     elig = (table.candidates()[:, None, :] & (table.doc[:, None, :] == qdoc[:, :, None])
             & (slots[None, None, :] < qslot[:, :, None]) & (qslot >= 0)[:, :, None])
     if plain:
-        # all heads in one matmul: [B, Hkv, G*Nq, D] x [B, Hkv, D, C]
-        s = torch.matmul(q.detach().float().reshape(B, Hkv, G * Nq, -1), desc.transpose(-1, -2)).view(B, Hq, Nq, C)
-        s = s.masked_fill(~elig[:, None], float("-inf"))
-        val, idx = s.topk(kk, dim=-1)
-        return torch.where(val > float("-inf"), idx, torch.full_like(idx, -1))
+        # all heads in one matmul, [B, Hkv, G*L, D] x [B, Hkv, D, C], over slices of L queries so
+        # that the fp32 scores [B, Hq, L, C] stay near ROUTE_SLICE_SCORES (the whole [Hq, Nq, C]
+        # grows as Nq^2 / chunk: 8.6 GB at 256k tokens); each query's top-k is its own
+        qf = q.detach().float().reshape(B, Hkv, G, Nq, -1)
+        descT = desc.transpose(-1, -2)
+        step = max(1, ROUTE_SLICE_SCORES // max(B * Hq * C, 1))
+        out = []
+        for a in range(0, Nq, step):
+            L = min(step, Nq - a)
+            s = torch.matmul(qf[:, :, :, a:a + L].reshape(B, Hkv, G * L, -1), descT).view(B, Hq, L, C)
+            s.masked_fill_(~elig[:, None, a:a + L], float("-inf"))
+            val, idx = s.topk(kk, dim=-1)
+            out.append(torch.where(val > float("-inf"), idx, torch.full_like(idx, -1)))
+        return out[0] if len(out) == 1 else torch.cat(out, 2)
     out = []
     for h in range(Hq):
         s = torch.matmul(q[:, h].detach().float(), desc[:, h // G].transpose(-1, -2))
