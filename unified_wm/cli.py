@@ -11,7 +11,8 @@
   uwm eval                                  run an evaluation suite
   uwm bench attention | rollout             Mixture-of-Contexts vs dense: attention, decoding
   uwm bench train | data | memory           training throughput, data pipeline, checkpointing memory
-  uwm bench gpu                             the prepared GPU check (Triton MoC, SDPA, deepspeed; needs CUDA)
+  uwm bench gpu                             the GPU check (Triton MoC vs oracle and SDPA, deepspeed; needs CUDA)
+  uwm bench routing                         tiles a trained model's MoC routing makes a tiled kernel visit
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "data"): "unified_wm.bench.data:main",
     ("bench", "memory"): "unified_wm.bench.memory:main",
     ("bench", "gpu"): "unified_wm.bench.gpu:main",
+    ("bench", "routing"): "unified_wm.bench.routing:main",
 }
 
 

@@ -1,1 +1,1 @@
-"""Benchmarks behind `uwm bench attention|rollout|train|data|memory|gpu`; results go in BENCHMARKS.md."""
+"""Benchmarks behind `uwm bench attention|rollout|train|data|memory|gpu|routing`; results go in BENCHMARKS.md."""
