@@ -27,13 +27,13 @@ def moc_hf(tmp_path_factory, processor):
 def test_bench_routing_reports_every_layer(moc_hf, tokens_dir, tmp_path, capsys):
     out = tmp_path / "routing.json"
     assert cli.main(["bench", "routing", "--model", str(moc_hf), "--tokens", str(tokens_dir), "--documents", "3",
-                     "--threads", "1", "--out", str(out)]) == 0
+                     "--query-blocks", "16", "--threads", "1", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["documents"] == 3 and res["template"] == "interleaved" and res["top_k"] == 2
     assert [r["layer"] for r in res["layers"]] == [0, 1]  # the tiny model's two layers, each captured once a forward
     for r in res["layers"]:
         assert 0 < r["pairs_kept"] < 1
-        for key in ("tiles_model", "tiles_random_q", "tiles_coherent_q"):
+        for key in ("tiles_model", "tiles_random_q", "tiles_coherent_q", "tiles_model_16x64"):
             assert 0 < r[key] <= 1, (key, r)
         # queries shared within a tile select alike, so they never need more tiles than random ones
         assert r["tiles_coherent_q"] <= r["tiles_random_q"]
@@ -50,4 +50,7 @@ def test_bench_routing_names_bad_input(moc_hf, tiny_hf, tokens_dir, tmp_path, ca
     assert "no 'policy' documents" in err and "interleaved" in err
     assert cli.main(["bench", "routing", "--model", str(tiny_hf), "--tokens", str(tokens_dir), "--out", str(bad)]) != 0
     assert "uses dense attention" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "routing", "--model", str(moc_hf), "--tokens", str(tokens_dir), "--query-blocks", "16,x"])
+    assert "--query-blocks must be comma-separated integers" in capsys.readouterr().err
     assert not bad.exists()

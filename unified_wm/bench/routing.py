@@ -8,7 +8,8 @@ For every layer of an exported model, on token documents (``uwm data tokenize``)
 
 * ``pairs kept``: 1 - the token-pair sparsity of the routed mask (what the routing keeps);
 * ``tiles (model)``: the share of causal tiles the Triton plan visits for the model's own
-  queries and keys;
+  queries and keys (``--query-blocks``: also with fewer queries a tile, e.g. 16 or 32 instead of
+  the kernel's 64, which shrinks the unions at some cost in the matrix units' efficiency);
 * ``tiles (random q)`` and ``tiles (coherent q)``: the same keys and layout with random queries
   (each query routes on its own: the worst case) and with queries shared by each block of 64 plus
   10 % noise (the best case), as ``uwm bench gpu`` times them.
@@ -35,26 +36,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tokens", required=True, help="token documents (uwm data tokenize)")
     ap.add_argument("--documents", type=int, default=16, help="documents to run, one per forward")
     ap.add_argument("--template", default="interleaved", help="the documents' template to use")
+    ap.add_argument("--query-blocks", default="", help="comma-separated query tile heights besides 64 for the model's "
+                    "queries (e.g. 16,32); keys stay in tiles of 64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench_routing.json")
     a = ap.parse_args(argv)
     if a.documents < 1:
         ap.error(f"--documents must be at least 1, got {a.documents}")
+    try:
+        a.query_blocks = [int(x) for x in a.query_blocks.split(",") if x]
+    except ValueError:
+        ap.error(f"--query-blocks must be comma-separated integers, got '{a.query_blocks}'")
+    if any(b < 1 for b in a.query_blocks):
+        ap.error(f"--query-blocks must be positive, got {a.query_blocks}")
     return a
 
 
-def _tile_share(q, k, q_meta, k_meta, settings) -> tuple[float, float]:
-    """(pairs kept, share of causal tiles visited) of one attention call."""
+def _tile_share(q, k, q_meta, k_meta, settings, bm: int = TILE) -> tuple[float, float]:
+    """(pairs kept, share of the causal (query tile, key tile) area visited) of one attention
+    call, query tiles of ``bm`` rows and key tiles of 64: the visited tiles weighted by their
+    rows, over the causal ones (a square tiling's share when ``bm`` is 64)."""
     from unified_wm.model.attention_routing import plan_routing
     from unified_wm.model.attention_triton import plan
 
     stats: dict = {}
     with torch.no_grad():
         r = plan_routing(q, k, q_meta, k_meta, settings, False, stats)
-        p = plan(q, k, q_meta, k_meta, r, TILE, TILE)
+        p = plan(q, k, q_meta, k_meta, r, bm, TILE)
     B, Hq, Nq = q.shape[:3]
-    nb = (Nq + TILE - 1) // TILE
-    return 1.0 - stats["moc_sparsity"], float(p.qcnt.double().sum() / (B * Hq * nb * (nb + 1) / 2))
+    nqb = (Nq + bm - 1) // bm
+    causal = sum((i * bm + bm - 1) // TILE + 1 for i in range(nqb))  # key tiles up to each query tile's last row
+    return 1.0 - stats["moc_sparsity"], float(p.qcnt.double().sum() / (B * Hq * causal))
 
 
 def _other_queries(q: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
@@ -69,7 +81,7 @@ def _other_queries(q: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tens
     return ((base + 0.1 * noise) * scale).to(q.dtype)
 
 
-def measure(model, docs: list[list[int]]) -> list[dict]:
+def measure(model, docs: list[list[int]], query_blocks: tuple[int, ...] = ()) -> list[dict]:
     """Per layer: mean pairs kept and tile shares over ``docs`` (one forward each)."""
     import unified_wm.model.modeling_uwm as M
 
@@ -96,6 +108,9 @@ def measure(model, docs: list[list[int]]) -> list[dict]:
                 row["tiles_model"] += tiles
                 for kind in ("random", "coherent"):
                     row[f"tiles_{kind}_q"] += _tile_share(_other_queries(q, kind, g), k, q_meta, k_meta, s)[1]
+                for bm in query_blocks:
+                    row[f"tiles_model_{bm}x{TILE}"] = row.get(f"tiles_model_{bm}x{TILE}", 0.0) + _tile_share(
+                        q, k, q_meta, k_meta, s, bm)[1]
                 row["tokens"] += len(ids)
     finally:
         M.attend = orig
@@ -122,14 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     if not docs:
         templates = sorted(set(ds["template"]))
         raise ValueError(f"--tokens '{tok_dir}' has no '{a.template}' documents (it has: {', '.join(templates)})")
-    rows = measure(wm.model, docs)
+    rows = measure(wm.model, docs, tuple(a.query_blocks))
     out = {"model": a.model, "tokens": a.tokens, "documents": len(docs), "template": a.template,
            "top_k": settings.top_k, "tile": TILE, "layers": rows}
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"{len(docs)} '{a.template}' documents of {a.tokens} (mean {rows[0]['tokens']:.0f} tokens), top_k {settings.top_k}, "
           f"{TILE} x {TILE} tiles")
-    print(f"{'layer':>5} {'pairs kept':>10} {'tiles (model)':>13} {'tiles (random q)':>16} {'tiles (coherent q)':>18}")
+    extra = [f"tiles_model_{bm}x{TILE}" for bm in a.query_blocks]
+    print(f"{'layer':>5} {'pairs kept':>10} {'tiles (model)':>13} {'tiles (random q)':>16} {'tiles (coherent q)':>18}"
+          + "".join(f" {f'model {bm}x{TILE}':>13}" for bm in a.query_blocks))
     for r in rows:
-        print(f"{r['layer']:>5} {r['pairs_kept']:10.3f} {r['tiles_model']:13.3f} {r['tiles_random_q']:16.3f} {r['tiles_coherent_q']:18.3f}")
+        print(f"{r['layer']:>5} {r['pairs_kept']:10.3f} {r['tiles_model']:13.3f} {r['tiles_random_q']:16.3f} {r['tiles_coherent_q']:18.3f}"
+              + "".join(f" {r[e]:13.3f}" for e in extra))
     print(f"wrote {a.out}")
     return 0
