@@ -164,27 +164,6 @@ def _time(fn, repeats: int, dev) -> tuple[float, float | None]:
     return times[len(times) // 2], ((torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None)
 
 
-def _queries(kind: str, n: int, a, dev, dtype) -> torch.Tensor:
-    """Random queries, or queries shared by each block of 64 tokens plus a little noise."""
-    q = torch.randn(1, a.heads, n, a.head_dim, device=dev)
-    if kind == "coherent":
-        nb = (n + 63) // 64
-        base = torch.randn(1, a.heads, nb, a.head_dim, device=dev).repeat_interleave(64, dim=2)[:, :, :n]
-        q = base + 0.1 * q
-    return q.to(dtype).requires_grad_()
-
-
-def _block_share(q, k, meta, settings) -> float:
-    """Share of the causal (query block, key block) pairs that the Triton kernel visits."""
-    from unified_wm.model.attention_routing import plan_routing
-    from unified_wm.model.attention_triton import plan
-
-    with torch.no_grad():
-        p = plan(q, k, meta, meta, plan_routing(q, k, meta, meta, settings, False, None))
-    nqb = (q.shape[2] + p.bm - 1) // p.bm
-    return float(p.qcnt.double().sum() / (q.shape[0] * q.shape[1] * nqb * (nqb + 1) / 2))
-
-
 def _breakdown(q, k, v, meta, settings, dout, repeats: int, dev) -> dict:
     """Median ms (and peak MB above the inputs on CUDA) of each stage of one Triton MoC call."""
     from unified_wm.model.attention_routing import plan_routing
@@ -212,6 +191,7 @@ def speed(a, dev, deadline) -> list[dict]:
     import torch.nn.functional as F
 
     from unified_wm.bench.attention import choose_k, layout
+    from unified_wm.bench.routing import sample_queries, tile_share
     from unified_wm.model.attention import AttentionSettings, attend
 
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -232,7 +212,7 @@ def speed(a, dev, deadline) -> list[dict]:
         if dev.type == "cuda" and n in a.flex_lengths:
             methods.append(("flex_random", "random", "flex"))
         for name, kind, backend in methods:
-            q = _queries(kind, n, a, dev, dtype)
+            q = sample_queries((1, a.heads, n, a.head_dim), kind, device=dev).to(dtype).requires_grad_()
             try:
                 if backend is None:
                     fn = lambda: F.scaled_dot_product_attention(  # noqa: E731
@@ -244,7 +224,7 @@ def speed(a, dev, deadline) -> list[dict]:
                         with torch.no_grad():
                             attend(q, k, v, meta, meta, s, stats=stats)
                         row[f"{name}_sparsity"] = stats["moc_sparsity"]
-                        row[f"{name}_block_share"] = _block_share(q, k, meta, s)
+                        row[f"{name}_block_share"] = tile_share(q, k, meta, meta, s)[1]
                         if a.breakdown:
                             row[f"{name}_breakdown"] = _breakdown(q, k, v, meta, s, dout, a.repeats, dev)
                             q.grad = k.grad = v.grad = None

@@ -52,33 +52,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def _tile_share(q, k, q_meta, k_meta, settings, bm: int = TILE) -> tuple[float, float]:
-    """(pairs kept, share of the causal (query tile, key tile) area visited) of one attention
-    call, query tiles of ``bm`` rows and key tiles of 64: the visited tiles weighted by their
-    rows, over the causal ones (a square tiling's share when ``bm`` is 64)."""
+def tile_share(q, k, q_meta, k_meta, settings, bm: int | None = None, bn: int | None = None) -> tuple[float, float]:
+    """(pairs kept, share of the causal (query tile, key tile) area the Triton plan visits) of
+    one attention call, with query tiles of ``bm`` rows and key tiles of ``bn`` (default: the
+    kernel's): the visited tiles weighted by their rows, over the causal ones."""
     from unified_wm.model.attention_routing import plan_routing
     from unified_wm.model.attention_triton import plan
 
     stats: dict = {}
     with torch.no_grad():
         r = plan_routing(q, k, q_meta, k_meta, settings, False, stats)
-        p = plan(q, k, q_meta, k_meta, r, bm, TILE)
+        p = plan(q, k, q_meta, k_meta, r, bm, bn)
     B, Hq, Nq = q.shape[:3]
-    nqb = (Nq + bm - 1) // bm
-    causal = sum((i * bm + bm - 1) // TILE + 1 for i in range(nqb))  # key tiles up to each query tile's last row
+    nqb = (Nq + p.bm - 1) // p.bm
+    causal = sum((i * p.bm + p.bm - 1) // p.bn + 1 for i in range(nqb))  # key tiles up to each query tile's last row
     return 1.0 - stats["moc_sparsity"], float(p.qcnt.double().sum() / (B * Hq * causal))
 
 
-def _other_queries(q: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
-    """Random queries with the model's per-head scale, or ones shared within each tile (+10 % noise)."""
-    scale = q.float().pow(2).mean(dim=(-1, -2), keepdim=True).sqrt()
-    noise = torch.randn(q.shape, generator=g)
+def sample_queries(shape, kind: str, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 queries ``[B, H, N, D]``: ``random`` (each its own), or ``coherent`` (one direction
+    shared by each block of 64 positions, plus 10 % noise)."""
+    noise = torch.randn(shape, device=device, generator=generator)
     if kind == "random":
-        return (noise * scale).to(q.dtype)
-    B, H, N, D = q.shape
+        return noise
+    B, H, N, D = shape
     nb = (N + TILE - 1) // TILE
-    base = torch.randn(B, H, nb, D, generator=g).repeat_interleave(TILE, dim=2)[:, :, :N]
-    return ((base + 0.1 * noise) * scale).to(q.dtype)
+    base = torch.randn(B, H, nb, D, device=device, generator=generator).repeat_interleave(TILE, dim=2)[:, :, :N]
+    return base + 0.1 * noise
 
 
 def measure(model, docs: list[list[int]], query_blocks: tuple[int, ...] = ()) -> list[dict]:
@@ -101,16 +101,18 @@ def measure(model, docs: list[list[int]], query_blocks: tuple[int, ...] = ()) ->
             with torch.no_grad():
                 model(torch.tensor([ids]))
             for layer, (q, k, q_meta, k_meta, s) in enumerate(captured):
-                kept, tiles = _tile_share(q, k, q_meta, k_meta, s)
+                kept, tiles = tile_share(q, k, q_meta, k_meta, s, TILE, TILE)
                 row = sums.setdefault(layer, {"pairs_kept": 0.0, "tiles_model": 0.0, "tiles_random_q": 0.0,
                                               "tiles_coherent_q": 0.0, "tokens": 0.0})
                 row["pairs_kept"] += kept
                 row["tiles_model"] += tiles
+                scale = q.float().pow(2).mean(dim=(-1, -2), keepdim=True).sqrt()  # the model's per-head size
                 for kind in ("random", "coherent"):
-                    row[f"tiles_{kind}_q"] += _tile_share(_other_queries(q, kind, g), k, q_meta, k_meta, s)[1]
+                    other = (sample_queries(q.shape, kind, generator=g) * scale).to(q.dtype)
+                    row[f"tiles_{kind}_q"] += tile_share(other, k, q_meta, k_meta, s, TILE, TILE)[1]
                 for bm in query_blocks:
-                    row[f"tiles_model_{bm}x{TILE}"] = row.get(f"tiles_model_{bm}x{TILE}", 0.0) + _tile_share(
-                        q, k, q_meta, k_meta, s, bm)[1]
+                    row[f"tiles_model_{bm}x{TILE}"] = row.get(f"tiles_model_{bm}x{TILE}", 0.0) + tile_share(
+                        q, k, q_meta, k_meta, s, bm, TILE)[1]
                 row["tokens"] += len(ids)
     finally:
         M.attend = orig

@@ -12,9 +12,18 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
+import transformers
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention import new_decode_state
+
+# The model passes its cache to and from transformers as ``cache`` (outputs, generate()), the name
+# transformers 5.24 gave what was ``past_key_values``: an older transformers fails here, by name.
+if "cache" not in CausalLMOutputWithPast.__dataclass_fields__:
+    raise ImportError(f"unified_wm needs transformers>=5.24 (model outputs and generate() pass the key/value cache as "
+                      f"'cache'); this environment has transformers {transformers.__version__}: "
+                      f"pip install -U 'transformers>=5.24,<6'")
 
 
 @dataclass

@@ -33,13 +33,6 @@ from .attention import CONFIG_KEYS, AttentionSettings, StreamMeta, attend
 from .cache import UWMCache, layer_decode_state, new_decode_states, stream_state
 from .grammar import StreamGrammar
 
-if "cache" not in CausalLMOutputWithPast.__dataclass_fields__:  # transformers < 5.24 named it past_key_values
-    import transformers
-
-    raise ImportError(f"unified_wm needs transformers>=5.24 (model outputs and generate() pass the key/value cache as "
-                      f"'cache'); this environment has transformers {transformers.__version__}: "
-                      f"pip install -U 'transformers>=5.24,<6'")
-
 MODALITIES = ("special", "text", "action", "video")
 # rotary positions: "1d" rotates every token by its position in the document (LLaMA);
 # "3d" splits the rotary pairs into four axes: position in the document, frame index, and the
