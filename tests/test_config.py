@@ -224,30 +224,6 @@ def test_config_attention_is_the_recipes_section_and_old_configs_still_load(tmp_
         UnifiedWMConfig(attention={"topk": 2})
 
 
-def test_camera_shifts_name_actions_and_reach_the_config_as_ids(tmp_path, tiny_recipe, processor):
-    """`model.camera_shifts` names actions; the config holds [id, rows, columns] and saves them; an
-    unknown action, a shift that is not two numbers and a 1d rotary recipe are refused by name."""
-    from unified_wm.model.modeling_uwm import UnifiedWMConfig
-    from unified_wm.recipe import build_model, load_recipe
-    from unified_wm.train import parse_override
-    from unified_wm.utils import ConfigError, deep_update
-
-    three_d = parse_override("model.rope_mode=3d")
-    pans = deep_update(three_d, parse_override("model.camera_shifts={left: [0, -1], down: [1, 0]}"))
-    model = build_model(load_recipe(tiny_recipe, pans), processor)
-    left, down = processor.encode_actions(["left", "down"])
-    assert model.config.camera_shifts == [[left, 0, -1], [down, 1, 0]]
-    model.config.save_pretrained(tmp_path)
-    assert UnifiedWMConfig.from_pretrained(tmp_path).camera_shifts == [[left, 0, -1], [down, 1, 0]]
-    with pytest.raises(ConfigError, match="unknown action 'sideways'.*left"):
-        build_model(load_recipe(tiny_recipe, deep_update(three_d, parse_override("model.camera_shifts={sideways: [0, 1]}"))),
-                    processor)
-    with pytest.raises(ConfigError, match="camera_shifts.left' must be"):
-        build_model(load_recipe(tiny_recipe, deep_update(three_d, parse_override("model.camera_shifts={left: [1]}"))), processor)
-    with pytest.raises(ConfigError, match="rope_mode '1d'"):
-        load_recipe(tiny_recipe, deep_update(pans, parse_override("model.rope_mode=1d")))
-
-
 def test_benchmarks_find_the_checkouts_configs():
     """The benchmarks read recipes and tokenizer configs from the checkout they live in."""
     from unified_wm.bench import data, gpu

@@ -33,9 +33,6 @@ class ModelRecipe:
     rope_mode: str = "1d"  # "3d": rotary pairs split over document position, frame, row and column
     attention_bias: bool = False  # biases on the query, key and value projections
     prev_frame_input: str = "none"  # cell | cross | square: the previous frame's codes around the predicted cell as input
-    # rope_mode 3d: {action name: [rows, columns]}, how far one action moves the view, in cells; rows and
-    # columns then count world cells (a still thing keeps its coordinates while the view pans)
-    camera_shifts: dict[str, list[int]] | None = None
 
 
 # The recipe's `attention:` section: AttentionSettings' fields that a model's config.json carries
@@ -132,9 +129,6 @@ class Recipe:
 
         if self.data.long_documents not in MODES:
             raise ValueError(f"'data.long_documents' must be one of {', '.join(MODES)}, got '{self.data.long_documents}'")
-        if self.model.camera_shifts and self.model.rope_mode != "3d":
-            raise ValueError(f"'model.camera_shifts' moves the rotary rows and columns of rope_mode '3d'; "
-                             f"got rope_mode '{self.model.rope_mode}'")
         for name in self.tasks:
             if name not in TEMPLATES:
                 raise ValueError(f"tasks: unknown task template '{name}'; valid templates: {', '.join(TEMPLATES)}")
@@ -331,26 +325,11 @@ def build_model(recipe: Recipe, processor):
 
     # the recipe's `model:` section maps onto the config's fields by name, its `attention:` section
     # onto the config's `attention` dict by name
-    model = dict(vars(recipe.model), camera_shifts=camera_shift_ids(recipe.model.camera_shifts, processor))
     cfg = UnifiedWMConfig(
-        **model, **processor.model_layout(), video_grid=list(processor.grid), attention=dataclasses.asdict(recipe.attention),
+        **vars(recipe.model), **processor.model_layout(), video_grid=list(processor.grid),
+        attention=dataclasses.asdict(recipe.attention),
     )
     return UnifiedWMForCausalLM(cfg)
-
-
-def camera_shift_ids(shifts: dict | None, processor) -> list | None:
-    """``model.camera_shifts`` ({action name: [rows, columns]}) as the config's [[action id, rows, columns], ...]."""
-    if not shifts:
-        return None
-    out = []
-    for name, d in shifts.items():
-        if name not in processor.action_names:
-            raise ConfigError(f"'model.camera_shifts': unknown action '{name}'; the processor's actions: "
-                              f"{', '.join(processor.action_names)}")
-        if len(d) != 2:
-            raise ConfigError(f"'model.camera_shifts.{name}' must be [rows, columns] (two integers), got {d}")
-        out.append([processor.encode_actions([name])[0], int(d[0]), int(d[1])])
-    return out
 
 
 def lr_lambda(recipe: Recipe):

@@ -72,7 +72,6 @@ class UnifiedWMConfig(PretrainedConfig):
         rope_mode: str = "1d",
         attention_bias: bool = False,
         prev_frame_input: str = "none",
-        camera_shifts: list | None = None,
         video_grid: tuple[int, int] | None = None,
         rms_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
@@ -109,8 +108,6 @@ class UnifiedWMConfig(PretrainedConfig):
         self.rope_mode = rope_mode
         self.attention_bias = attention_bias
         self.prev_frame_input = prev_frame_input
-        # [[action id, rows, columns], ...]: how far one action moves the view, in cells ("3d" only)
-        self.camera_shifts = [[int(x) for x in t] for t in camera_shifts] if camera_shifts else None
         if video_grid is None:  # square grids (every processor so far): derived from tokens_per_frame
             side = int(round(tokens_per_frame ** 0.5))
             video_grid = (side, tokens_per_frame // max(side, 1))
@@ -140,8 +137,6 @@ class UnifiedWMConfig(PretrainedConfig):
             raise ValueError(f"rope_mode: unknown value '{rope_mode}'; valid values: {', '.join(ROPE_MODES)}")
         if prev_frame_input not in PREV_FRAME_INPUTS:
             raise ValueError(f"prev_frame_input: unknown value '{prev_frame_input}'; valid values: {', '.join(PREV_FRAME_INPUTS)}")
-        if self.camera_shifts and rope_mode != "3d":
-            raise ValueError(f"camera_shifts move the rotary rows and columns of rope_mode '3d'; got rope_mode '{rope_mode}'")
         if rope_mode == "3d" and self.head_dim // 2 < 4:
             raise ValueError(f"rope_mode '3d' needs head_dim >= 8 (4 rotary pairs), got head_dim {self.head_dim}")
         if self.video_grid[0] * self.video_grid[1] != tokens_per_frame:
@@ -210,8 +205,7 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
         none = torch.full((B,), -1, dtype=torch.long, device=dev)
         zero = torch.zeros(B, dtype=torch.long, device=dev)
         state = {"n": 0, "starts": zero, "bos": zero, "frame": none, "open": none, "close": none, "last_bos": none,
-                 "frames": zero, "frames_at_bos": zero, "prev_frame": none,
-                 "cam": zero[:, None].expand(B, 2), "cam_bos": zero[:, None].expand(B, 2)}
+                 "frames": zero, "frames_at_bos": zero, "prev_frame": none}
     n0 = state["n"]
     pos = torch.arange(n0, n0 + N, device=dev).expand(B, N)
 
@@ -260,23 +254,13 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
     at_bos = torch.where(is_bos, frames_seen, torch.full_like(frames_seen, -1)).cummax(dim=1).values
     frames_at_bos = torch.maximum(at_bos, state["frames_at_bos"][:, None])
     t_idx = frames_seen - frames_at_bos
-    # camera_shifts: rows and columns count world cells, the view's offset integrated from the
-    # actions since <bos> (a <frame> follows the action that moved it), so a still thing keeps its coordinates
-    cum = state["cam"][:, None].expand(B, N, 2)  # [B, N, 2]
-    if cfg.camera_shifts:
-        t = torch.tensor(cfg.camera_shifts, dtype=torch.long, device=dev)
-        cum = cum + torch.zeros(cfg.vocab_size, 2, dtype=torch.long, device=dev).index_copy_(0, t[:, 0], t[:, 1:])[ids].cumsum(1)
-    at_bos = last_bos - n0  # the latest <bos> as an index of this call (< 0: an earlier one)
-    cam_bos = torch.where((at_bos >= 0)[..., None], cum.gather(1, at_bos.clamp(min=0)[..., None].expand(B, N, 2)),
-                          state["cam_bos"][:, None])
-    cam = cum - cam_bos
     gw = cfg.video_grid[1]
-    k_row = torch.where(is_video, code_idx // gw + cam[..., 0], torch.zeros_like(ids))
-    k_col = torch.where(is_video, code_idx % gw + cam[..., 1], torch.zeros_like(ids))
+    k_row = torch.where(is_video, code_idx // gw, torch.zeros_like(ids))
+    k_col = torch.where(is_video, code_idx % gw, torch.zeros_like(ids))
     predicts_code = is_frame | (is_video & (code_idx < cfg.tokens_per_frame - 1))
     nxt = code_idx + 1
-    q_row = torch.where(predicts_code, nxt // gw + cam[..., 0], k_row)
-    q_col = torch.where(predicts_code, nxt % gw + cam[..., 1], k_col)
+    q_row = torch.where(predicts_code, nxt // gw, k_row)
+    q_col = torch.where(predicts_code, nxt % gw, k_col)
     keep = ~is_pad[..., None]
     k_coords = torch.stack([meta.pos_in_doc, t_idx, k_row, k_col], -1) * keep
     q_coords = torch.stack([meta.pos_in_doc, t_idx, q_row, q_col], -1) * keep
@@ -290,7 +274,7 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
         has_prev = predicts_code & (prev_frame >= 0) & (prev_frame > last_bos)
         gh = cfg.video_grid[0]
         d = torch.tensor(offsets, dtype=torch.long, device=dev)  # [K, 2] (row, column) offsets
-        r, c = (nxt // gw)[..., None] + d[:, 0], (nxt % gw)[..., None] + d[:, 1]  # cells of the view
+        r, c = q_row[..., None] + d[:, 0], q_col[..., None] + d[:, 1]
         ok = has_prev[..., None] & (r >= 0) & (r < gh) & (c >= 0) & (c < gw)
         prev = torch.where(ok, prev_frame[..., None] + 1 + r * gw + c, -1)
     else:
@@ -300,7 +284,7 @@ def stream_layout_continue(input_ids: torch.Tensor, cfg: UnifiedWMConfig, state:
                  "frame": last_frame[:, -1], "open": last_open[:, -1],
                  "close": last_close[:, -1], "last_bos": last_bos[:, -1],
                  "frames": frames_seen[:, -1], "frames_at_bos": frames_at_bos[:, -1],
-                 "prev_frame": prev_frame[:, -1], "cam": cum[:, -1], "cam_bos": cam_bos[:, -1]}
+                 "prev_frame": prev_frame[:, -1]}
     return meta, modality, state, (q_coords, k_coords, prev)
 
 
